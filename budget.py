@@ -1,0 +1,348 @@
+"""
+budget.py: the compute budget of a staged model series (no torch; plain arithmetic).
+
+The idea (Yano et al., "efficient construction of a model series by staged pretraining with
+model expansion", seeds/000):
+
+- Section 2.1: a series of sizes X_1 < X_2 < ... < X_n. Training size X on T tokens from scratch
+  costs FLOPs(X, T) = 6·X·T. T_i is the token count the scratch run of size X_i would use; the
+  paper takes 2x Chinchilla (Chinchilla: 20 tokens per parameter), i.e. 40 tokens per parameter.
+- Section 2.2: train X_1 from scratch on T_1 tokens. Grow it (bert2BERT, grow.py) into X_2 and train
+  on with what is left of X_2's scratch budget: FLOPs(X_2, T_2) - (everything spent so far). And so
+  on. Stage i+1 therefore trains (FLOPs(X_{i+1}, T_{i+1}) - sum_{j<=i} spent_j) / (6·X_{i+1}) tokens,
+  and the whole series costs FLOPs(X_n, T_n): the price of the largest member alone.
+- Section 3.3: the staged series reads more tokens than the largest model alone would (small models
+  are cheap per token). The "fixed data" variant caps the unique tokens at the largest scratch run's
+  count (320B for 8B) and lets later stages repeat data.
+- Section 3.4: for [1B, 2B, 4B, 8B] at 2x Chinchilla the scratch runs cost [0.24, 0.96, 3.84, 15.36]
+  ZFLOPs = 20.4 ZFLOPs in all; the staged series costs 15.36 ZFLOPs, about 25% less.
+
+X is the non-embedding parameter count unless told otherwise (the CLI says which it used).
+
+Usage:
+  python budget.py --sizes 1B,2B,4B,8B --tokens_per_param 40 --gpus 8 --gpu H100 --mfu 0.4
+  python budget.py configs/SERIES.py [--fixed_data] [--count total --vocab_size 50304]
+"""
+import argparse
+import math
+import re
+import runpy
+import sys
+from dataclasses import dataclass
+
+# -----------------------------------------------------------------------------
+# FLOPs and tokens (section 2.1)
+
+def flops(X, T):
+    """Training FLOPs of X parameters on T tokens: 6·X·T (forward 2, backward 4 per param per token)."""
+    return 6 * X * T
+
+def chinchilla_tokens(X, multiplier=1.0):
+    """Chinchilla-optimal tokens, 20 per parameter; multiplier=2 is the paper's '2x Chinchilla rule'."""
+    return round(20 * X * multiplier)
+
+def flops_per_token(n_params, n_layers, d_model, seq_len):
+    """FLOPs per token including attention scores, as nanoGPT's MFU estimate: 6N + 12·L·d·T.
+    6N counts the weight matmuls; 12·L·d·T the QK^T and AV products (fwd+bwd) over a T-long context."""
+    return 6 * n_params + 12 * n_layers * d_model * seq_len
+
+# -----------------------------------------------------------------------------
+# Parameter counts: parsing "1.5B" and the closed form of a Llama's non-embedding parameters
+
+_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+def parse_size(s):
+    """'1B' -> 1_000_000_000, '125M', '350K', '1.5B', '2e9', 1e9 -> int."""
+    if isinstance(s, (int, float)) and not isinstance(s, bool):
+        return round(s)
+    m = re.fullmatch(r"\s*([0-9][0-9_]*\.?[0-9]*(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*", str(s))
+    if not m:
+        raise ValueError(f"cannot parse size {s!r}: expected a number with an optional K/M/B/T suffix, e.g. 1B, 125M, 1.5B")
+    return round(float(m.group(1)) * _SUFFIX[m.group(2).upper()])
+
+def llama_non_embedding_params(d_model, n_layers, n_heads, n_kv_heads=None, ffn_dim=None, head_dim=None):
+    """Closed form of a Llama block stack (no token embedding, no lm_head; model.py counts real tensors).
+    Per layer: q and o are d x (n_heads·hd), k and v are d x (n_kv_heads·hd) (GQA), SwiGLU has three
+    d x ffn matrices, and two RMSNorm gains of d. Plus the final RMSNorm gain. No biases (Llama)."""
+    n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+    hd = head_dim or d_model // n_heads
+    attn = d_model * (n_heads * hd) + 2 * d_model * (n_kv_heads * hd) + (n_heads * hd) * d_model
+    mlp = 3 * d_model * ffn_dim
+    return n_layers * (attn + mlp + 2 * d_model) + d_model
+
+def embedding_params(vocab_size, d_model, tied=False):
+    """Token embedding plus lm_head (one matrix when tied)."""
+    return vocab_size * d_model * (1 if tied else 2)
+
+# The paper's Table 3 (appendix A): hidden size, FFN size, layers, heads; head dim 128 throughout.
+PAPER_SHAPES = {
+    "paper-1B": dict(d_model=2048, ffn_dim=7168, n_layers=18, n_heads=16, n_kv_heads=16),
+    "paper-2B": dict(d_model=2560, ffn_dim=8960, n_layers=22, n_heads=20, n_kv_heads=20),
+    "paper-4B": dict(d_model=3200, ffn_dim=11200, n_layers=27, n_heads=25, n_kv_heads=25),
+    "paper-8B": dict(d_model=4096, ffn_dim=14336, n_layers=33, n_heads=32, n_kv_heads=32),
+}
+
+# -----------------------------------------------------------------------------
+# The staged series (section 2.2)
+
+@dataclass
+class Stage:
+    name: str
+    params: int            # X_i
+    scratch_tokens: int    # T_i: what a scratch run of this size would train on
+    scratch_flops: int     # FLOPs(X_i, T_i)
+    staged_tokens: int     # what this stage trains on in the staged series
+    staged_flops: int      # 6 · X_i · staged_tokens
+    cumulative_flops: int  # spent by stages 1..i (= FLOPs(X_i, T_i) up to rounding)
+
+def staged_budget(sizes, tokens_per_param=40, names=None, tokens=None):
+    """Tokens and FLOPs per stage. sizes: parameter counts (ints or '1B'-style strings), strictly
+    increasing. tokens: optional explicit scratch token counts T_i (else tokens_per_param · X_i)."""
+    sizes = [parse_size(x) for x in sizes]
+    n = len(sizes)
+    if n == 0:
+        raise ValueError("sizes is empty: give at least one model size, e.g. --sizes 1B,2B")
+    names = list(names) if names is not None else [_human(x) for x in sizes]
+    if len(names) != n:
+        raise ValueError(f"got {len(names)} names for {n} sizes")
+    for i, x in enumerate(sizes):
+        if x <= 0:
+            raise ValueError(f"stage {i+1} '{names[i]}' has size {x}: sizes must be positive")
+        if i > 0 and x <= sizes[i - 1]:
+            raise ValueError(f"sizes must be strictly increasing (section 2.1): stage {i+1} '{names[i]}' "
+                             f"has {x:,} params after {sizes[i-1]:,}")
+    if tokens is None:
+        if not tokens_per_param > 0:
+            raise ValueError(f"tokens_per_param must be positive, got {tokens_per_param}")
+        tokens = [round(tokens_per_param * x) for x in sizes]
+    else:
+        tokens = [parse_size(t) for t in tokens]
+        if len(tokens) != n:
+            raise ValueError(f"got {len(tokens)} token counts for {n} sizes")
+        for i, t in enumerate(tokens):
+            if t <= 0:
+                raise ValueError(f"stage {i+1} '{names[i]}' has {t} scratch tokens: token counts must be positive")
+    stages, spent = [], 0
+    for i, (name, X, T) in enumerate(zip(names, sizes, tokens)):
+        budget = flops(X, T)
+        # integer division: a stage never overspends; the remainder (< 6X FLOPs) is simply not used
+        t = (budget - spent) // (6 * X)
+        if t <= 0:
+            raise ValueError(f"stage {i+1} '{name}' gets no tokens: its scratch budget FLOPs(X={X:,}, T={T:,}) = "
+                             f"{budget:.4g} is already spent by stages 1..{i} ({spent:.4g} FLOPs); give it more "
+                             f"scratch tokens or make the earlier stages smaller")
+        spent += flops(X, t)
+        stages.append(Stage(name, X, T, budget, t, flops(X, t), spent))
+    return stages
+
+@dataclass
+class Summary:
+    scratch_flops: int    # every member trained alone, summed
+    staged_flops: int     # the staged series (= FLOPs of the largest member alone)
+    largest_flops: int    # the largest member's scratch run
+    saving: float         # 1 - staged / scratch
+    staged_tokens: int    # tokens read by the staged series, all stages
+    largest_tokens: int   # tokens read by the largest member alone
+
+def summarize(stages):
+    scratch = sum(s.scratch_flops for s in stages)
+    staged = stages[-1].cumulative_flops
+    return Summary(scratch, staged, stages[-1].scratch_flops, 1 - staged / scratch,
+                   sum(s.staged_tokens for s in stages), stages[-1].scratch_tokens)
+
+# -----------------------------------------------------------------------------
+# Fixed data (section 3.3): unique tokens capped at the largest scratch run's count
+
+@dataclass
+class DataUse:
+    name: str
+    tokens: int    # tokens this stage trains on
+    unique: int    # of which read for the first time
+    repeated: int  # of which seen before (the corpus is read in order; past the cap it wraps)
+
+def fixed_data(stages, cap=None):
+    """(cap, [DataUse per stage]). Stages read the corpus in order; once `cap` unique tokens have been
+    read, every further token is a repeat. cap defaults to the largest member's scratch token count."""
+    cap = stages[-1].scratch_tokens if cap is None else parse_size(cap)
+    uses, seen = [], 0
+    for s in stages:
+        unique = max(0, min(s.staged_tokens, cap - seen))
+        uses.append(DataUse(s.name, s.staged_tokens, unique, s.staged_tokens - unique))
+        seen += unique
+    return cap, uses
+
+# -----------------------------------------------------------------------------
+# GPU time
+
+# bf16 dense tensor-core peaks (no sparsity), FLOP/s per GPU, from the vendors' datasheets.
+PEAK_FLOPS = {
+    "A100": 312e12, "H100": 989e12, "H100SXM": 989e12, "H100PCIE": 756e12, "H100NVL": 835e12,
+    "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+}
+
+def peak_flops(gpu):
+    """Peak FLOP/s from a number ('989e12', 3.1e14) or a GPU name, including torch device names such as
+    'NVIDIA H100 80GB HBM3' (the longest known name inside it wins). None when unknown: then say
+    'unknown' rather than guess (an A100 peak on an H100 gives a wrong MFU)."""
+    try:
+        return float(gpu)
+    except (TypeError, ValueError):
+        pass
+    key = re.sub(r"[^A-Z0-9]", "", str(gpu).upper()).replace("NVIDIA", "")
+    hits = [k for k in PEAK_FLOPS if k in key]
+    return PEAK_FLOPS[max(hits, key=len)] if hits else None
+
+def gpu_hours(flops_, peak_flops_per_gpu, mfu):
+    """GPU-hours to spend `flops_` at a model FLOPs utilization `mfu` of the peak (independent of the
+    GPU count; divide by the count for wall-clock hours)."""
+    return flops_ / (peak_flops_per_gpu * mfu) / 3600
+
+def wall_hours(flops_, n_gpus, peak_flops_per_gpu, mfu):
+    return gpu_hours(flops_, peak_flops_per_gpu, mfu) / n_gpus
+
+def gpu_days(flops_, peak_flops_per_gpu, mfu):
+    return gpu_hours(flops_, peak_flops_per_gpu, mfu) / 24
+
+# -----------------------------------------------------------------------------
+# Series config files: plain Python assignments, `stages = [dict(name=, shape= | params= | d_model=...)]`
+
+_SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "ffn_dim")
+
+def stage_params(stage, count="non-embedding", vocab_size=None, tied=False):
+    """X for one config stage dict: `params` as given, or the closed form from a shape (a Table 3 name
+    in `shape`, a dict in `shape`, or d_model/n_layers/n_heads/n_kv_heads/ffn_dim keys on the stage)."""
+    name = stage.get("name", "?")
+    if "params" in stage:
+        if count == "total":
+            raise ValueError(f"stage '{name}' gives params={stage['params']}: --count total needs a shape (d_model etc.)")
+        return parse_size(stage["params"])
+    shape = stage.get("shape", stage)
+    if isinstance(shape, str):
+        if shape not in PAPER_SHAPES:
+            raise ValueError(f"stage '{name}': unknown shape {shape!r} (known: {', '.join(PAPER_SHAPES)}); "
+                             f"or give params= or d_model, n_layers, n_heads, n_kv_heads, ffn_dim")
+        shape = PAPER_SHAPES[shape]
+    missing = [k for k in _SHAPE_KEYS if k not in shape]
+    if missing:
+        raise ValueError(f"stage '{name}' has no params= and its shape lacks {', '.join(missing)}")
+    X = llama_non_embedding_params(shape["d_model"], shape["n_layers"], shape["n_heads"],
+                                   shape.get("n_kv_heads"), shape["ffn_dim"], shape.get("head_dim"))
+    if count == "total":
+        if not vocab_size:
+            raise ValueError("--count total needs a vocab size (--vocab_size or vocab_size in the config)")
+        X += embedding_params(vocab_size, shape["d_model"], tied)
+    return X
+
+def load_config(path):
+    """Execute a config file (plain assignments) into a dict of its public names."""
+    try:
+        g = runpy.run_path(path)
+    except FileNotFoundError:
+        raise ValueError(f"config file not found: {path}")
+    except Exception as e:  # a typo in the config: one line naming the file, not a traceback
+        raise ValueError(f"cannot execute config {path}: {type(e).__name__}: {e}")
+    return {k: v for k, v in g.items() if not k.startswith("_")}
+
+# -----------------------------------------------------------------------------
+# CLI: print the table
+
+_FLOP_UNITS = [(1e21, " ZFLOPs"), (1e18, " EFLOPs"), (1e15, " PFLOPs"), (1e12, " TFLOPs"), (1e9, " GFLOPs"), (1, " FLOPs")]
+_COUNT_UNITS = [(1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K"), (1, "")]
+
+def _unit(x, units):
+    # one unit per column, picked from its largest value, so the column reads 0.24 .. 15.36 ZFLOPs
+    return next((u for u in units if abs(x) >= u[0]), units[-1])
+
+def _human(x, unit=None, units=_COUNT_UNITS):
+    scale, name = unit or _unit(x, units)
+    return f"{x / scale:.4g}{name}"
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Compute budget of a staged model series (Yano et al. 2.2, 3.3, 3.4).")
+    p.add_argument("config", nargs="?", help="series config file (plain Python: stages = [...], tokens_per_param = ...)")
+    p.add_argument("--sizes", help="comma-separated sizes, e.g. 1B,2B,4B,8B (taken as non-embedding params)")
+    p.add_argument("--names", help="comma-separated stage names (default: from the sizes)")
+    p.add_argument("--tokens_per_param", type=float, help="scratch tokens per parameter (default 40 = 2x Chinchilla)")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs, for wall-clock time")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--gpu", default="H100", help=f"GPU name for the bf16 peak ({', '.join(PEAK_FLOPS)})")
+    g.add_argument("--peak", type=float, help="peak FLOP/s per GPU, e.g. 989e12")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization")
+    p.add_argument("--fixed_data", action="store_true", help="cap unique tokens at the largest scratch run's (3.3)")
+    p.add_argument("--count", choices=["non-embedding", "total"], default="non-embedding", help="what X counts")
+    p.add_argument("--vocab_size", type=int, help="vocab size, for --count total")
+    p.add_argument("--tied", action="store_true", help="tied embeddings, for --count total")
+    p.error = lambda msg: sys.exit(f"budget.py: error: {msg}")  # one line, not usage + error
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except ValueError as e:
+        sys.exit(f"budget.py: error: {e}")
+
+def run(args):
+    cfg = {}
+    if args.config and args.sizes:
+        raise ValueError("give either a config file or --sizes, not both")
+    if args.config:
+        cfg = load_config(args.config)
+        if not isinstance(cfg.get("stages"), (list, tuple)) or not cfg["stages"]:
+            raise ValueError(f"{args.config} sets no `stages = [dict(name=..., shape=... | params=...), ...]`")
+        vocab, tied = args.vocab_size or cfg.get("vocab_size"), args.tied or bool(cfg.get("tie_embeddings", False))
+        sizes = [stage_params(s, args.count, vocab, tied) for s in cfg["stages"]]
+        names = [s.get("name", _human(x)) for s, x in zip(cfg["stages"], sizes)]
+        tokens = [s.get("tokens") for s in cfg["stages"]]
+        tokens = tokens if all(t is not None for t in tokens) else None
+        if args.count == "total":
+            label = f"X = total parameters (embeddings{' tied' if tied else ''}, vocab {vocab}), from the config's shapes"
+        else:
+            label = "X = non-embedding parameters" + (", from the config" if args.config else "")
+    elif args.sizes:
+        if args.count == "total":
+            raise ValueError("--count total needs model shapes (a config file); --sizes are taken as given")
+        sizes = [parse_size(s) for s in args.sizes.split(",")]
+        names, tokens = None, None
+        label = "X = non-embedding parameters (the --sizes as given)"
+    else:
+        raise ValueError("nothing to do: give a config file or --sizes 1B,2B,4B,8B")
+    if args.names:
+        names = args.names.split(",")
+    tpp = args.tokens_per_param if args.tokens_per_param is not None else cfg.get("tokens_per_param", 40)
+    stages = staged_budget(sizes, tpp, names, tokens)
+    sm = summarize(stages)
+    peak = args.peak if args.peak is not None else peak_flops(args.gpu)
+    if peak is not None and not 0 < peak < math.inf:
+        raise ValueError(f"peak FLOP/s must be a positive number, got {peak}")
+    if peak is None:
+        raise ValueError(f"unknown GPU {args.gpu!r}: known {', '.join(PEAK_FLOPS)}; or give --peak FLOP/s")
+    if not (0 < args.mfu <= 1) or args.gpus <= 0:
+        raise ValueError(f"need 0 < --mfu <= 1 and --gpus > 0 (got {args.mfu}, {args.gpus})")
+
+    fu = _unit(sm.scratch_flops, _FLOP_UNITS)
+    tu = _unit(max(s.scratch_tokens for s in stages), _COUNT_UNITS)
+    print(label)
+    print(f"tokens per parameter: {'per-stage tokens from the config' if tokens else f'{tpp:g}'}; "
+          f"GPU-hours at {args.mfu:.0%} MFU of {peak/1e12:g} TFLOP/s" + (f" ({args.gpu})" if args.peak is None else ""))
+    hdr = ["stage", "params", "scratch tok", "scratch FLOPs", "staged tok", "staged FLOPs", "cumul. FLOPs", "GPU-h"]
+    rows = [[s.name, _human(s.params), _human(s.scratch_tokens, tu), _human(s.scratch_flops, fu), _human(s.staged_tokens, tu),
+             _human(s.staged_flops, fu), _human(s.cumulative_flops, fu), f"{gpu_hours(s.staged_flops, peak, args.mfu):,.0f}"]
+            for s in stages]
+    w = [max(len(r[i]) for r in [hdr] + rows) for i in range(len(hdr))]
+    for r in [hdr] + rows:
+        print("  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)))
+    h_scr, h_stg = gpu_hours(sm.scratch_flops, peak, args.mfu), gpu_hours(sm.staged_flops, peak, args.mfu)
+    print(f"scratch, every member alone: {_human(sm.scratch_flops, fu)}  ({h_scr:,.0f} GPU-h, "
+          f"{h_scr / args.gpus / 24:,.1f} days on {args.gpus} GPUs)")
+    print(f"staged series: {_human(sm.staged_flops, fu)} = the largest alone ({h_stg:,.0f} GPU-h, "
+          f"{h_stg / args.gpus / 24:,.1f} days on {args.gpus} GPUs)")
+    print(f"saving: {sm.saving:.1%} of the scratch compute")
+    print(f"tokens seen: {_human(sm.staged_tokens, tu)} staged vs {_human(sm.largest_tokens, tu)} for the largest alone "
+          f"({sm.staged_tokens / sm.largest_tokens:.2f}x)")
+    if args.fixed_data or cfg.get("mode") == "fixed_data":
+        cap, uses = fixed_data(stages)
+        print(f"fixed data (3.3): unique tokens capped at {_human(cap, tu)}; "
+              f"{sm.staged_tokens / cap:.2f} passes over the capped corpus")
+        for u in uses:
+            print(f"  {u.name}: {_human(u.tokens, tu)} = {_human(u.unique, tu)} unique + {_human(u.repeated, tu)} repeated")
+
+if __name__ == "__main__":
+    main()

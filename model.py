@@ -1,0 +1,544 @@
+"""
+model.py: a hand-written Llama, read top to bottom.
+
+    token embedding -> n_layers x [RMSNorm -> attention (RoPE, GQA) -> +residual,
+                                   RMSNorm -> SwiGLU MLP -> +residual] -> RMSNorm -> lm_head
+
+It is the architecture the paper trains (Yano et al., section 3.2: "the same architecture as Llama,
+context 1024"), and it is checked against transformers' LlamaForCausalLM in tests/test_model.py:
+parameter names follow transformers' (minus its "model." prefix) and RoPE uses its rotate-half
+layout, so `export_hf` is a renaming and nothing has to be permuted.
+
+Also here: the named shapes (the paper's Table 3, the seed-003 family, small CPU shapes), parameter
+and FLOP counts, the KV-cached `generate`, checkpoint save/load (atomic, validated), and the HF
+export/import. Run `python model.py shapes` to see every named shape with its parameter counts.
+"""
+
+import json
+import math
+import os
+import struct
+import sys
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import budget
+
+IGNORE_INDEX = -1  # targets equal to this are left out of the loss (padding, prompt tokens in SFT)
+
+# -----------------------------------------------------------------------------
+# configuration and the named shapes
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 320  # the `bytes` tokenizer: 256 bytes + specials, padded to a multiple of 64
+    d_model: int = 128  # width of the residual stream
+    n_layers: int = 4
+    n_heads: int = 4  # query heads
+    n_kv_heads: int = 4  # key/value heads; n_heads % n_kv_heads == 0 (GQA when smaller)
+    head_dim: int = 0  # 0 means d_model // n_heads; growth keeps it fixed and adds heads
+    ffn_dim: int = 352  # hidden width of the SwiGLU MLP
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5  # width growth (grow.py, fpi) rescales it with the residual width
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.d_model // self.n_heads
+        problems = []
+        if min(self.vocab_size, self.d_model, self.n_layers, self.n_heads, self.n_kv_heads, self.ffn_dim, self.max_seq_len) <= 0:
+            problems.append("every size must be positive")
+        if self.n_heads % self.n_kv_heads:
+            problems.append(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            problems.append(f"head_dim={self.head_dim} must be even for RoPE")
+        if problems:
+            raise ValueError("bad ModelConfig: " + "; ".join(problems))
+
+
+def _paper(name):
+    # Table 3 of the paper (kept in budget.py, which must not import torch); GPT-2 vocabulary padded to
+    # 50304 (section 3.1), context 1024 (section 3.2), untied embeddings as in Llama
+    return dict(**budget.PAPER_SHAPES[name], vocab_size=50304, max_seq_len=1024, rope_theta=10000.0, tie_embeddings=False)
+
+
+def _seed003(i, vocab_size=50304):
+    # Seed 003 (PassUntil): one consistent family; layers 4i, heads floor(i(8+i)/4), head dim 64,
+    # FFN 2.5 d (rounded up to a multiple of 64), tied embeddings.
+    heads = (i * (8 + i)) // 4
+    d = 64 * heads
+    return dict(vocab_size=vocab_size, d_model=d, n_layers=4 * i, n_heads=heads, n_kv_heads=heads,
+                ffn_dim=64 * math.ceil(2.5 * d / 64), max_seq_len=1024, tie_embeddings=True)
+
+
+def _cpu(d, layers, ffn):
+    # small shapes for the CPU: byte vocabulary, head dim 16, context 256; each one roughly doubles
+    # the non-embedding parameters of the one before (the paper's x2 per stage, section 3.2)
+    return dict(vocab_size=320, d_model=d, n_layers=layers, n_heads=d // 16, n_kv_heads=d // 16,
+                ffn_dim=ffn, max_seq_len=256, tie_embeddings=False)
+
+
+SHAPES = {
+    **{name: _paper(name) for name in budget.PAPER_SHAPES},
+    **{f"pu{i}": _seed003(i) for i in range(1, 9)},
+    "cpu-1": _cpu(64, 2, 176),
+    "cpu-2": _cpu(80, 3, 192),
+    "cpu-3": _cpu(96, 4, 256),
+    "cpu-4": _cpu(128, 4, 384),
+    "tiny": _cpu(128, 4, 352),
+}
+
+
+def config_from_shape(shape, **overrides):
+    """ModelConfig for a named shape (see SHAPES), with any field overridden."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}: pick one of {', '.join(SHAPES)}")
+    return ModelConfig(**{**SHAPES[shape], **overrides})
+
+
+def config_from_dict(d):
+    """ModelConfig from a checkpoint's dict; an unknown field is an error that names it."""
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown model_config field(s) {unknown}: this checkpoint was made by another version of nanogrow")
+    return ModelConfig(**d)
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight. Half-precision inputs are normalized in float32 (as
+    transformers does); float32 and float64 stay in their own precision, which the growth tests
+    need to see gaps of 1e-10."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(head_dim, seq_len, theta, device=None):
+    """RoPE tables in the rotate-half layout: frequency f_i = theta^(-2i/head_dim) for i < head_dim/2,
+    repeated twice along the last dimension. Computed in float64, stored in float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=device), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # (seq_len, head_dim)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, H, T, head_dim); cos, sin: (T, head_dim). Rotates each pair (x_i, x_{i + head_dim/2})."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, preallocated to max_len."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # number of positions already cached; advanced by Llama.forward
+
+    def update(self, layer, k, v):
+        t = k.shape[2]
+        self.k[layer, :, :, self.pos:self.pos + t] = k
+        self.v[layer, :, :, self.pos:self.pos + t] = v
+        return self.k[layer, :, :, :self.pos + t], self.v[layer, :, :, :self.pos + t]
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.d_model, config.n_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, causal = None, True
+        if kv_cache is not None:
+            past = kv_cache.pos
+            k, v = kv_cache.update(self.layer_idx, k, v)
+            if past > 0:
+                # SDPA's is_causal aligns the mask to the top left; with cached keys the queries are the
+                # last T positions, so build the bottom-right aligned mask (none needed for one query).
+                causal = False
+                if T > 1:
+                    mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        # query head h reads key/value head h // (n_heads / n_kv_heads) (GQA); grow.py keeps this grouping
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(config.ffn_dim, config.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_cos_sin(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # derived from the config, never saved
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: the two projections that write into the residual stream get
+        # std 0.02 / sqrt(2 n_layers), so the stream's variance does not grow with depth
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """idx, targets: (B, T) token ids. Returns (logits (B, T, vocab), mean cross-entropy over the
+        targets that are not IGNORE_INDEX, or None without targets)."""
+        B, T = idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x = self.embed_tokens(idx)
+        for block in self.layers:
+            x = block(x, cos, sin, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            # the loss is taken in float32 at least (bf16 logits lose too much in log_softmax), float64 stays
+            logits_for_loss = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+            loss = F.cross_entropy(logits_for_loss.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_id=None, use_cache=True, generator=None):
+        """Sample max_new_tokens after idx (B, T). temperature 0 is greedy. With use_cache the prompt is
+        run once and every new token is one cached step; without it the whole sequence is re-run
+        (tests/test_model.py checks the two agree). Stops early once every row has produced eos_id."""
+        total = idx.shape[1] + max_new_tokens
+        if total > self.config.max_seq_len:
+            raise ValueError(f"prompt + max_new_tokens = {total} exceeds max_seq_len={self.config.max_seq_len}")
+        dtype = next(self.parameters()).dtype
+        cache = KVCache(self.config, idx.shape[0], total, idx.device, dtype) if use_cache else None
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        step_input = idx
+        for _ in range(max_new_tokens):
+            logits, _ = self(step_input if use_cache else idx, kv_cache=cache)
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_id = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            if eos_id is not None:
+                next_id = next_id.masked_fill(done[:, None], eos_id)  # finished rows keep emitting eos
+                done |= next_id[:, 0] == eos_id
+            idx = torch.cat([idx, next_id], dim=1)
+            step_input = next_id
+            if eos_id is not None and bool(done.all()):
+                break
+        return idx
+
+    # --- counts ---------------------------------------------------------------
+
+    def num_params(self, non_embedding=True):
+        """Parameter count. non_embedding=True leaves out the token embedding and an untied lm_head:
+        that is the paper's model size X (section 2.1; the Table 3 shapes give 1.09B ... 8.03B)."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied matrix once
+        if non_embedding:
+            n -= self.embed_tokens.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len=None, with_attention=True):
+        """Training FLOPs per token (forward + backward). 6N for the matmul weights, N = non-embedding
+        parameters + the lm_head (the embedding lookup is no matmul), plus 12 L h T for attention
+        scores and values (nanoGPT's MFU estimate). with_attention=False gives the paper's 6X."""
+        c = self.config
+        if not with_attention:
+            return 6 * self.num_params(non_embedding=True)
+        matmul_params = self.num_params(non_embedding=True) + c.vocab_size * c.d_model
+        return budget.flops_per_token(matmul_params, c.n_layers, c.n_heads * c.head_dim, seq_len or c.max_seq_len)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: one .pt file per saved state (DESIGN.md, "Checkpoints")
+
+CHECKPOINT_KEYS = ("model", "model_config", "tokenizer")  # the least a usable checkpoint holds
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message is one line saying why and what to do."""
+
+
+def save_checkpoint(ckpt, path):
+    """Write atomically: a temporary file in the same folder, flushed and fsynced, then renamed over
+    `path`, so a run killed mid-write leaves the previous file intact."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path, map_location="cpu", tokenizer=None):
+    """Load and validate a checkpoint. `tokenizer` (a name, or a dict with name and vocab_size) is what
+    the caller's data uses; a checkpoint made with another raises CheckpointError."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                              "use an earlier checkpoint or re-save it") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} is not a nanogrow checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {missing}: it was not written by nanogrow's save_checkpoint")
+    if tokenizer is not None:
+        want = tokenizer if isinstance(tokenizer, dict) else {"name": tokenizer}
+        have = ckpt["tokenizer"]
+        for key, value in want.items():
+            if have.get(key) != value:
+                raise CheckpointError(f"checkpoint {path} was made with tokenizer {have} but the data uses {want}: "
+                                      "prepare the data with the checkpoint's tokenizer")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, device="cpu"):
+    """Build the Llama a checkpoint describes and load its weights (strictly)."""
+    try:
+        config = config_from_dict(ckpt["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint has an unusable model_config: {e}") from None
+    model = Llama(config)
+    result = model.load_state_dict(ckpt["model"], strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"checkpoint weights do not fit its model_config (missing {result.missing_keys[:3]}, "
+                              f"unexpected {result.unexpected_keys[:3]}); was it saved from a compiled or DDP-wrapped model?")
+    return model.to(device)
+
+
+# -----------------------------------------------------------------------------
+# transformers' LlamaForCausalLM: export and import (config.json + model.safetensors)
+# The safetensors format is a little-endian u64 header length, a JSON header and the raw bytes;
+# it is written and read here directly so that nanogrow needs no extra dependency for it.
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def write_safetensors(tensors, path):
+    header, offset, blobs = {"__metadata__": {"format": "pt"}}, 0, []
+    for name, t in tensors.items():
+        t = t.detach().contiguous().cpu()
+        blob = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # align the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for blob in blobs:
+            f.write(blob)
+
+
+def read_safetensors(path):
+    names = {v: k for k, v in _ST_DTYPES.items()}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        raw = torch.frombuffer(bytearray(data[start:end]), dtype=torch.uint8) if end > start else torch.empty(0, dtype=torch.uint8)
+        out[name] = raw.view(names[info["dtype"]]).reshape(info["shape"])
+    return out
+
+
+def hf_config(config, eos_id=None):
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": config.vocab_size, "hidden_size": config.d_model, "intermediate_size": config.ffn_dim,
+        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "tie_word_embeddings": config.tie_embeddings, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+        "bos_token_id": eos_id, "eos_token_id": eos_id,
+    }
+
+
+def export_hf(model, out_dir, tokenizer=None):
+    """Write out_dir/config.json and out_dir/model.safetensors that LlamaForCausalLM.from_pretrained loads."""
+    os.makedirs(out_dir, exist_ok=True)
+    state = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight":
+            if model.config.tie_embeddings:
+                continue  # transformers re-ties it from embed_tokens
+            state[name] = t
+        else:
+            state["model." + name] = t
+    cfg = hf_config(model.config, eos_id=(tokenizer or {}).get("eot_id"))
+    cfg["nanogrow_tokenizer"] = tokenizer  # so import_hf knows the tokenizer again
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    write_safetensors(state, os.path.join(out_dir, "model.safetensors"))
+
+
+def import_hf(hf_dir):
+    """Read a Llama folder (config.json + model.safetensors or pytorch_model.bin) into (Llama, tokenizer)."""
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        cfg = json.load(f)
+    if cfg.get("model_type") != "llama":
+        raise CheckpointError(f"{hf_dir} holds a {cfg.get('model_type')!r} model; only Llama can be imported")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rope.get("rope_type", "default") != "default" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise CheckpointError(f"{hf_dir} uses RoPE scaling or biases, which nanogrow's Llama does not have")
+    config = ModelConfig(
+        vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"], ffn_dim=cfg["intermediate_size"],
+        n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+        n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+        max_seq_len=cfg.get("max_position_embeddings", 2048), norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+    st_path, bin_path = os.path.join(hf_dir, "model.safetensors"), os.path.join(hf_dir, "pytorch_model.bin")
+    if os.path.exists(st_path):
+        hf_state = read_safetensors(st_path)
+    elif os.path.exists(bin_path):
+        hf_state = torch.load(bin_path, map_location="cpu", weights_only=True)
+    else:
+        raise CheckpointError(f"{hf_dir} has neither model.safetensors nor pytorch_model.bin (sharded folders are not supported)")
+    state = {k.removeprefix("model."): v for k, v in hf_state.items()}
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model = Llama(config)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    tokenizer = cfg.get("nanogrow_tokenizer") or {"name": "bytes" if config.vocab_size <= 512 else "gpt2", "vocab_size": config.vocab_size}
+    return model, tokenizer
+
+
+# -----------------------------------------------------------------------------
+# command line: python model.py shapes | export-hf CKPT DIR | import-hf DIR CKPT
+
+
+def print_shapes():
+    print(f"{'shape':<10} {'d_model':>7} {'ffn':>6} {'layers':>6} {'heads':>5} {'kv':>3} {'vocab':>6} {'tied':>5} "
+          f"{'non-embedding':>14} {'total':>14}")
+    for name, kw in SHAPES.items():
+        c = ModelConfig(**kw)
+        with torch.device("meta"):  # count without allocating 8B parameters
+            m = Llama(c)
+        print(f"{name:<10} {c.d_model:>7} {c.ffn_dim:>6} {c.n_layers:>6} {c.n_heads:>5} {c.n_kv_heads:>3} {c.vocab_size:>6} "
+              f"{str(c.tie_embeddings):>5} {m.num_params(True):>14,} {m.num_params(False):>14,}")
+
+
+def main(argv):
+    usage = "usage: python model.py shapes | export-hf CKPT DIR | import-hf DIR CKPT"
+    if not argv or argv[0] not in ("shapes", "export-hf", "import-hf"):
+        sys.exit(usage)
+    cmd, args = argv[0], argv[1:]
+    try:
+        if cmd == "shapes":
+            print_shapes()
+        elif cmd == "export-hf" and len(args) == 2:
+            ckpt = load_checkpoint(args[0])
+            export_hf(model_from_checkpoint(ckpt), args[1], tokenizer=ckpt["tokenizer"])
+            print(f"exported {args[0]} to {args[1]} (config.json, model.safetensors)")
+        elif cmd == "import-hf" and len(args) == 2:
+            model, tokenizer = import_hf(args[0])
+            save_checkpoint({"model": model.state_dict(), "model_config": asdict(model.config), "tokenizer": tokenizer,
+                             "step": 0, "tokens": 0, "flops": 0, "history": [{"op": "import-hf", "from": args[0]}]}, args[1])
+            print(f"imported {args[0]} into {args[1]} ({model.num_params(True):,} non-embedding parameters)")
+        else:
+            sys.exit(usage)
+    except (CheckpointError, ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
