@@ -1,0 +1,136 @@
+"""train.py: configuration errors, the LR schedule's edges, exact resume after a kill, and DDP under
+torchrun matching one process over the same global batch."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from train import ConfigError, TrainConfig, configure, lr_at, make_optimizer  # noqa: E402
+from model import Llama, ModelConfig  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    # one small preparation of the embedded corpus, shared by the runs below
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def run_args(out_dir, data_dir, **overrides):
+    base = dict(shape="cpu-1", data_dir=data_dir, max_data_tokens=300_000, batch_size=4, seq_len=64,
+                max_steps=30, lr=3e-3, warmup_steps=5, eval_interval=1000, eval_batches=2, ckpt_interval=5,
+                log_interval=1, keep_last=2, plot=False, out_dir=str(out_dir))
+    base.update(overrides)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def train_losses(out_dir):
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_config_errors_name_the_key(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("import math\nlr = 2e-3\nbatch_size = 8\n")
+    c = configure(TrainConfig, [str(cfg), "--seq_len=128", "--resume", "--data=['a.txt', 'b.txt']"])
+    assert (c.lr, c.batch_size, c.seq_len, c.resume, c.data) == (2e-3, 8, 128, True, ["a.txt", "b.txt"])
+    assert configure(TrainConfig, ["--data=hf:HuggingFaceFW/fineweb-edu:sample-10BT"]).data == ["hf:HuggingFaceFW/fineweb-edu:sample-10BT"]
+    with pytest.raises(ConfigError, match="unknown config key 'lrr'"):
+        configure(TrainConfig, ["--lrr=1"])
+    cfg.write_text("batch_sise = 8\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'batch_sise' in .*c\.py"):
+        configure(TrainConfig, [str(cfg)])
+    with pytest.raises(ConfigError, match="'max_steps' .* must be int, got str"):
+        configure(TrainConfig, ["--max_steps=many"])
+    with pytest.raises(ConfigError, match="'lr' .* must be float, got bool"):
+        configure(TrainConfig, ["--lr=True"])
+    out = subprocess.run([sys.executable, "train.py", "--lrr=1"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0 and out.stderr.strip().startswith("error: unknown config key 'lrr'") and "\n" not in out.stderr.strip()
+
+
+def test_lr_schedule_edges():
+    # warmup rises linearly to the peak, cosine ends exactly at min_lr on the last step
+    lrs = [lr_at(s, 100, 1.0, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    # the anchors' pitfalls: warmup as long as the run, a single step, accumulation: finite and positive
+    for max_steps, warmup in [(10, 10), (10, 20), (1, 0), (1, 1), (2, 1)]:
+        for s in range(max_steps):
+            for sched in ("cosine", "wsd", "constant"):
+                v = lr_at(s, max_steps, 1.0, warmup, sched)
+                assert math.isfinite(v) and 0 < v <= 1.0
+    wsd = [lr_at(s, 100, 1.0, 0, "wsd", decay_frac=0.2) for s in range(100)]
+    assert wsd[79] == 1.0 and wsd[80] < 1.0 and wsd[-1] == pytest.approx(0.1)
+    assert lr_at(200, 100, 1.0, 10) == pytest.approx(0.1)  # past the end: clamped, not negative
+
+
+def test_no_weight_decay_on_norms_and_embeddings():
+    for tie in (False, True):
+        model = Llama(ModelConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64, tie_embeddings=tie))
+        decay, no_decay = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu")).param_groups
+        names = {id(p): n for n, p in model.named_parameters()}
+        assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if "norm" in n or "embed" in n}
+        assert ("lm_head.weight" in {names[id(p)] for p in decay["params"]}) == (not tie)
+        assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+
+
+def test_killed_run_resumes_bit_for_bit(tmp_path, data_dir):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run([sys.executable, "train.py", *run_args(full, data_dir)], cwd=ROOT, check=True, capture_output=True)
+    # the same run, killed (SIGKILL: no cleanup) once it has logged step 12, i.e. after the step-10 checkpoint
+    proc = subprocess.Popen([sys.executable, "train.py", *run_args(killed, data_dir)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and max(train_losses(killed) or [0]) >= 12:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "final.pt").exists()
+    subprocess.run([sys.executable, "train.py", *run_args(killed, data_dir), "--resume"], cwd=ROOT, check=True, capture_output=True)
+    expected, got = train_losses(full), train_losses(killed)
+    assert sorted(got) == sorted(expected) == list(range(1, 31))
+    assert all(got[s] == expected[s] for s in expected), [(s, got[s], expected[s]) for s in expected if got[s] != expected[s]]
+    a = torch.load(full / "final.pt", weights_only=False)
+    b = torch.load(killed / "final.pt", weights_only=False)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["step"] == b["step"] == 30 and a["flops"] == b["flops"]
+    # only the last keep_last periodic checkpoints remain
+    assert sorted(p.name for p in killed.glob("ckpt_*.pt")) == ["ckpt_0000025.pt", "ckpt_0000030.pt"]
+
+
+def test_ddp_two_ranks_match_one_process(tmp_path, data_dir):
+    # one process with grad_accum=2 reads exactly the rows that 2 ranks with grad_accum=1 read
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    common = dict(max_steps=6, ckpt_interval=100, eval_interval=3)
+    subprocess.run([sys.executable, "train.py", *run_args(single, data_dir, grad_accum=2, **common)], cwd=ROOT, check=True, capture_output=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                          *run_args(ddp, data_dir, grad_accum=1, **common)], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    a, b = train_losses(single), train_losses(ddp)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-6
+    val = lambda d: [json.loads(l)["val_loss"] for l in open(d / "metrics.jsonl") if "val_loss" in l]
+    assert len(val(single)) == 3 and max(abs(x - y) for x, y in zip(val(single), val(ddp))) < 1e-6
+
+
+def test_last_step_evaluates_and_saves_off_interval(tmp_path, data_dir):
+    out = tmp_path / "odd"
+    subprocess.run([sys.executable, "train.py", *run_args(out, data_dir, max_steps=7, eval_interval=5, ckpt_interval=5, plot=True)],
+                   cwd=ROOT, check=True, capture_output=True)
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 5, 7]
+    assert torch.load(out / "final.pt", weights_only=False)["step"] == 7
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,566 @@
+"""
+train.py: the plain pretraining loop, and the staged series built on it.
+
+    python train.py configs/tiny_cpu.py                       # one model, on the embedded corpus
+    python train.py configs/tiny_cpu.py --lr=3e-3 --resume    # keys override the config; resume exactly
+    torchrun --standalone --nproc_per_node=8 train.py configs/paper_1b.py
+
+A config file is plain Python assignments to the fields of TrainConfig below; `--key=value` overrides
+them. An unknown key or a value of the wrong type is one error line naming it.
+
+The loop: AdamW (no weight decay on norms and embeddings), warmup then cosine decay (or WSD),
+gradient accumulation and clipping, bf16 autocast on GPU / float32 on CPU, torch.compile (on by
+default on CUDA only), DDP under torchrun. Every step's batch is a pure function of (seed, step,
+micro_step, rank) (data.BatchLoader), and a checkpoint holds the model, the optimizer, the step and the
+RNG states, so `--resume` continues bit for bit (tests/test_train.py kills a run and checks).
+"""
+
+import ast
+import contextlib
+import glob
+import json
+import math
+import os
+import random
+import runpy
+import sys
+import time
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import budget
+import data
+from model import CheckpointError, Llama, ModelConfig, config_from_dict, config_from_shape, load_checkpoint, save_checkpoint
+
+# -----------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class TrainConfig:
+    # where everything goes: checkpoints, metrics.jsonl, loss.png
+    out_dir: str = "out/run"
+    # model: a named shape from model.SHAPES, optionally starting from a checkpoint's weights
+    shape: str = "tiny"
+    init_from: str = ""  # a checkpoint to start from (its weights only: fresh optimizer, step 0)
+    # data: sources prepared into data_dir (see data.py); several sources make a mixture by token ratio
+    data: list = field(default_factory=lambda: ["default"])  # "default", a path or glob, or "hf:ID[:CONFIG]"
+    data_weights: list = field(default_factory=list)  # token ratio per source; empty means equal
+    data_names: list = field(default_factory=list)  # labels for per-source validation loss
+    text_field: str = "text"
+    tokenizer: str = "bytes"  # "bytes" or "gpt2"
+    data_dir: str = "data_cache"
+    max_data_tokens: int = 0  # cap on tokens prepared per source (0: all)
+    max_unique_tokens: int = 0  # cap on unique training tokens read per source: repeats past it (section 3.3)
+    # batch: tokens per step = batch_size * seq_len * grad_accum * world_size
+    batch_size: int = 16
+    seq_len: int = 256
+    grad_accum: int = 1
+    max_steps: int = 1000
+    max_tokens: int = 0  # if set, max_steps = ceil(max_tokens / tokens per step)
+    # optimizer and schedule
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # "cosine", "wsd" (warmup-stable-decay) or "constant"
+    decay_frac: float = 0.2  # wsd: the last fraction of steps decays linearly to min_lr
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # system
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16"
+    compile: str = "auto"  # "auto" (on for CUDA), "true", "false"
+    seed: int = 1337
+    # logging, evaluation, checkpoints
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_batches: int = 20
+    ckpt_interval: int = 200
+    keep_last: int = 2
+    peak_flops: float = 0.0  # per device, for MFU; 0: look up the GPU, measure the CPU
+    resume: bool = False
+    plot: bool = True
+    # the staged series (train_series): non-empty stages switch it on
+    stages: list = field(default_factory=list)  # [dict(name=, shape=, lr=), ...] smallest first
+    series_mode: str = "grow+scratch"  # "grow", "scratch", "fixed_data", joined by "+"
+    tokens_per_param: float = 40.0  # scratch tokens per non-embedding parameter (2x Chinchilla)
+    grow_width: str = "fpi"
+    grow_depth: str = "zero"
+    grow_noise: float = 1e-3
+    grow_warmup_steps: int = 20
+    report: bool = True
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one line naming the key."""
+
+
+def _type_ok(value, typ):
+    if typ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, typ)
+
+
+def _parse_value(text, typ):
+    if typ is str:
+        return text
+    if typ is bool and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if typ is list and not isinstance(value, list):
+        value = [value] if not isinstance(value, tuple) else list(value)
+    return value
+
+
+def configure(config_cls, argv):
+    """Fill `config_cls` from config files (plain Python, executed) and --key=value arguments.
+    Shared by train.py and posttrain.py. Raises ConfigError naming an unknown key or a wrong type."""
+    known = {f.name: f.type for f in fields(config_cls)}
+    values = {}
+
+    def set_key(key, value, where):
+        if key not in known:
+            close = [k for k in known if k.split("_")[0] == key.split("_")[0]][:3]
+            raise ConfigError(f"unknown config key {key!r} in {where}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+                              + f"; the keys are the fields of {config_cls.__name__} in {sys.modules[config_cls.__module__].__file__}")
+        typ = known[key]
+        if isinstance(value, tuple) and typ is list:
+            value = list(value)
+        if not _type_ok(value, typ):
+            raise ConfigError(f"config key {key!r} in {where} must be {typ.__name__}, got {type(value).__name__} {value!r}")
+        values[key] = float(value) if typ is float else value
+
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                if known.get(key) is not bool:
+                    raise ConfigError(f"--{key} needs a value: write --{key}=VALUE")
+                text = "true"
+            set_key(key, _parse_value(text, known.get(key, str)), f"--{key}")
+        else:
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file {arg} does not exist")
+            try:
+                namespace = runpy.run_path(arg)
+            except Exception as e:
+                raise ConfigError(f"config file {arg} failed to run: {type(e).__name__}: {e}") from None
+            for key, value in namespace.items():
+                if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+                    continue  # imports and helpers inside a config file are not settings
+                set_key(key, value, arg)
+    return config_cls(**values)
+
+
+# -----------------------------------------------------------------------------
+# pieces of the loop (posttrain.py reuses them)
+
+
+def setup_distributed(device_pref="auto"):
+    """(rank, local_rank, world_size, device). Under torchrun (RANK set) joins the process group:
+    nccl on CUDA, gloo on CPU."""
+    if device_pref == "auto":
+        device_pref = "cuda" if torch.cuda.is_available() else "cpu"
+    rank, local_rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(device_pref, local_rank) if device_pref == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, local_rank, world, device
+
+
+def autocast_for(device, dtype_name):
+    """bf16 autocast on CUDA (weights stay float32); plain float32 elsewhere."""
+    dtype_name = ("bfloat16" if device.type == "cuda" else "float32") if dtype_name == "auto" else dtype_name
+    if dtype_name == "float32":
+        return contextlib.nullcontext(), "float32"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16), "bfloat16"
+
+
+def make_optimizer(model, lr, weight_decay, betas, device, decay_embeddings=False):
+    """AdamW; weight decay only on matrices that are not embeddings (norm gains and embeddings keep
+    theirs, unless decay_embeddings). A tied lm_head is the embedding."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        is_embedding = name.endswith("embed_tokens.weight")
+        (decay if p.dim() >= 2 and (decay_embeddings or not is_embedding) else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
+
+
+def lr_at(step, max_steps, lr, warmup_steps, schedule="cosine", min_lr_ratio=0.1, decay_frac=0.2):
+    """Learning rate for optimizer step `step` (0-based). Linear warmup over warmup_steps, then cosine
+    to lr * min_lr_ratio at the last step, or WSD: constant, then linear decay over the last
+    decay_frac of the steps. Progress is clamped to [0, 1] so no edge case (warmup >= max_steps, a
+    single step) divides by zero or goes negative."""
+    min_lr = lr * min_lr_ratio
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, max_steps - 1 - warmup_steps)
+        progress = min(1.0, max(0.0, progress))
+        return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
+    if schedule == "wsd":
+        decay_steps = max(1, round(decay_frac * max_steps))
+        progress = min(1.0, max(0.0, (step + 1 - (max_steps - decay_steps)) / decay_steps))  # min_lr on the last step
+        return lr + (min_lr - lr) * progress
+    raise ConfigError(f"unknown schedule {schedule!r}: use cosine, wsd or constant")
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def measure_matmul_peak(device, dtype=torch.float32, n=2048, rounds=5, seconds=0.2):
+    """FLOP/s of a large square matmul on this device: the CPU has no datasheet peak to look up, so its
+    MFU is measured against what its BLAS actually reaches. The best of a few short rounds, so a
+    moment of contention from another process does not lower the peak (and inflate the MFU)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = 0.0
+    for _ in range(rounds):
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            reps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0))
+    return best
+
+
+def peak_flops_for(cfg, device, dtype_name):
+    """(peak FLOP/s per device, how it was found) for the MFU figure; (None, why) when unknown."""
+    if cfg.peak_flops > 0:
+        return cfg.peak_flops, "configured"
+    if device.type == "cpu":
+        return measure_matmul_peak(device), "measured float32 matmul"
+    if dtype_name != "bfloat16":
+        return None, "unknown for float32 on GPU: set peak_flops"
+    name = torch.cuda.get_device_name(device)
+    peak = budget.peak_flops(name)
+    return (peak, f"bf16 datasheet peak of {name}") if peak else (None, f"unknown GPU {name}: set peak_flops")
+
+
+def fmt_time(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(metrics_path, png_path, title=""):
+    """Training and validation loss against tokens, from metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_jsonl(metrics_path)
+    train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if train:
+        ax.plot(*zip(*train), label="train loss", alpha=0.7)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(title or os.path.dirname(metrics_path))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+def checkpoint_paths(out_dir):
+    """Periodic checkpoints in out_dir, oldest first."""
+    return sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
+
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def prepare_data(cfg, rank, world):
+    """Prepare every source (rank 0 tokenizes, the others wait), then return (dirs, names, meta)."""
+    names = cfg.data_names or [f"src{i}" if len(cfg.data) > 1 else "data" for i in range(len(cfg.data))]
+    if len(names) != len(cfg.data) or (cfg.data_weights and len(cfg.data_weights) != len(cfg.data)):
+        raise ConfigError(f"data has {len(cfg.data)} sources but data_names has {len(cfg.data_names)} and data_weights {len(cfg.data_weights)}")
+    dirs = [os.path.join(cfg.data_dir, os.path.basename(data.default_out_dir(src, cfg.tokenizer))) for src in cfg.data]
+    if rank == 0:
+        for src, d in zip(cfg.data, dirs):
+            data.prepare(src, tokenizer=cfg.tokenizer, out_dir=d, max_tokens=cfg.max_data_tokens or None, text_field=cfg.text_field)
+    if world > 1:
+        dist.barrier()
+    metas = [data.load_prepared(d, "train")[1] for d in dirs]
+    return dirs, names, metas
+
+
+@torch.no_grad()
+def evaluate(model, val_sets, ctx, rank, world):
+    """Mean validation loss (nats/token) and bits per byte per source. The fixed validation batches are
+    split over the ranks and the sums all-reduced, so every rank takes part (no rank-0-only evaluation
+    that would leave the others waiting in a collective)."""
+    model.eval()
+    out = {}
+    for name, (batches, bytes_per_token) in val_sets.items():
+        total = torch.zeros(2, dtype=torch.float64, device=batches[0][0].device if batches else "cpu")
+        for x, y in batches[rank::world]:
+            with ctx:
+                _, loss = model(x, y)
+            total += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64, device=total.device)
+        if world > 1:
+            dist.all_reduce(total)
+        loss = (total[0] / total[1]).item()
+        out[name] = (loss, loss / math.log(2) / bytes_per_token)  # bits per byte: tokenizer-independent
+    model.train()
+    return out
+
+
+# -----------------------------------------------------------------------------
+# one training run
+
+
+def train(cfg, model=None, stage=None, start_flops=0, history=None, log=print):
+    """Train one model as cfg says and return the path of its final checkpoint. `model` (e.g. a grown
+    one) replaces building cfg.shape; `stage`, `start_flops` and `history` are recorded in every
+    checkpoint so that a series member carries its whole lineage."""
+    rank, local_rank, world, device = setup_distributed(cfg.device)
+    master = rank == 0
+    log = log if master else (lambda *a, **k: None)
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ctx, dtype_name = autocast_for(device, cfg.dtype)
+    tokenizer = data.get_tokenizer(cfg.tokenizer)
+    dirs, names, metas = prepare_data(cfg, rank, world)
+
+    # --- model, optimizer, and the state to resume ---
+    resume_ckpt = None
+    if cfg.resume:
+        for path in reversed(checkpoint_paths(cfg.out_dir)):
+            try:  # a file cut short by a kill is skipped for the one before it: nothing is lost
+                resume_ckpt = load_checkpoint(path, tokenizer={"name": tokenizer.name, "vocab_size": tokenizer.vocab_size})
+                break
+            except CheckpointError as e:
+                log(f"warning: {e}")
+        if resume_ckpt is None:
+            raise CheckpointError(f"--resume: no usable checkpoint in {cfg.out_dir}; run without --resume to start fresh")
+    if resume_ckpt is not None:
+        model_config = config_from_dict(resume_ckpt["model_config"])
+        stage, start_flops, history = resume_ckpt["stage"], resume_ckpt["start_flops"], resume_ckpt["history"]
+    elif model is not None:
+        model_config = model.config
+    elif cfg.init_from:
+        init = load_checkpoint(cfg.init_from, tokenizer={"name": tokenizer.name, "vocab_size": tokenizer.vocab_size})
+        model_config, history = config_from_dict(init["model_config"]), init.get("history", []) + [{"op": "init_from", "path": cfg.init_from}]
+        start_flops = init.get("flops", 0)
+    else:
+        model_config = config_from_shape(cfg.shape, vocab_size=tokenizer.vocab_size, max_seq_len=cfg.seq_len)
+    if model_config.vocab_size != tokenizer.vocab_size:
+        raise ConfigError(f"the model's vocab_size {model_config.vocab_size} differs from tokenizer {tokenizer.name}'s {tokenizer.vocab_size}")
+    if cfg.seq_len > model_config.max_seq_len:
+        raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
+    if model is None:
+        model = Llama(model_config)
+        if cfg.init_from and resume_ckpt is None:
+            model.load_state_dict(init["model"])
+    if resume_ckpt is not None:
+        model.load_state_dict(resume_ckpt["model"])
+    model.to(device)
+    raw_model = model  # what is saved: never the compiled or DDP-wrapped module (nanoGPT issue 325)
+    optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device, cfg.decay_embeddings)
+    if resume_ckpt is not None:
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        set_rng_state(resume_ckpt["rng"])
+    use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
+    if use_compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    # --- data stream and budget ---
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
+    max_steps = math.ceil(cfg.max_tokens / tokens_per_step) if cfg.max_tokens else cfg.max_steps
+    loader = data.BatchLoader(dirs, weights=cfg.data_weights or None, split="train", batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                              grad_accum=cfg.grad_accum, rank=rank, world_size=world, seed=cfg.seed,
+                              max_tokens=cfg.max_unique_tokens or None)
+    val_sets = {}
+    for name, d in zip(names, dirs):
+        batches = data.val_batches(d, cfg.batch_size, cfg.seq_len, cfg.eval_batches, device=device)
+        meta = data.load_prepared(d, "val")[1]
+        val_sets[name] = (batches, meta["splits"]["val"]["bytes"] / meta["splits"]["val"]["tokens"])
+    weights = cfg.data_weights or [1.0] * len(names)
+    n_params = raw_model.num_params(non_embedding=True)
+    flops_per_token = raw_model.flops_per_token(cfg.seq_len)  # with attention, for MFU
+    peak, peak_how = peak_flops_for(cfg, device, dtype_name)
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    start_step = resume_ckpt["step"] if resume_ckpt is not None else 0
+    if master:
+        if resume_ckpt is not None and os.path.exists(metrics_path):
+            # drop what the killed run logged after its last checkpoint: those steps are run again
+            kept = [r for r in read_jsonl(metrics_path) if r["step"] <= start_step]
+            with open(metrics_path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+        elif resume_ckpt is None:
+            for old in checkpoint_paths(cfg.out_dir) + [metrics_path]:
+                if os.path.exists(old):
+                    os.remove(old)
+    log(f"model {cfg.shape if stage is None else stage['name']}: {n_params:,} non-embedding parameters, "
+        f"{raw_model.num_params(False):,} in all | {tokens_per_step:,} tokens/step x {max_steps} steps "
+        f"= {tokens_per_step * max_steps:,} tokens | {device.type} {dtype_name}{' compiled' if use_compile else ''}"
+        f"{f' x{world} ranks' if world > 1 else ''} | MFU peak: " + (f"{peak / 1e12:.2f} TFLOP/s ({peak_how})" if peak else peak_how)
+        + (f" | resumed at step {start_step}" if resume_ckpt is not None else ""))
+
+    def save(step, val):
+        ckpt = {"model": raw_model.state_dict(), "model_config": asdict(raw_model.config), "train_config": asdict(cfg),
+                "optimizer": optimizer.state_dict(), "step": step, "tokens": step * tokens_per_step,
+                "start_flops": start_flops, "flops": start_flops + 6 * n_params * step * tokens_per_step,
+                "stage": stage, "data_state": {"seed": cfg.seed, "step": step, "epochs": loader.epochs(step)},
+                "rng": rng_state(), "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size},
+                "history": history or [], "val": val}
+        path = os.path.join(cfg.out_dir, f"ckpt_{step:07d}.pt")
+        save_checkpoint(ckpt, path)
+        for old in checkpoint_paths(cfg.out_dir)[:-cfg.keep_last]:
+            os.remove(old)
+        return path
+
+    def validate(step):
+        results = evaluate(model if world == 1 else model.module, val_sets, ctx, rank, world)
+        total_w = sum(weights)
+        record = {"step": step, "tokens": step * tokens_per_step, "flops": start_flops + 6 * n_params * step * tokens_per_step,
+                  "val_loss": sum(w * results[n][0] for w, n in zip(weights, names)) / total_w,
+                  "val_bpb": sum(w * results[n][1] for w, n in zip(weights, names)) / total_w}
+        if len(names) > 1:  # the Weblab-10B setting: each language's loss on its own
+            for n in names:
+                record[f"val_loss/{n}"], record[f"val_bpb/{n}"] = results[n]
+        if master:
+            append_jsonl(metrics_path, record)
+        per_source = "".join(f" | {n} {results[n][0]:.4f}" for n in names) if len(names) > 1 else ""
+        log(f"step {step:>6} | val loss {record['val_loss']:.4f} | val bpb {record['val_bpb']:.4f}{per_source}")
+        return record
+
+    # --- the loop ---
+    model.train()
+    val = resume_ckpt["val"] if resume_ckpt is not None else None
+    last_ckpt = None
+    t_start, t_window, tokens_window = time.perf_counter(), time.perf_counter(), 0
+    if start_step == 0 and max_steps > 0:
+        val = validate(0)
+    for step in range(start_step, max_steps):
+        lr = lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            x, y = loader.get_batch(step, micro)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            sync = world == 1 or micro == cfg.grad_accum - 1  # DDP all-reduces only on the last micro-step
+            with (contextlib.nullcontext() if sync else model.no_sync()), ctx:
+                _, loss = model(x, y)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        tokens_window += tokens_per_step
+        last = done == max_steps
+        if done % cfg.log_interval == 0 or last or done == 1:
+            train_loss = loss_sum / cfg.grad_accum
+            if world > 1:
+                dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
+            train_loss = train_loss.item()  # the one device sync per log line
+            now = time.perf_counter()
+            tok_s = tokens_window / (now - t_window)
+            mfu = flops_per_token * tok_s / (peak * world) if peak else None
+            elapsed = now - t_start
+            eta = elapsed / (done - start_step) * (max_steps - done)
+            record = {"step": done, "tokens": done * tokens_per_step, "flops": start_flops + 6 * n_params * done * tokens_per_step,
+                      "loss": train_loss, "lr": lr, "tok_s": tok_s, "mfu": mfu,
+                      "grad_norm": grad_norm.item() if grad_norm is not None else None,
+                      "epochs": loader.epochs(done)}
+            if master:
+                append_jsonl(metrics_path, record)
+            epochs = max(loader.epochs(done).values())
+            log(f"step {done:>6}/{max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
+                f"mfu {f'{100 * mfu:.1f}%' if mfu is not None else 'unknown'} | epoch {epochs:.2f} | "
+                f"{fmt_time(elapsed)} elapsed | eta {fmt_time(eta)}")
+            t_window, tokens_window = time.perf_counter(), 0
+        # the last step always evaluates and saves, whatever the intervals (nanoGPT loses it)
+        if done % cfg.eval_interval == 0 or last:
+            val = validate(done)
+        if done % cfg.ckpt_interval == 0 or last:
+            if master:
+                last_ckpt = save(done, val)
+            if world > 1:
+                dist.barrier()
+    if master and max_steps > 0:
+        final = os.path.join(cfg.out_dir, "final.pt")
+        tmp = final + ".tmp"  # a hard link to the last checkpoint, renamed into place: atomic, no copy
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        os.link(last_ckpt or checkpoint_paths(cfg.out_dir)[-1], tmp)
+        os.replace(tmp, final)
+        if cfg.plot:
+            plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss.png"))
+        log(f"done: {final}")
+        return final
+    return None
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv):
+    try:
+        cfg = configure(TrainConfig, argv)
+        if cfg.stages:
+            import series  # the staged series: grow, train, grow again (series.py)
+            series.train_series(cfg)
+        else:
+            train(cfg)
+    except (ConfigError, CheckpointError, data.DataError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
