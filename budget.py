@@ -218,10 +218,17 @@ def stage_params(stage, count="non-embedding", vocab_size=None, tied=False):
         return parse_size(stage["params"])
     shape = stage.get("shape", stage)
     if isinstance(shape, str):
+        known = PAPER_SHAPES
         if shape not in PAPER_SHAPES:
-            raise ValueError(f"stage '{name}': unknown shape {shape!r} (known: {', '.join(PAPER_SHAPES)}); "
+            # the other named shapes live in model.py, which needs torch: import it only for them
+            try:
+                from model import SHAPES as known
+            except ImportError:
+                pass
+        if shape not in known:
+            raise ValueError(f"stage '{name}': unknown shape {shape!r} (known: {', '.join(known)}); "
                              f"or give params= or d_model, n_layers, n_heads, n_kv_heads, ffn_dim")
-        shape = PAPER_SHAPES[shape]
+        shape = known[shape]
     missing = [k for k in _SHAPE_KEYS if k not in shape]
     if missing:
         raise ValueError(f"stage '{name}' has no params= and its shape lacks {', '.join(missing)}")

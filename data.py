@@ -462,8 +462,12 @@ def check_tokenizer(meta, tokenizer_name, vocab_size):
 # A source's split is cut into non-overlapping rows of seq_len+1 tokens: row r is
 # tokens[r*seq_len : r*seq_len + seq_len + 1]. Every global step takes a fixed number of rows from
 # each source (allocate_rows). Source s keeps a row counter g = step * rows_per_step + j; epoch,
-# position = divmod(g, rows_per_epoch); row = permutation(seed, epoch)[position], with the
-# permutation drawn by PCG64([seed, epoch]) over all n_rows rows. rows_per_epoch is n_rows rounded
+# position = divmod(g, rows_per_epoch). Epoch 0 reads the rows in one order, drawn by PCG64([seed, 0])
+# over all rows of the split; a later epoch e reads the rows of epoch 0 in a new order, PCG64([seed, e]).
+# max_tokens (the paper's fixed-data setting, section 3.3) keeps only the first max_tokens/seq_len rows
+# of epoch 0's order: a random, representative subset (not the corpus's first documents), and a capped
+# stream reads exactly what the uncapped stream reads until the cap is reached, then repeats.
+# rows_per_epoch is n_rows rounded
 # down to a multiple of rows_per_step, so a step never straddles two epochs: rows within a step are
 # always distinct (no two ranks read the same row), each epoch reads distinct rows, and the rows an
 # epoch leaves out (fewer than rows_per_step) change from epoch to epoch. The step's rows are laid
@@ -494,7 +498,8 @@ def allocate_rows(weights, global_rows):
 class _Source:
     name: str
     data_dir: str
-    tokens: np.ndarray  # the split, capped to max_tokens
+    tokens: np.ndarray  # the whole split
+    rows: np.ndarray  # the row ids this stream uses, in epoch 0's order (all rows, or the capped subset)
     meta: dict
     rows_per_step: int
     n_rows: int
@@ -523,22 +528,24 @@ class BatchLoader:
             if i > 0:  # one model, one tokenizer: a mixture must agree
                 check_tokenizer(meta, self.sources[0].meta["tokenizer"]["name"],
                                 self.sources[0].meta["tokenizer"]["vocab_size"])
-            tokens = tokens[:max_tokens] if max_tokens else tokens  # the paper's fixed-data cap
-            n_rows = max(0, (len(tokens) - 1) // seq_len)
+            rows = np.random.Generator(np.random.PCG64([seed, 0])).permutation(max(0, (len(tokens) - 1) // seq_len))
+            if max_tokens:  # the paper's fixed-data cap: the first rows epoch 0 reads, and no others
+                rows = rows[:max_tokens // seq_len]
+            n_rows = len(rows)
             if c > n_rows:
                 raise DataError(f"{d}: {n_rows} rows of seq_len+1 = {seq_len + 1} tokens "
-                                f"({len(tokens)} tokens{' after max_tokens' if max_tokens else ''}) but "
+                                f"({len(tokens)} tokens{f', capped at max_tokens={max_tokens}' if max_tokens else ''}) but "
                                 f"each step needs {c}: use more data or a smaller batch")
             name = os.path.basename(os.path.normpath(d))
             name = name if name not in [s.name for s in self.sources] else f"{name}#{i}"
-            self.sources.append(_Source(name, str(d), tokens, meta, c, n_rows, n_rows // c * c if c else n_rows))
+            self.sources.append(_Source(name, str(d), tokens, rows, meta, c, n_rows, n_rows // c * c if c else n_rows))
         # the fixed layout of a step's rows: each source's rows spread evenly over the list
         self.layout = [(s, j) for _, s, j in sorted(((j + 0.5) / c, s, j)
                                                     for s, c in enumerate(counts) for j in range(c))]
 
     def _permutation(self, src, epoch):
         if src.perm_epoch != epoch:  # steps move forward, so caching one epoch is enough
-            src.perm = np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(src.n_rows)
+            src.perm = src.rows if epoch == 0 else src.rows[np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(src.n_rows)]
             src.perm_epoch = epoch
         return src.perm
 

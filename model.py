@@ -90,7 +90,7 @@ SHAPES = {
     "cpu-2": _cpu(80, 3, 192),
     "cpu-3": _cpu(96, 4, 256),
     "cpu-4": _cpu(128, 4, 384),
-    "tiny": _cpu(128, 4, 352),
+    "tiny": dict(_cpu(128, 4, 352), n_heads=4, n_kv_heads=4),  # nanoGPT-comparable: 4 heads of 32
 }
 
 

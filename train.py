@@ -57,6 +57,7 @@ class TrainConfig:
     data_dir: str = "data_cache"
     max_data_tokens: int = 0  # cap on tokens prepared per source (0: all)
     max_unique_tokens: int = 0  # cap on unique training tokens read per source: repeats past it (section 3.3)
+    data_step_offset: int = 0  # start the data stream this many steps in (a series' stages read on in order)
     # batch: tokens per step = batch_size * seq_len * grad_accum * world_size
     batch_size: int = 16
     seq_len: int = 256
@@ -420,6 +421,12 @@ def train(cfg, model=None, stage=None, start_flops=0, history=None, log=print):
     loader = data.BatchLoader(dirs, weights=cfg.data_weights or None, split="train", batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                               grad_accum=cfg.grad_accum, rank=rank, world_size=world, seed=cfg.seed,
                               max_tokens=cfg.max_unique_tokens or None)
+    if resume_ckpt is not None:  # the same step must mean the same batch: refuse a changed data setup
+        saved, now = resume_ckpt["data_state"], loader.state_dict()
+        changed = [k for k in now if k in saved and saved[k] != now[k]]
+        if changed:
+            raise ConfigError(f"--resume with a different data setup ({', '.join(changed)} changed since the checkpoint): "
+                              "restore those settings, or start a new out_dir")
     val_sets = {}
     for name, d in zip(names, dirs):
         batches = data.val_batches(d, cfg.batch_size, cfg.seq_len, cfg.eval_batches, device=device)
@@ -451,7 +458,8 @@ def train(cfg, model=None, stage=None, start_flops=0, history=None, log=print):
         ckpt = {"model": raw_model.state_dict(), "model_config": asdict(raw_model.config), "train_config": asdict(cfg),
                 "optimizer": optimizer.state_dict(), "step": step, "tokens": step * tokens_per_step,
                 "start_flops": start_flops, "flops": start_flops + 6 * n_params * step * tokens_per_step,
-                "stage": stage, "data_state": {"seed": cfg.seed, "step": step, "epochs": loader.epochs(step)},
+                "stage": stage, "data_state": {**loader.state_dict(), "step": cfg.data_step_offset + step,
+                               "epochs": loader.epochs(cfg.data_step_offset + step)},
                 "rng": rng_state(), "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size},
                 "history": history or [], "val": val}
         path = os.path.join(cfg.out_dir, f"ckpt_{step:07d}.pt")
@@ -488,7 +496,7 @@ def train(cfg, model=None, stage=None, start_flops=0, history=None, log=print):
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
-            x, y = loader.get_batch(step, micro)
+            x, y = loader.get_batch(cfg.data_step_offset + step, micro)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             sync = world == 1 or micro == cfg.grad_accum - 1  # DDP all-reduces only on the last micro-step
             with (contextlib.nullcontext() if sync else model.no_sync()), ctx:
@@ -514,10 +522,10 @@ def train(cfg, model=None, stage=None, start_flops=0, history=None, log=print):
             record = {"step": done, "tokens": done * tokens_per_step, "flops": start_flops + 6 * n_params * done * tokens_per_step,
                       "loss": train_loss, "lr": lr, "tok_s": tok_s, "mfu": mfu,
                       "grad_norm": grad_norm.item() if grad_norm is not None else None,
-                      "epochs": loader.epochs(done)}
+                      "epochs": loader.epochs(cfg.data_step_offset + done)}
             if master:
                 append_jsonl(metrics_path, record)
-            epochs = max(loader.epochs(done).values())
+            epochs = max(loader.epochs(cfg.data_step_offset + done).values())
             log(f"step {done:>6}/{max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
                 f"mfu {f'{100 * mfu:.1f}%' if mfu is not None else 'unknown'} | epoch {epochs:.2f} | "
                 f"{fmt_time(elapsed)} elapsed | eta {fmt_time(eta)}")
@@ -545,14 +553,135 @@ def train(cfg, model=None, stage=None, start_flops=0, history=None, log=print):
 
 
 # -----------------------------------------------------------------------------
+# the staged series (section 2.2): train stage 1, grow, train stage 2 on what is left of its budget, ...
+
+
+def series_plan(cfg):
+    """One dict per stage: name, model config, X (non-embedding parameters), learning rates, and the
+    token counts budget.staged_budget gives for X at cfg.tokens_per_param."""
+    tokenizer = data.get_tokenizer(cfg.tokenizer)
+    plan = []
+    for i, st in enumerate(cfg.stages):
+        unknown = set(st) - {"name", "shape", "lr", "scratch_lr", "warmup_steps"}
+        if unknown or "shape" not in st or "lr" not in st:
+            raise ConfigError(f"stage {i + 1} {st}: a stage is dict(name=, shape=, lr=[, scratch_lr=, warmup_steps=])"
+                              + (f"; unknown keys {sorted(unknown)}" if unknown else ""))
+        model_config = config_from_shape(st["shape"], vocab_size=tokenizer.vocab_size, max_seq_len=cfg.seq_len)
+        with torch.device("meta"):  # count parameters without allocating them
+            X = Llama(model_config).num_params(non_embedding=True)
+        plan.append(dict(index=i, name=st.get("name", st["shape"]), shape=st["shape"], config=model_config, params=X, lr=st["lr"],
+                         scratch_lr=st.get("scratch_lr", st["lr"]), warmup_steps=st.get("warmup_steps")))
+    budgets = budget.staged_budget([p["params"] for p in plan], cfg.tokens_per_param, [p["name"] for p in plan])
+    cap, data_use = budget.fixed_data(budgets)
+    for p, b, u in zip(plan, budgets, data_use):
+        p.update(scratch_tokens=b.scratch_tokens, staged_tokens=b.staged_tokens, repeats_in_fixed_data=u.repeated > 0)
+    return plan, cap
+
+
+def train_series(cfg):
+    """Run the modes of cfg.series_mode over cfg.stages and write RUN_DIR/series.json (and the report).
+    grow: stage 1 from scratch, then grow.grow + train on the rest of each stage's budget.
+    scratch: every size alone on its own scratch budget (stage 1 is shared with grow: it is the same run).
+    fixed_data: as grow, but unique training tokens are capped at the largest scratch run's count, so
+    the later stages repeat data (section 3.3); stages that read no repeats are shared with grow.
+    With --resume a finished run (final.pt) is kept and an interrupted one resumes exactly."""
+    import grow as growth  # grow.py: the expansion operators
+    from dataclasses import replace
+    rank = int(os.environ.get("RANK", 0))
+    modes = cfg.series_mode.split("+")
+    if not set(modes) <= {"grow", "scratch", "fixed_data"}:
+        raise ConfigError(f"series_mode {cfg.series_mode!r}: use grow, scratch, fixed_data joined by '+'")
+    plan, cap = series_plan(cfg)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", 1))
+    log = print if rank == 0 else (lambda *a, **k: None)
+    sm = budget.summarize(budget.staged_budget([p["params"] for p in plan], cfg.tokens_per_param, [p["name"] for p in plan]))
+    log(f"series of {len(plan)} stages, modes {modes}, {cfg.tokens_per_param:g} tokens per parameter: "
+        + ", ".join(f"{p['name']} X={p['params']:,} scratch {p['scratch_tokens']:,} / staged {p['staged_tokens']:,} tokens" for p in plan)
+        + f" | staged {sm.staged_flops:.3g} FLOPs vs scratch {sm.scratch_flops:.3g} ({sm.saving:.1%} saved)")
+    runs = []
+
+    def run_stage(mode, p, tokens, lr, model=None, start_flops=0, history=None, step_offset=0, unique_cap=0, warmup=None):
+        out_dir = os.path.join(cfg.out_dir, mode, p["name"])
+        final = os.path.join(out_dir, "final.pt")
+        stage_cfg = replace(cfg, out_dir=out_dir, shape=p["shape"], lr=lr, max_tokens=tokens, max_steps=0, stages=[],
+                            data_step_offset=step_offset, max_unique_tokens=unique_cap,
+                            warmup_steps=cfg.warmup_steps if warmup is None else warmup,
+                            resume=cfg.resume and bool(checkpoint_paths(out_dir)))
+        if not (cfg.resume and os.path.exists(final)):
+            log(f"=== {mode} / {p['name']}: {tokens:,} tokens at lr {lr:g} ===")
+            train(stage_cfg, model=model, stage={"index": p["index"], "name": p["name"], "mode": mode},
+                  start_flops=start_flops, history=history)
+        ckpt = load_checkpoint(final)
+        steps = math.ceil(tokens / tokens_per_step)
+        runs.append({"mode": mode, "stage": p["name"], "index": p["index"], "params": p["params"],
+                     "model_config": ckpt["model_config"], "tokens": ckpt["tokens"], "flops": ckpt["flops"],
+                     "val_loss": ckpt["val"]["val_loss"], "val_bpb": ckpt["val"]["val_bpb"],
+                     "ckpt": os.path.relpath(final, cfg.out_dir), "metrics": os.path.relpath(os.path.join(out_dir, "metrics.jsonl"), cfg.out_dir),
+                     "lr": lr, "unique_token_cap": unique_cap or None})
+        write_series_json(cfg, runs)
+        return ckpt, step_offset + steps
+
+    def grown_series(mode, unique_cap=0):
+        ckpt, offset = None, 0
+        for p in plan:
+            if mode == "fixed_data" and "grow" in modes and not p["repeats_in_fixed_data"]:
+                # identical to the grow run up to here (no token is read twice yet): share it
+                ckpt = load_checkpoint(os.path.join(cfg.out_dir, "grow", p["name"], "final.pt"))
+                offset += math.ceil(p["staged_tokens"] / tokens_per_step)
+                continue
+            if ckpt is None:  # stage 1: from scratch
+                ckpt, offset = run_stage(mode, p, p["staged_tokens"], p["lr"], step_offset=offset, unique_cap=unique_cap)
+                continue
+            # grow the previous stage's final model: function-preserving where the operator is (grow.py)
+            grown, gap = growth.grow_checkpoint(ckpt, p["config"], width=cfg.grow_width, depth=cfg.grow_depth,
+                                                seed=cfg.seed + p["index"], noise=cfg.grow_noise)
+            log(f"grew {ckpt['model_config']['d_model']}x{ckpt['model_config']['n_layers']} -> "
+                f"{p['config'].d_model}x{p['config'].n_layers} ({cfg.grow_width}/{cfg.grow_depth}): max |logit gap| {gap:.2e}")
+            model = Llama(config_from_dict(grown["model_config"]))
+            model.load_state_dict(grown["model"])
+            # after growth: fresh AdamW state, a short warmup, the stage's own learning rate
+            warmup = p["warmup_steps"] if p["warmup_steps"] is not None else cfg.grow_warmup_steps
+            ckpt, offset = run_stage(mode, p, p["staged_tokens"], p["lr"], model=model, start_flops=grown["flops"],
+                                     history=grown["history"], step_offset=offset, unique_cap=unique_cap, warmup=warmup)
+
+    if "grow" in modes:
+        grown_series("grow")
+    if "scratch" in modes:
+        for p in plan:
+            if p["index"] == 0 and "grow" in modes:
+                continue  # the smallest member is trained from scratch in the grown series already
+            run_stage("scratch", p, p["scratch_tokens"], p["scratch_lr"])
+    if "fixed_data" in modes:
+        grown_series("fixed_data", unique_cap=cap)
+    if rank == 0 and cfg.report:
+        import report  # report.py: the series report (Table 1 and Figure 2 of the paper)
+        table = report.series_report(cfg.out_dir)
+        report.plot_series(cfg.out_dir, os.path.join(cfg.out_dir, "series.png"))
+        with open(os.path.join(cfg.out_dir, "report.md"), "w") as f:
+            f.write(table + "\n")
+        log(table)
+        log(f"report: {os.path.join(cfg.out_dir, 'report.md')}, figure: {os.path.join(cfg.out_dir, 'series.png')}")
+
+
+def write_series_json(cfg, runs):
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    tokenizer = data.get_tokenizer(cfg.tokenizer)
+    path = os.path.join(cfg.out_dir, "series.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"config": asdict(cfg), "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size},
+                   "runs": runs}, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv):
     try:
         cfg = configure(TrainConfig, argv)
         if cfg.stages:
-            import series  # the staged series: grow, train, grow again (series.py)
-            series.train_series(cfg)
+            train_series(cfg)
         else:
             train(cfg)
     except (ConfigError, CheckpointError, data.DataError) as e:

@@ -2,7 +2,7 @@
 # 2 minutes on 2 CPU cores, no network. The loss falls from ln(320) = 5.77 to about 1.8.
 #   python train.py configs/tiny_cpu.py
 out_dir = "out/tiny_cpu"
-shape = "tiny"  # 4 layers, d 128, 8 heads of 16, SwiGLU 352: 0.8M non-embedding parameters
+shape = "tiny"  # 4 layers, d 128, 4 heads of 32, SwiGLU 352: 0.8M non-embedding parameters
 data = ["default"]
 tokenizer = "bytes"
 batch_size = 16

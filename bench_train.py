@@ -1,0 +1,101 @@
+"""
+bench_train.py: training throughput on this machine, measured side by side in one run.
+
+    python bench_train.py                              # nanogrow's tiny config, compile off and on
+    python bench_train.py --nanogpt /path/to/nanoGPT   # and nanoGPT's train.py on the matched shape
+
+Every figure comes from a fresh subprocess running the real train.py (nanogrow's, and nanoGPT's when
+its folder is given), so start-up, data loading and logging are included as a user would see them.
+Per-step time is the median over the steps after a warm-up; MFU is against the machine's measured
+float32 matmul peak (train.measure_matmul_peak); peak memory is the process's max resident set size.
+The matched shape: 4 layers, d 128, 4 heads, context 256, batch 16, float32, no compile, byte
+vocabulary (320 ids), no dropout. nanoGPT's GPT has a 4x GELU MLP (512) where nanogrow's Llama has
+SwiGLU 352, which gives both 0.8M non-embedding parameters.
+"""
+
+import argparse
+import json
+import os
+import pickle
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import data
+import train
+from model import Llama, config_from_shape
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+MAXRSS = "import resource, runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, '.');" \
+         "exec('try:\\n runpy.run_path(sys.argv[0], run_name=\"__main__\")\\nfinally:\\n print(\"MAXRSS_KB\", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)')"
+
+
+def run(cmd, cwd):
+    out = subprocess.run([sys.executable, "-c", MAXRSS, *cmd], cwd=cwd, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"benchmark run failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
+    rss = int(re.findall(r"MAXRSS_KB (\d+)", out.stdout)[-1])
+    return out.stdout, rss / 1024
+
+
+def nanogrow(steps, compile_, data_dir, out_dir):
+    args = ["train.py", "configs/tiny_cpu.py", f"--max_steps={steps}", "--log_interval=1", f"--eval_interval={10 * steps}",
+            "--eval_batches=1", f"--ckpt_interval={10 * steps}", "--warmup_steps=5", f"--compile={compile_}", "--plot=False",
+            f"--data_dir={data_dir}", f"--out_dir={out_dir}"]
+    stdout, rss = run(args, ROOT)
+    rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl")) if '"loss"' in l]
+    tokens_per_step = 16 * 256
+    ms = statistics.median(tokens_per_step / r["tok_s"] * 1000 for r in rows[10:])
+    return ms, rss
+
+
+def nanogpt(steps, nanogpt_dir, data_dir):
+    # nanoGPT reads data/<dataset>/{train,val}.bin as flat uint16 ids plus meta.pkl: the format data.py writes
+    ds = os.path.join(nanogpt_dir, "data", "nanogrow_bytes")
+    os.makedirs(ds, exist_ok=True)
+    for split in ("train", "val"):
+        shutil.copyfile(os.path.join(data_dir, "default-bytes", f"{split}.bin"), os.path.join(ds, f"{split}.bin"))
+    with open(os.path.join(ds, "meta.pkl"), "wb") as f:
+        pickle.dump({"vocab_size": 320}, f)
+    args = ["train.py", "--dataset=nanogrow_bytes", "--n_layer=4", "--n_head=4", "--n_embd=128", "--block_size=256",
+            "--batch_size=16", "--gradient_accumulation_steps=1", "--dropout=0.0", "--bias=False", "--compile=False",
+            "--device=cpu", "--dtype=float32", f"--max_iters={steps}", "--lr_decay_iters=1000", "--eval_interval=100000",
+            "--eval_iters=1", "--log_interval=1", "--always_save_checkpoint=False", f"--out_dir={tempfile.mkdtemp()}"]
+    stdout, rss = run(args, nanogpt_dir)
+    times = [float(t) for t in re.findall(r"iter \d+: loss [\d.]+, time ([\d.]+)ms", stdout)]
+    return statistics.median(times[10:]), rss
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--nanogpt", help="a checkout of karpathy/nanoGPT (not part of nanogrow)")
+    p.add_argument("--data_dir", default="data_cache")
+    args = p.parse_args()
+    data.prepare("default", "bytes", out_dir=os.path.join(args.data_dir, "default-bytes"))
+    model = Llama(config_from_shape("tiny"))
+    flops_per_token = model.flops_per_token(256)
+    peak = train.measure_matmul_peak(torch.device("cpu"))
+    print(f"# {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {os.cpu_count()} CPU threads, "
+          f"measured float32 matmul peak {peak / 1e9:.0f} GFLOP/s; tiny: {model.num_params(True):,} non-embedding parameters, "
+          f"{flops_per_token / 1e6:.2f} MFLOPs per token (with attention)")
+    print("| run | ms/step | tokens/s | MFU | peak RSS |")
+    print("|---|---|---|---|---|")
+    tmp = tempfile.mkdtemp()
+    results = [("nanogrow tiny, compile off", *nanogrow(args.steps, "false", args.data_dir, os.path.join(tmp, "off"))),
+               ("nanogrow tiny, compile on", *nanogrow(args.steps, "true", args.data_dir, os.path.join(tmp, "on")))]
+    if args.nanogpt:
+        results.append(("nanoGPT train.py, matched shape", *nanogpt(args.steps, args.nanogpt, args.data_dir)))
+    for name, ms, rss in results:
+        tok_s = 16 * 256 / (ms / 1000)
+        print(f"| {name} | {ms:.1f} | {tok_s:,.0f} | {100 * flops_per_token * tok_s / peak:.1f}% | {rss:,.0f} MiB |")
+
+
+if __name__ == "__main__":
+    main()

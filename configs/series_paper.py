@@ -1,0 +1,24 @@
+# The paper's series (Table 3 shapes, section 3.5 learning rates, 2x Chinchilla = 40 tokens per
+# parameter): 1B from scratch, bert2BERT to 2B, 4B, 8B, each trained on what is left of its scratch
+# budget (section 2.2), plus the scratch baselines at 3e-4 as in the paper (section 3.2).
+#   python budget.py configs/series_paper.py --gpus 8 --gpu H100 --mfu 0.4    # what it costs
+#   torchrun --standalone --nproc_per_node=8 train.py configs/series_paper.py
+out_dir = "out/series_paper"
+tokenizer = "gpt2"
+data = ["hf:HuggingFaceFW/fineweb-edu:sample-10BT"]
+seq_len = 1024
+batch_size = 8
+grad_accum = 8
+stages = [
+    dict(name="1B", shape="paper-1B", lr=1.5e-3, scratch_lr=3e-4),
+    dict(name="2B", shape="paper-2B", lr=1.1e-3, scratch_lr=3e-4),
+    dict(name="4B", shape="paper-4B", lr=7e-4, scratch_lr=3e-4),
+    dict(name="8B", shape="paper-8B", lr=3e-4, scratch_lr=3e-4),
+]
+tokens_per_param = 40
+series_mode = "grow+scratch+fixed_data"
+warmup_steps = 2000
+grow_warmup_steps = 500
+eval_interval = 1000
+eval_batches = 50
+ckpt_interval = 2000
