@@ -134,11 +134,12 @@ class RMSNorm(nn.Module):
 
 def rope_cos_sin(head_dim, seq_len, theta, device=None):
     """RoPE tables in the rotate-half layout: frequency f_i = theta^(-2i/head_dim) for i < head_dim/2,
-    repeated twice along the last dimension. Computed in float64, stored in float32."""
+    repeated twice along the last dimension. Computed and kept in float64 (apply_rope casts them to the
+    activations' dtype), so a float64 model is float64 throughout."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=device), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # (seq_len, head_dim)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):

@@ -172,3 +172,13 @@ def test_cli_errors_one_line(args, match):
     assert r.returncode != 0
     assert match in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_config_with_model_shape_names(tmp_path):
+    # stage shapes other than the paper's are model.SHAPES names: X from their closed form
+    cfg = tmp_path / "series.py"
+    cfg.write_text('stages = [dict(name="a", shape="cpu-1", lr=1e-3), dict(name="b", shape="cpu-2", lr=1e-3)]\ntokens_per_param = 5\n')
+    out = subprocess.run([sys.executable, "budget.py", str(cfg)], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "100.7K" in out.stdout and "215.6K" in out.stdout  # cpu-1: 2*(4*64^2 + 3*64*176 + 2*64) + 64
+    assert budget.stage_params({"shape": "cpu-1"}) == 2 * (4 * 64 ** 2 + 3 * 64 * 176 + 2 * 64) + 64
