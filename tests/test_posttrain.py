@@ -1,0 +1,352 @@
+"""posttrain.py and judge.py: the chat template, SFT's masking and its normalization across gradient
+accumulation, padding invariance, DPO and SimPO against their closed forms, precomputed vs live reference
+log-probs, LoRA merging, a few DPO steps raising the margin, the CLI end to end (sft -> dpo -> chat), and
+the MT-Bench judge client against a local HTTP server. All on CPU with tiny models and the fixtures in
+tests/fixtures/posttrain/ (a few rows in the schemas of ultrachat_200k, ultrafeedback_binarized and
+mt_bench_prompts)."""
+
+import contextlib
+import http.server
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import asdict
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import judge  # noqa: E402
+import posttrain as pt  # noqa: E402
+from data import SPECIALS, Tokenizer, get_tokenizer  # noqa: E402
+from model import IGNORE_INDEX, Llama, ModelConfig, load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+
+FIX = os.path.join(ROOT, "tests", "fixtures", "posttrain")
+SFT_DATA, DPO_DATA, MT_DATA = (os.path.join(FIX, f) for f in ("ultrachat_200k.jsonl", "ultrafeedback_binarized.jsonl", "mt_bench_prompts.jsonl"))
+TOK = get_tokenizer("bytes")
+CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4."}]
+
+
+def tiny(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return Llama(ModelConfig(vocab_size=320, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256)).to(dtype)
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("ckpt") / "base.pt")
+    m = tiny()
+    save_checkpoint({"model": m.state_dict(), "model_config": asdict(m.config), "tokenizer": {"name": "bytes", "vocab_size": 320},
+                     "step": 100, "tokens": 12800, "flops": 1.0e9, "history": [{"op": "pretrain"}]}, path)
+    return path
+
+
+def sft_examples(n=8):
+    rows = pt.load_rows(SFT_DATA, "train_sft", ["messages"])[:n]
+    return [pt.sft_example(TOK, r["messages"], 256) for r in rows]
+
+
+def dpo_pairs(n=6):
+    return [pt.dpo_example(TOK, r, 256, 128) for r in pt.load_rows(DPO_DATA, "train_prefs", ["chosen", "rejected"])[:n]]
+
+
+def test_chat_template_prefix_and_mask():
+    ids, mask = pt.render_chat(TOK, CONV)
+    sp = TOK.special
+    assert ids[0] == TOK.eot_id and all(sp[s] > 255 for s in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"))
+    assert ids.count(sp["<|end|>"]) == len(CONV)  # an end-of-turn after every turn
+    for k, m in enumerate(CONV):
+        if m["role"] == "assistant":  # the prompt of turn k, as generation sees it, is a prefix of the whole
+            prompt, _ = pt.render_chat(TOK, CONV[:k], add_generation_prompt=True)
+            assert ids[:len(prompt)] == prompt and prompt[-1] == sp["<|assistant|>"]
+    # the mask covers exactly the answers and their <|end|>
+    assert TOK.decode([i for i, m in zip(ids, mask) if m]) == "Hello!<|end|>4.<|end|>"
+    # gpt2's layout (data.get_tokenizer; its BPE files need the network): the specials sit in the ids that padding
+    # the vocab to 50304 adds, so the embedding does not grow
+    g = Tokenizer("gpt2", 50304, 50257, {"<|endoftext|>": 50256, **{s: 50257 + i for i, s in enumerate(SPECIALS[1:])}})
+    gids, _ = pt.render_chat(g, CONV, add_generation_prompt=True)
+    assert gids[0] == 50256 and max(gids) < 50304 and {50257, 50258, 50259, 50260} <= set(gids)
+    with pytest.raises(pt.PostTrainError, match="bad message"):
+        pt.render_chat(TOK, [{"role": "robot", "content": "x"}])
+
+
+def test_sft_loss_ignores_everything_but_answers():
+    ids, mask = pt.render_chat(TOK, CONV)
+    x, y = pt.collate([(ids, mask)], TOK.special["<|pad|>"], multiple=16)
+    assert x.shape[1] % 16 == 0
+    kept = (y[0] != IGNORE_INDEX).nonzero().flatten().tolist()
+    assert kept == [t for t in range(len(ids) - 1) if mask[t + 1]] and y[0, kept].tolist() == [ids[t + 1] for t in kept]
+    # the loss's gradient is exactly zero at every prompt (and pad) position, whatever the logits there
+    logits = torch.randn(1, x.shape[1], 320, dtype=torch.float64, requires_grad=True)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX).backward()
+    zero = torch.ones(x.shape[1], dtype=torch.bool)
+    zero[kept] = False
+    assert logits.grad[0, zero].abs().max() == 0 and logits.grad[0, kept].abs().min() > 0
+    # and so changing the prompt positions' targets changes nothing: the SFT loss reads only the answers
+    y2 = y.clone()
+    y2[0, zero] = IGNORE_INDEX
+    model = tiny()
+    assert torch.equal(pt.sequence_logps(model, x, y)[0], pt.sequence_logps(model, x, y2)[0])
+    # loss_on="all" (the zephyr recipe) trains every token after the first
+    _, mask_all = pt.sft_example(TOK, CONV, 256, loss_on="all")
+    assert mask_all == [0] + [1] * (len(ids) - 1)
+
+
+def grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_accumulation_over_4_micro_batches_equals_one_batch():
+    model, exs, pad = tiny(torch.float64), sft_examples(8), TOK.special["<|pad|>"]
+    loss_big, n_big = pt.sft_accumulate(model, [pt.collate(exs, pad)])
+    g_big = grads(model)
+    model.zero_grad()
+    micro = [pt.collate(exs[i:i + 2], pad, multiple=8) for i in range(0, 8, 2)]  # other padding too
+    loss_acc, n_acc = pt.sft_accumulate(model, micro)
+    assert n_big == n_acc and torch.allclose(loss_big, loss_acc, rtol=0, atol=1e-12)
+    assert torch.allclose(g_big, grads(model), rtol=0, atol=1e-12)
+    # a mean per micro-batch (the naive way) weighs short conversations more, and the test would see it
+    model.zero_grad()
+    for x, y in micro:
+        (model(x, y)[1] / 4).backward()
+    assert not torch.allclose(g_big, grads(model), rtol=0, atol=1e-6)
+
+
+def test_log_probs_do_not_depend_on_padding():
+    model, pad = tiny(torch.float64), TOK.special["<|pad|>"]
+    exs = sft_examples(4)
+    short = min(exs, key=lambda e: len(e[0]))
+    alone = pt.sequence_logps(model, *pt.collate([short], pad))[0]
+    padded = pt.sequence_logps(model, *pt.collate([short], pad, multiple=128))[0]
+    batched = pt.sequence_logps(model, *pt.collate([short] + exs, pad))[0][0]
+    assert torch.allclose(alone, padded, atol=1e-10) and torch.allclose(alone[0], batched, atol=1e-10)
+
+
+def test_dpo_loss_is_log2_at_the_reference_with_half_beta_gradients():
+    beta, n = 0.1, 5
+    torch.manual_seed(0)
+    pc, pr = (torch.randn(n, dtype=torch.float64).mul(30).requires_grad_() for _ in range(2))
+    loss, metrics = pt.dpo_loss(pc, pr, pc.detach().clone(), pr.detach().clone(), beta)
+    assert loss.item() == math.log(2) and metrics["rewards/margins"] == 0
+    loss.backward()  # the mean over n pairs: per pair -beta/2 on the chosen, +beta/2 on the rejected
+    assert torch.allclose(pc.grad * n, torch.full((n,), -beta / 2, dtype=torch.float64))
+    assert torch.allclose(pr.grad * n, torch.full((n,), beta / 2, dtype=torch.float64))
+    rc, rr = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    z = beta * ((pc - rc) - (pr - rr)).detach()
+    expected = torch.log1p(torch.exp(-z)).mean()
+    loss, metrics = pt.dpo_loss(pc, pr, rc, rr, beta)
+    assert abs(loss.item() - expected.item()) < 1e-12
+    assert abs(metrics["rewards/margins"] - z.mean().item()) < 1e-12 and metrics["rewards/accuracy"] == pytest.approx((z > 0).double().mean().item())
+
+
+def test_simpo_matches_float64_closed_form():
+    torch.manual_seed(1)
+    beta, gamma = 2.0, 1.0
+    c, r = -torch.rand(16) * 3, -torch.rand(16) * 3  # mean log-probs per completion token
+    loss, metrics = pt.simpo_loss(c, r, beta, gamma)
+    cd, rd = c.double(), r.double()
+    expected = sum(math.log1p(math.exp(-(beta * a - beta * b - gamma))) for a, b in zip(cd.tolist(), rd.tolist())) / 16
+    assert abs(loss.item() - expected) < 1e-6
+    assert abs(metrics["rewards/margins"] - (beta * (cd - rd)).mean().item()) < 1e-5
+
+
+def test_reference_log_probs_precomputed_equal_live():
+    ref, pad = tiny(torch.float64, seed=3), TOK.special["<|pad|>"]
+    pairs = dpo_pairs(6)
+    table = pt.reference_logps(ref, pairs, batch_size=4, pad_id=pad, device="cpu")
+    idx = [5, 0, 2]  # a training micro-batch: other examples, other order, other padding
+    x, y = pt.collate([pairs[i][0] for i in idx] + [pairs[i][1] for i in idx], pad, multiple=32)
+    live = pt.sequence_logps(ref, x, y)[0].view(2, -1).T
+    assert torch.allclose(table[idx], live, rtol=0, atol=1e-10)
+    assert (table < 0).all()
+
+
+def test_lora_merged_equals_unmerged():
+    model = tiny(torch.float64)
+    plain_keys = set(model.state_dict())
+    base_logits = model(torch.arange(40)[None] % 256)[0]
+    pt.add_lora(model, rank=4, alpha=8, targets="q,v,o,gate,down")
+    assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
+    x = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, pt.LoRALinear):
+                m.lora_B.normal_(std=0.1)  # as after training: B starts at zero
+    lora_logits = model(x)[0]
+    with pt.adapters_disabled(model):  # DPO's reference without a second copy: the base model again
+        assert torch.allclose(model(torch.arange(40)[None] % 256)[0], base_logits, atol=1e-12)
+    state = pt.merged_state_dict(model)
+    assert set(state) == plain_keys
+    plain = Llama(model.config).to(torch.float64)
+    plain.load_state_dict(state)  # strict: a plain Llama
+    merged_logits = plain(x)[0]
+    assert torch.allclose(lora_logits, merged_logits, rtol=0, atol=1e-10)
+    assert not torch.allclose(merged_logits, Llama(model.config).to(torch.float64)(x)[0])
+    with pytest.raises(pt.PostTrainError, match="lora_targets"):
+        pt.add_lora(tiny(), rank=2, alpha=2, targets="q,qq")
+
+
+def test_dpo_steps_raise_the_margin(base_ckpt, tmp_path):
+    cfg = pt.configure(pt.PostTrainConfig, [f"--out={tmp_path / 'dpo'}", f"--data={DPO_DATA}", "--batch_size=4", "--grad_accum=2",
+                                            "--max_steps=8", "--lr=1e-3", "--beta=0.1", "--log_interval=4", "--plot=false", "--device=cpu"])
+    final = pt.train("dpo", base_ckpt, cfg, log=lambda *a: None)
+    pairs, pad = dpo_pairs(24), TOK.special["<|pad|>"]
+    ref = pt.reference_logps(model_from_checkpoint(load_checkpoint(base_ckpt)), pairs, 8, pad, "cpu")
+    pol = pt.reference_logps(model_from_checkpoint(load_checkpoint(final)), pairs, 8, pad, "cpu")
+    margins = 0.1 * ((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1]))  # zero before the first step
+    assert margins.mean() > 0.05 and (margins > 0).double().mean() > 0.7
+    rows = [json.loads(line) for line in open(tmp_path / "dpo" / "metrics.jsonl")]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
+
+
+def test_data_errors_name_the_column(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "hello"}) + "\n")
+    with pytest.raises(pt.PostTrainError, match=r"no column 'messages' \(columns found: text\).*ultrachat_200k"):
+        pt.load_rows(str(bad), "train_sft", ["messages"])
+    with pytest.raises(pt.PostTrainError, match=r"no column 'chosen', 'rejected'"):
+        pt.load_rows(str(bad), "train_prefs", ["chosen", "rejected"])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = pt.load_rows(SFT_DATA, "train_sft", ["messages"])
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "chat.parquet")
+    assert pt.load_rows(str(tmp_path / "chat.parquet"), "train_sft", ["messages"], limit=5) == rows[:5]
+    cmd, ckpt, cfg = pt.parse_args(["dpo", "x.pt", os.path.join(ROOT, "configs", "dpo_paper.py"), "--ref", "r.pt", "--lr", "1e-6", "--compile"])
+    assert (cmd, ckpt, cfg.ref, cfg.lr, cfg.beta, cfg.compile) == ("dpo", "x.pt", "r.pt", 1e-6, 0.01, True)
+    assert pt.parse_args(["sft", "x.pt", os.path.join(ROOT, "configs", "sft_paper.py")])[2].lr == 3e-5
+    assert pt.parse_args(["dpo", "x.pt", os.path.join(ROOT, "configs", "dpo_paper.py")])[2].lr == 5e-7
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "posttrain.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_sft_then_dpo_then_chat(base_ckpt, tmp_path):
+    sft_dir, dpo_dir = tmp_path / "sft", tmp_path / "dpo"
+    out = run("sft", base_ckpt, "configs/sft_tiny.py", f"--out={sft_dir}", "--max_steps=6", "--log_interval=3")
+    assert out.returncode == 0, out.stderr
+    sft = load_checkpoint(sft_dir / "final.pt")
+    assert sft["tokenizer"] == {"name": "bytes", "vocab_size": 320} and sft["tokens"] == 12800 and sft["flops"] > 1.0e9
+    assert [h["op"] for h in sft["history"]] == ["pretrain", "sft"] and os.path.exists(sft_dir / "loss.png")
+    rows = [json.loads(line) for line in open(sft_dir / "metrics.jsonl")]
+    assert {"step", "loss", "lr", "ex_s", "tok_s", "elapsed"} <= set(rows[0]) and any("val_loss" in r for r in rows)
+    out = run("dpo", str(sft_dir / "final.pt"), "--ref", str(sft_dir / "final.pt"), "configs/dpo_tiny.py", f"--out={dpo_dir}",
+              "--max_steps=3", "--lora_rank=4", "--lora_targets=q,v", "--ref_mode=live", "--plot=false")
+    assert out.returncode == 0, out.stderr
+    dpo = load_checkpoint(dpo_dir / "final.pt")
+    assert [h["op"] for h in dpo["history"]] == ["pretrain", "sft", "dpo"] and dpo["flops"] > sft["flops"]
+    assert dpo["history"][-1]["lora"]["rank"] == 4 and set(dpo["model"]) == set(sft["model"])  # merged: a plain Llama
+    model_from_checkpoint(dpo)
+    out = run("chat", str(dpo_dir / "final.pt"), "--prompt", "What is 2 plus 3?", "--max_new_tokens=8", "--device=cpu")
+    assert out.returncode == 0 and out.stdout.strip() != "", out.stderr
+
+
+def test_cli_errors_are_one_line_exit_2(base_ckpt, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"conversation": []}) + "\n")
+    for argv, expected in ((["sft", base_ckpt, f"--data={bad}", f"--out={tmp_path / 'x'}"], "'messages'"),
+                           (["sft", base_ckpt, "--lrr=1"], "unknown config key 'lrr'"),
+                           (["dpo", str(tmp_path / "missing.pt")], "no checkpoint at"),
+                           (["train", base_ckpt], "usage: python posttrain.py sft|dpo|chat")):
+        with pytest.raises(SystemExit) as e:
+            pt.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error: ") and expected in err and "\n" not in err, err
+
+
+def test_chat_interactive(base_ckpt, monkeypatch, capsys):
+    lines = iter(["What is 2 plus 3?", "/reset", "And 4?", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    pt.main(["chat", base_ckpt, "--max_new_tokens=5", "--temperature=0", "--device=cpu"])
+    out = capsys.readouterr().out
+    assert out.count("assistant> ") == 2 and "/reset" in out.splitlines()[0]
+
+
+# -----------------------------------------------------------------------------
+# MT-Bench judging against a local OpenAI-compatible server (loopback only)
+
+
+class FakeJudge(http.server.BaseHTTPRequestHandler):
+    """Scripted replies per (question, turn); every request is recorded."""
+    script, seen, requests = {}, {}, []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeJudge.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        text = "\n".join(m["content"] for m in body["messages"])
+        turn = 2 if "second user question" in text else 1
+        key = next(k for k in FakeJudge.script if k[0] in text and k[1] == turn)
+        n = FakeJudge.seen[key] = FakeJudge.seen.get(key, 0) + 1
+        replies = FakeJudge.script[key]
+        status, content = replies[min(n, len(replies)) - 1]
+        payload = content.encode() if status == "raw" else json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(500 if status == 500 else 200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def judge_server(script):
+    FakeJudge.script, FakeJudge.seen, FakeJudge.requests = script, {}, []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_judge_client_parsing_retries_and_scores(tmp_path, monkeypatch, capsys):
+    questions = judge.load_questions(MT_DATA)
+    assert [len(q["turns"]) for q in questions] == [2, 2, 2, 2]
+    answers = judge.generate_answers(tiny().eval(), TOK, questions[:1], max_new_tokens=4)
+    assert len(answers[0]["answers"]) == 2 and all(isinstance(a, str) for a in answers[0]["answers"])
+    rows = [{**q, "answers": [f"answer one to {q['category']}", f"answer two to {q['category']}"]} for q in questions]
+    ok = lambda s: (200, s)
+    script = {("two-line poem", 1): [ok("Good. Rating: [[8]]")],
+              ("two-line poem", 2): [ok("no rating here"), ok("Fine. [[6]]")],                  # malformed, then fine
+              ("12 plus 30", 1): [(500, "overloaded"), ok("[[9.5]]")],                        # HTTP error, then fine
+              ("12 plus 30", 2): [("raw", "{not json")],                                       # always broken: failed
+              ("Tom is a cat", 1): [ok("Rating: [[11]]")],                                     # out of range: failed
+              ("Tom is a cat", 2): [ok("Rating: [7]")],                                        # MT-Bench's fallback form
+              ("Hamlet", 1): [ok("[[4]]")], ("Hamlet", 2): [ok("[[5]]")]}
+    with judge_server(script) as url:
+        judgments = judge.grade(rows, url, "judge-x", api_key="test-key", attempts=3, backoff=0.0, log=lambda *a: None)
+        reqs = list(FakeJudge.requests)
+        monkeypatch.setenv("MY_JUDGE_KEY", "env-key")
+        answers_path = tmp_path / "answers.jsonl"
+        answers_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        summary = judge.main(["--answers", str(answers_path), "--judge_url", url, "--judge_model", "judge-y",
+                              "--judge_key_env", "MY_JUDGE_KEY", "--judge_backoff", "0"])
+        assert FakeJudge.requests[-1]["auth"] == "Bearer env-key" and FakeJudge.requests[-1]["body"]["model"] == "judge-y"
+    assert all(r["path"] == "/v1/chat/completions" and r["auth"] == "Bearer test-key" for r in reqs)
+    assert all(r["body"]["model"] == "judge-x" and r["body"]["temperature"] == 0 for r in reqs)
+    turn2_math = next(r for r in reqs if "second user question" in json.dumps(r["body"]) and "12 plus 30" in json.dumps(r["body"]))
+    text = json.dumps(turn2_math["body"])
+    assert "Multiply that by 2." in text and "answer one to math" in text and "answer two to math" in text and "Reference answer" in text
+    by = {(j["category"], j["turn"]): j for j in judgments}
+    assert by[("writing", 1)]["score"] == 8 and by[("writing", 2)]["score"] == 6 and by[("writing", 2)]["attempts"] == 2
+    assert by[("math", 1)]["score"] == 9.5 and by[("reasoning", 2)]["score"] == 7
+    for key in (("math", 2), ("reasoning", 1)):  # bounded retries, then failed: never a score
+        assert by[key]["status"] == "failed" and by[key]["score"] is None and by[key]["attempts"] == 3 and by[key]["error"]
+    assert len(reqs) == 1 + 2 + 2 + 3 + 3 + 1 + 1 + 1
+    s = judge.aggregate(judgments)
+    assert s["graded"] == 6 and s["failed"] == 2 and s["score"] == pytest.approx((8 + 6 + 9.5 + 7 + 4 + 5) / 6)
+    assert s["turn1"] == pytest.approx((8 + 9.5 + 4) / 3) and s["turn2"] == pytest.approx((6 + 7 + 5) / 3)
+    assert s["categories"]["math"] == {"turn1": 9.5, "turn2": None, "score": 9.5, "graded": 1, "failed": 1}
+    assert s["questions"][str(questions[1]["prompt_id"])] == {"category": "math", "turn1": 9.5, "turn2": None}
+    assert summary["score"] == pytest.approx(s["score"]) and json.load(open(tmp_path / "scores.json"))["failed"] == 2
+    printed = capsys.readouterr().out
+    assert "MT-Bench" in printed and "math" in printed and len((tmp_path / "judgments.jsonl").read_text().splitlines()) == 8
