@@ -6,7 +6,8 @@ bench_train.py: training throughput on this machine, measured side by side in on
 
 Every figure comes from a fresh subprocess running the real train.py (nanogrow's, and nanoGPT's when
 its folder is given), so start-up, data loading and logging are included as a user would see them.
-Per-step time is the median over the steps after a warm-up; MFU is against the machine's measured
+Per-step time is the median over the steps after a warm-up, and the median of --repeats runs
+alternated with each other; MFU is against the machine's measured
 float32 matmul peak (train.measure_matmul_peak); peak memory is the process's max resident set size.
 The matched shape: 4 layers, d 128, 4 heads, context 256, batch 16, float32, no compile, byte
 vocabulary (320 ids), no dropout. nanoGPT's GPT has a 4x GELU MLP (512) where nanogrow's Llama has
@@ -75,6 +76,7 @@ def nanogpt(steps, nanogpt_dir, data_dir):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each, alternated; the table shows the median (min-max)")
     p.add_argument("--nanogpt", help="a checkout of karpathy/nanoGPT (not part of nanogrow)")
     p.add_argument("--data_dir", default="data_cache")
     args = p.parse_args()
@@ -85,17 +87,22 @@ def main():
     print(f"# {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {os.cpu_count()} CPU threads, "
           f"measured float32 matmul peak {peak / 1e9:.0f} GFLOP/s; tiny: {model.num_params(True):,} non-embedding parameters, "
           f"{flops_per_token / 1e6:.2f} MFLOPs per token (with attention)")
-    print("| run | ms/step | tokens/s | MFU | peak RSS |")
+    print(f"| run ({args.repeats} runs each, median) | ms/step (min-max) | tokens/s | MFU | peak RSS |")
     print("|---|---|---|---|---|")
     tmp = tempfile.mkdtemp()
-    results = [("nanogrow tiny, compile off", *nanogrow(args.steps, "false", args.data_dir, os.path.join(tmp, "off"))),
-               ("nanogrow tiny, compile on", *nanogrow(args.steps, "true", args.data_dir, os.path.join(tmp, "on")))]
+    runs = [("nanogrow tiny, compile off", lambda i: nanogrow(args.steps, "false", args.data_dir, os.path.join(tmp, f"off{i}"))),
+            ("nanogrow tiny, compile on", lambda i: nanogrow(args.steps, "true", args.data_dir, os.path.join(tmp, f"on{i}")))]
     if args.nanogpt:
-        results.append(("nanoGPT train.py, matched shape", *nanogpt(args.steps, args.nanogpt, args.data_dir)))
-    for name, ms, rss in results:
+        runs.append(("nanoGPT train.py, matched shape", lambda i: nanogpt(args.steps, args.nanogpt, args.data_dir)))
+    results = {name: [] for name, _ in runs}
+    for i in range(args.repeats):  # alternate the runs so that a slow moment of the machine hits all of them
+        for name, fn in runs:
+            results[name].append(fn(i))
+    for name, rs in results.items():
+        ms = statistics.median(r[0] for r in rs)
         tok_s = 16 * 256 / (ms / 1000)
-        print(f"| {name} | {ms:.1f} | {tok_s:,.0f} | {100 * flops_per_token * tok_s / peak:.1f}% | {rss:,.0f} MiB |")
-
+        spread = f" ({min(r[0] for r in rs):.1f}-{max(r[0] for r in rs):.1f})" if len(rs) > 1 else ""
+        print(f"| {name} | {ms:.1f}{spread} | {tok_s:,.0f} | {100 * flops_per_token * tok_s / peak:.1f}% | {max(r[1] for r in rs):,.0f} MiB |")
 
 if __name__ == "__main__":
     main()

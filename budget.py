@@ -279,12 +279,13 @@ def main(argv=None):
     p.add_argument("--count", choices=["non-embedding", "total"], default="non-embedding", help="what X counts")
     p.add_argument("--vocab_size", type=int, help="vocab size, for --count total")
     p.add_argument("--tied", action="store_true", help="tied embeddings, for --count total")
-    p.error = lambda msg: sys.exit(f"budget.py: error: {msg}")  # one line, not usage + error
+    p.error = lambda msg: (print(f"error: {msg}", file=sys.stderr), sys.exit(2))  # one line, not usage + error
     args = p.parse_args(argv)
     try:
         run(args)
     except ValueError as e:
-        sys.exit(f"budget.py: error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 def run(args):
     cfg = {}

@@ -651,7 +651,8 @@ def main(argv=None):
         else:
             print(describe(a.dir))
     except DataError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -582,7 +582,8 @@ def main(argv=None):
             with open(a.out, "w") as f:
                 json.dump(results, f, indent=1)
     except (EvalError, SeriesError, CheckpointError, data.DataError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

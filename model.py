@@ -133,20 +133,22 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(head_dim, seq_len, theta, device=None):
-    """RoPE tables in the rotate-half layout: frequency f_i = theta^(-2i/head_dim) for i < head_dim/2,
-    repeated twice along the last dimension. Computed and kept in float64 (apply_rope casts them to the
-    activations' dtype), so a float64 model is float64 throughout."""
+    """RoPE tables in transformers' rotate-half layout: dimension i < head_dim/2 is paired with i + head_dim/2
+    and rotated by the angle t * theta^(-2i/head_dim). Returns (cos, signed sin), each (seq_len, head_dim):
+    cos repeated twice, and sin with the sign of the rotation folded in, [-sin, +sin], so that
+    apply_rope needs no negation. Computed in float64; Llama.forward casts them once per call."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=device), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)  # (seq_len, head_dim)
-    return angles.cos(), angles.sin()
+    return torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([-angles.sin(), angles.sin()], dim=-1)
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, H, T, head_dim); cos, sin: (T, head_dim). Rotates each pair (x_i, x_{i + head_dim/2})."""
+    """x: (B, H, T, head_dim); cos, sin: (T, head_dim) from rope_cos_sin. The pair (x_i, x_{i+h}), h =
+    head_dim/2, becomes (x_i cos - x_{i+h} sin, x_{i+h} cos + x_i sin): swap the halves, then one
+    multiply-add with the signed sin. (The cast is a no-op except under autocast, where q is bf16.)"""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
 
 
 class KVCache:
@@ -254,8 +256,8 @@ class Llama(nn.Module):
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.embed_tokens(idx)
+        cos, sin = self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype)
         for block in self.layers:
             x = block(x, cos, sin, kv_cache)
         if kv_cache is not None:
@@ -538,7 +540,8 @@ def main(argv):
         else:
             sys.exit(usage)
     except (CheckpointError, ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -571,7 +571,14 @@ def series_plan(cfg):
             X = Llama(model_config).num_params(non_embedding=True)
         plan.append(dict(index=i, name=st.get("name", st["shape"]), shape=st["shape"], config=model_config, params=X, lr=st["lr"],
                          scratch_lr=st.get("scratch_lr", st["lr"]), warmup_steps=st.get("warmup_steps")))
-    budgets = budget.staged_budget([p["params"] for p in plan], cfg.tokens_per_param, [p["name"] for p in plan])
+    try:  # a series that cannot be grown or budgeted fails here, before hours of training
+        if {"grow", "fixed_data"} & set(cfg.series_mode.split("+")):
+            import grow as growth
+            for a, b in zip(plan, plan[1:]):
+                growth.check_growth(a["config"], b["config"], cfg.grow_width, cfg.grow_depth, cfg.grow_noise, None)
+        budgets = budget.staged_budget([p["params"] for p in plan], cfg.tokens_per_param, [p["name"] for p in plan])
+    except ValueError as e:
+        raise ConfigError(f"stages: {e}") from None
     cap, data_use = budget.fixed_data(budgets)
     for p, b, u in zip(plan, budgets, data_use):
         p.update(scratch_tokens=b.scratch_tokens, staged_tokens=b.staged_tokens, repeats_in_fixed_data=u.repeated > 0)
@@ -685,7 +692,8 @@ def main(argv):
         else:
             train(cfg)
     except (ConfigError, CheckpointError, data.DataError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -134,3 +134,12 @@ def test_last_step_evaluates_and_saves_off_interval(tmp_path, data_dir):
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 5, 7]
     assert torch.load(out / "final.pt", weights_only=False)["step"] == 7
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_series_that_cannot_grow_fails_before_training(tmp_path):
+    cfg = tmp_path / "series.py"
+    cfg.write_text(f"out_dir = {str(tmp_path / 'out')!r}\n"
+                   "stages = [dict(name='a', shape='cpu-2', lr=1e-3), dict(name='b', shape='cpu-1', lr=1e-3)]\n")
+    out = subprocess.run([sys.executable, "train.py", str(cfg)], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("error: stages: ")
+    assert "smaller" in out.stderr and not (tmp_path / "out").exists()
