@@ -1,0 +1,99 @@
+"""The staged series in train.py: each stage's budget follows section 2.2, a grown stage starts from
+the function of the stage before, checkpoints carry the lineage, and a series killed mid-stage
+resumes exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import budget  # noqa: E402
+from train import TrainConfig, configure, series_plan  # noqa: E402
+
+SERIES = """
+stages = [dict(name="a", shape="cpu-1", lr=3e-3), dict(name="b", shape="cpu-2", lr=2e-3)]
+tokens_per_param = 1.5
+series_mode = "grow+scratch+fixed_data"
+batch_size = 4
+seq_len = 64
+max_data_tokens = 400_000
+warmup_steps = 5
+grow_warmup_steps = 3
+eval_interval = 40
+eval_batches = 2
+log_interval = 1
+ckpt_interval = 20
+plot = False
+"""
+
+
+def write_config(tmp_path, name, data_dir):
+    path = tmp_path / f"{name}.py"
+    path.write_text(SERIES + f"out_dir = {str(tmp_path / name)!r}\ndata_dir = {data_dir!r}\n")
+    return path
+
+
+def losses(metrics):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(metrics)) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def test_plan_follows_the_staged_rule(tmp_path, data_dir):
+    cfg = configure(TrainConfig, [str(write_config(tmp_path, "plan", data_dir))])
+    plan, cap = series_plan(cfg)
+    X = [p["params"] for p in plan]
+    assert X == [100_672, 215_600]  # model.py's counts of cpu-1 and cpu-2
+    T1, T2 = round(1.5 * X[0]), round(1.5 * X[1])
+    assert plan[0]["staged_tokens"] == T1
+    assert plan[1]["staged_tokens"] == (budget.flops(X[1], T2) - budget.flops(X[0], T1)) // (6 * X[1])
+    assert cap == T2 and plan[1]["repeats_in_fixed_data"] and not plan[0]["repeats_in_fixed_data"]
+
+
+def test_series_runs_and_a_killed_series_resumes_exactly(tmp_path, data_dir):
+    full = write_config(tmp_path, "full", data_dir)
+    subprocess.run([sys.executable, "train.py", str(full)], cwd=ROOT, check=True, capture_output=True)
+    series = json.load(open(tmp_path / "full" / "series.json"))
+    runs = {(r["mode"], r["stage"]): r for r in series["runs"]}
+    assert set(runs) == {("grow", "a"), ("grow", "b"), ("scratch", "b"), ("fixed_data", "b")}
+    # the grown model carries the whole series' compute and its lineage
+    grown = torch.load(tmp_path / "full" / runs["grow", "b"]["ckpt"], weights_only=False)
+    assert grown["flops"] == runs["grow", "a"]["flops"] + 6 * runs["grow", "b"]["params"] * grown["tokens"]
+    assert [h["op"] for h in grown["history"]] == ["grow"] and grown["history"][0]["gap"] < 1e-4
+    assert grown["stage"]["name"] == "b" and grown["stage"]["mode"] == "grow"
+    # the grown stage starts where stage a ended: its first validation equals a's last
+    val = lambda run: [r["val_loss"] for r in map(json.loads, open(tmp_path / "full" / run["metrics"])) if "val_loss" in r]
+    assert abs(val(runs["grow", "b"])[0] - val(runs["grow", "a"])[-1]) < 1e-4
+    # fixed data: same stream as grow until the cap, then repeats: the early losses agree exactly
+    g, f = losses(tmp_path / "full" / runs["grow", "b"]["metrics"]), losses(tmp_path / "full" / runs["fixed_data", "b"]["metrics"])
+    assert g[1] == f[1] and g != f
+    assert (tmp_path / "full" / "report.md").exists() and (tmp_path / "full" / "series.png").exists()
+
+    # the same series, killed (SIGKILL) in the middle of the grown stage b, then resumed
+    killed = write_config(tmp_path, "killed", data_dir)
+    proc = subprocess.Popen([sys.executable, "train.py", str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "grow" / "b" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and max(losses(metrics) or [0]) >= 25:  # past the step-20 checkpoint
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert proc.wait() == -signal.SIGKILL, "the series finished before it could be killed"
+    subprocess.run([sys.executable, "train.py", str(killed), "--resume"], cwd=ROOT, check=True, capture_output=True)
+    for mode, stage in runs:
+        a = losses(tmp_path / "full" / mode / stage / "metrics.jsonl")
+        b = losses(tmp_path / "killed" / mode / stage / "metrics.jsonl")
+        assert a == b, (mode, stage)  # every loss bit for bit
+    resumed = json.load(open(tmp_path / "killed" / "series.json"))
+    assert [(r["mode"], r["stage"], r["val_loss"]) for r in resumed["runs"]] == [(r["mode"], r["stage"], r["val_loss"]) for r in series["runs"]]
