@@ -216,13 +216,19 @@ def fit_loss_law(N, L, alphas=np.geomspace(1e-3, 4.0, 400)):
     """L(N) = E + A N^-alpha. For a fixed alpha the law is linear in (E, A): closed-form least squares.
     Scan alpha on a log grid, then refine the best by golden-section search between its neighbours.
     N is scaled by its smallest value inside (so N^-alpha stays near 1); A is returned unscaled.
-    With fewer than 3 points E is fixed at 0 (a pure power law, which 2 points determine)."""
+    With fewer than 3 points E is fixed at 0 (a pure power law, which 2 points determine). E is kept
+    >= 0: the irreducible loss cannot be negative."""
     N, L = np.asarray(N, dtype=np.float64), np.asarray(L, dtype=np.float64)
     n0, free_E = N.min(), len(N) >= 3
 
     def solve(alpha):
         X = np.stack([np.ones_like(N), (N / n0) ** -alpha], 1) if free_E else ((N / n0) ** -alpha)[:, None]
         coef = np.linalg.lstsq(X, L, rcond=None)[0]
+        if free_E and coef[0] < 0:
+            # a loss has a floor E >= 0; the unconstrained optimum below it (3 points fit any law exactly,
+            # e.g. E = -692 with alpha = 0.001) says nothing about larger N: the bounded optimum is E = 0
+            A = np.linalg.lstsq(X[:, 1:], L, rcond=None)[0][0]
+            coef = np.array([0.0, A])
         return float(((X @ coef - L) ** 2).sum()), coef
 
     sse = [solve(a)[0] for a in alphas]

@@ -1,5 +1,6 @@
 # A tiny Llama on the embedded default corpus (Python's own documentation, byte tokenizer): about
-# 2 minutes on 2 CPU cores, no network. The loss falls from ln(320) = 5.77 to about 1.8.
+# 2 minutes on 2 CPU cores, no network: the validation loss falls from ln(320) = 5.77 to about 1.55
+# nats per token (2.24 bits per byte); measured 1 min 55 s on 2 cores.
 #   python train.py configs/tiny_cpu.py
 out_dir = "out/tiny_cpu"
 shape = "tiny"  # 4 layers, d 128, 4 heads of 32, SwiGLU 352: 0.8M non-embedding parameters

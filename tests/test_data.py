@@ -272,8 +272,10 @@ def test_cli_info(tmp_path, capsys):
     data.main(["info", d])
     out = capsys.readouterr().out
     assert "tokenizer bytes (vocab 320)" in out and "train" in out and "val" in out
-    with pytest.raises(SystemExit, match="error: .*meta.json missing"):
+    with pytest.raises(SystemExit) as exit_info:
         data.main(["info", str(tmp_path / "nope")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and "meta.json missing" in err and err.count("\n") == 1
 
 
 # --- the loader ----------------------------------------------------------------------------------

@@ -482,3 +482,14 @@ def test_fit_series_predicts_an_exact_series(tmp_path):
     m = re.search(r"actual ([\d.e-]+); task-level law .*; instance-level law ([\d.e-]+)", text)
     assert float(m.group(2)) == pytest.approx(float(m.group(1)), rel=1e-3)
     assert "grow: 0 members" in text
+
+
+def test_loss_law_keeps_the_floor_non_negative():
+    # three members whose unconstrained fit runs off to E << 0 (the CPU demo's scratch runs)
+    from report import fit_loss_law
+    E, A, alpha = fit_loss_law([100_672, 215_600, 443_232], [2.7403, 2.2494, 1.7107])
+    assert E >= 0 and 0 < alpha < 4 and A > 0
+    # and a law with a real floor is still recovered
+    N = np.array([1e5, 2e5, 4e5, 8e5])
+    E, A, alpha = fit_loss_law(N, 1.5 + 30.0 * N ** -0.3)
+    assert abs(E - 1.5) < 1e-4 and abs(alpha - 0.3) < 1e-4
