@@ -116,7 +116,7 @@ def main():
 
     torch.manual_seed(0)
     model = Llama(config_from_shape("tiny", vocab_size=50304, max_seq_len=1024)).to(a.device).eval()
-    print(f"\n## 2. GPT-2-sized vocabulary 50304, context 1024, shape tiny otherwise; synthetic token ids into eval.score")
+    print("\n## 2. GPT-2-sized vocabulary 50304, context 1024, shape tiny otherwise; synthetic token ids into eval.score")
     print(header + "\n|" + "---|" * (3 + len(sizes)))
     gen = torch.Generator().manual_seed(0)
     # typical GPT-2 token counts: (context, continuation, requests per example)

@@ -271,10 +271,12 @@ class Llama(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_id=None, use_cache=True, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_id=None, use_cache=True, generator=None,
+                 suppress_ids=None):
         """Sample max_new_tokens after idx (B, T). temperature 0 is greedy. With use_cache the prompt is
         run once and every new token is one cached step; without it the whole sequence is re-run
-        (tests/test_model.py checks the two agree). Stops early once every row has produced eos_id."""
+        (tests/test_model.py checks the two agree). Stops early once every row has produced eos_id.
+        suppress_ids (a LongTensor) are never produced, e.g. the vocab's unused padding ids."""
         total = idx.shape[1] + max_new_tokens
         if total > self.config.max_seq_len:
             raise ValueError(f"prompt + max_new_tokens = {total} exceeds max_seq_len={self.config.max_seq_len}")
@@ -285,6 +287,8 @@ class Llama(nn.Module):
         for _ in range(max_new_tokens):
             logits, _ = self(step_input if use_cache else idx, kv_cache=cache)
             logits = logits[:, -1, :].float()
+            if suppress_ids is not None:
+                logits = logits.index_fill(-1, suppress_ids.to(logits.device), float("-inf"))
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:

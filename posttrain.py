@@ -9,12 +9,17 @@ DPO runs, beta 0.01 to 0.1, lower learning rates for stronger bases).
     python posttrain.py dpo CKPT --ref REF.pt --data prefs.jsonl --loss simpo --beta 2.0 --gamma 1.0
     python posttrain.py sft CKPT configs/sft_tiny.py --lora_rank 8 --lora_targets q,v
     python posttrain.py chat out/dpo_1b/final.pt [--prompt "Hello"] [--system "..."] [--temperature 0]
+    python posttrain.py sft CKPT configs/sft_paper.py --out=out/sft_1b --resume   # after a kill: continues exactly
     torchrun --standalone --nproc_per_node=8 posttrain.py sft CKPT configs/sft_paper.py
 
 Settings are the fields of PostTrainConfig, from config files and --key=value (or --key value), exactly
 as in train.py. The result is a checkpoint in train.py's format (OUT/final.pt: the model, its config, the
 tokenizer, flops carried over and increased, history + [{"op": "sft" | "dpo", ...}]), a plain Llama
-also when LoRA was used (the adapters are merged into the weights on save).
+also when LoRA was used (the adapters are merged into the weights on save). Every ckpt_interval steps
+OUT/ckpt_STEP.pt (the last keep_last of them) holds the same plus what an exact resume needs: the live
+module (with LoRA: base + adapters), the optimizer, the RNG states and DPO's precomputed reference
+log-probs; the examples of a step are a pure function of (seed, step), so `--resume` continues bit for
+bit, as train.py does (tests/test_posttrain.py kills a run and checks).
 
 The chat template (one for training and generation; the specials live in data.SPECIALS' ids):
     <|endoftext|> <|system|>SYSTEM<|end|> <|user|>QUESTION<|end|> <|assistant|>ANSWER<|end|> <|user|>...
@@ -23,6 +28,7 @@ A conversation starts with <|endoftext|>, as every pretraining document did afte
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
@@ -38,8 +44,8 @@ import torch.nn.functional as F
 
 from data import DataError, get_tokenizer
 from model import IGNORE_INDEX, CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from train import (ConfigError, append_jsonl, autocast_for, configure, fmt_time, lr_at, make_optimizer,
-                   plot_losses, setup_distributed)
+from train import (ConfigError, append_jsonl, autocast_for, checkpoint_paths, configure, fmt_time, latest_checkpoint, lr_at,
+                   make_optimizer, plot_losses, rng_state, set_rng_state, setup_distributed, start_metrics)
 
 COMMANDS = ("sft", "dpo", "chat")
 # what each command reads, unless --data / --split say otherwise: the datasets of the paper (SimPO's setting)
@@ -96,7 +102,9 @@ class PostTrainConfig:
     pad_multiple: int = 8  # pad batches to a multiple of this length (fewer shapes; results do not depend on it)
     seed: int = 1337
     log_interval: int = 10
-    ckpt_interval: int = 0  # steps between saves of OUT/latest.pt (0: only final.pt at the end)
+    ckpt_interval: int = 0  # steps between resumable saves of OUT/ckpt_STEP.pt (0: only final.pt at the end)
+    keep_last: int = 2  # periodic checkpoints kept (0: all)
+    resume: bool = False  # continue from the newest readable OUT/ckpt_STEP.pt, exactly
     plot: bool = True
     # chat
     prompt: str = ""  # one answer to this, then exit; empty: interactive
@@ -217,6 +225,16 @@ def tokenize(cmd, tokenizer, rows, cfg, max_len):
         out += [ex] if keep else []
         dropped += not keep
     return out, dropped
+
+
+def examples_digest(examples):
+    """A fingerprint of tokenized examples (ids and masks, in order): a resumed run must read what the killed
+    one would have, step for step, so --resume refuses data that now tokenizes differently."""
+    h = hashlib.sha256()
+    for ex in examples:
+        for a in (ex if isinstance(ex[0], np.ndarray) else ex[0] + ex[1]):  # SFT: (ids, mask); DPO: a pair of them
+            h.update(len(a).to_bytes(8, "little") + a.tobytes())
+    return h.hexdigest()
 
 
 def collate(seqs, pad_id, multiple=1, limit=None, device="cpu"):
@@ -460,21 +478,42 @@ def train(cmd, ckpt_path, cfg, log=print):
         raise PostTrainError(f"{cfg.data}: no usable examples (dropped {dropped} with nothing to learn within max_len={max_len})")
     log(f"{cmd}: {len(examples):,} examples from {cfg.data} ({cfg.split}), {dropped} dropped (nothing to learn within "
         f"{max_len} tokens), {len(evals)} for evaluation")
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(examples) / per_step))
+
+    # --- the state to resume: what may not change for a step to mean the same examples and the same update ---
+    setup = {"command": cmd, "source": [ckpt.get(k) for k in ("step", "tokens", "flops")], "examples": examples_digest(examples),
+             "eval_examples": examples_digest(evals), "examples_per_step": per_step, "seed": cfg.seed,
+             "lora": [cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets] if cfg.lora_rank else None,
+             "reference": [cfg.loss, cfg.ref, cfg.ref_mode] if cmd == "dpo" else None}
+    resume = None
+    if cfg.resume:
+        resume_path, resume = latest_checkpoint(cfg.out, ckpt["tokenizer"], log, required_key="resume")
+        changed = [k for k in setup if resume["resume"]["setup"].get(k) != setup[k]]
+        if changed:
+            raise ConfigError(f"--resume with a different setup ({', '.join(changed)} changed since {resume_path}): "
+                              "restore those settings, or start a new --out")
+    elif os.path.abspath(ckpt_path) in map(os.path.abspath, checkpoint_paths(cfg.out)):
+        raise ConfigError(f"--out {cfg.out} holds {ckpt_path}, whose periodic checkpoints a fresh run deletes: choose another --out")
 
     # --- the reference (DPO): precomputed once by the starting weights or --ref, or run live ---
     flops, ref_model, ref_table, ref_eval = 0, None, None, None
     use_ref = cmd == "dpo" and cfg.loss == "dpo"
     if use_ref:
-        if cfg.ref:
-            ref_model = model_from_checkpoint(load_checkpoint(cfg.ref, tokenizer=ckpt["tokenizer"]), device).eval().requires_grad_(False)
         how = cfg.ref or ("the base with adapters disabled" if cfg.lora_rank else f"{ckpt_path} itself (frozen)")
         log(f"reference: {how}, {cfg.ref_mode}")
-        if cfg.ref_mode == "precompute":  # before LoRA is added: the starting model *is* the base
-            ref_table = reference_logps(ref_model or model, examples, cfg.batch_size, pad_id, device, ctx, rank, world)
-            ref_eval = reference_logps(ref_model or model, evals, cfg.batch_size, pad_id, device, ctx, rank, world) if evals else None
+        load_ref = lambda: model_from_checkpoint(load_checkpoint(cfg.ref, tokenizer=ckpt["tokenizer"]), device).eval().requires_grad_(False)
+        if cfg.ref_mode == "precompute" and resume is not None:  # the tables as computed before the kill: no reference model
+            ref_table, ref_eval = (t if t is None else t.to(device) for t in resume["resume"]["reference"])
+        elif cfg.ref_mode == "precompute":  # before LoRA is added: the starting model *is* the base
+            frozen = load_ref() if cfg.ref else model
+            ref_table = reference_logps(frozen, examples, cfg.batch_size, pad_id, device, ctx, rank, world)
+            ref_eval = reference_logps(frozen, evals, cfg.batch_size, pad_id, device, ctx, rank, world) if evals else None
             flops += 2 * n_params * sum(len(c[0]) + len(r[0]) for c, r in examples + evals)  # forward only
-            ref_model = None  # freed: only the policy stays in memory
-        elif ref_model is None and not cfg.lora_rank:
+            del frozen  # a --ref model is freed: only the policy stays in memory
+        elif cfg.ref:
+            ref_model = load_ref()
+        elif not cfg.lora_rank:
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
     if cfg.lora_rank:
@@ -484,6 +523,10 @@ def train(cmd, ckpt_path, cfg, log=print):
     train_factor = 4 if cfg.lora_rank else 6
     raw_model = model
     optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
+    if resume is not None:  # the live module (LoRA: base + adapters, not the merged weights), AdamW, the RNGs (dropout)
+        raw_model.load_state_dict(resume["resume"]["module"])
+        optimizer.load_state_dict(resume["resume"]["optimizer"])
+        set_rng_state(resume["resume"]["rng"])
     if cfg.compile:
         model = torch.compile(model, dynamic=True)
     if world > 1:
@@ -533,20 +576,21 @@ def train(cmd, ckpt_path, cfg, log=print):
         return total / max(n, 1), {f"val_{k}": v / max(n, 1) for k, v in metrics.items()}
 
     # --- the loop: warmup + cosine (train.lr_at), global batches of shuffled examples ---
-    per_step = cfg.batch_size * cfg.grad_accum * world
-    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(examples) / per_step))
     warmup = round(cfg.warmup_frac * max_steps)
+    # the examples of step s are order[s * per_step:(s + 1) * per_step]: a pure function of (seed, step) for given data
     rng = np.random.default_rng(cfg.seed)
     order = np.concatenate([rng.permutation(len(examples)) for _ in range(math.ceil(max_steps * per_step / len(examples)))])
     os.makedirs(cfg.out, exist_ok=True)
+    start_step = resume["step"] if resume is not None else 0
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    if master and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    if master:
+        start_metrics(cfg.out, start_step if resume is not None else None)
     log(f"{n_params:,} non-embedding parameters, {sum(p.numel() for p in trainable):,} trained"
         f"{f' (LoRA r={cfg.lora_rank} on {cfg.lora_targets})' if cfg.lora_rank else ''} | {per_step} examples/step x {max_steps} steps "
-        f"| lr {cfg.lr:.1e} | {device.type} {dtype_name}{f' x{world} ranks' if world > 1 else ''}")
+        f"| lr {cfg.lr:.1e} | {device.type} {dtype_name}{f' x{world} ranks' if world > 1 else ''}"
+        + (f" | resumed at step {start_step} from {resume_path}" if resume is not None else ""))
 
-    def save(step, name, last_metrics):
+    def save(step, name, last_metrics, resumable=False):
         record = {"op": cmd, "from": os.path.abspath(ckpt_path), "data": cfg.data, "split": cfg.split, "steps": step,
                   "examples": step * per_step, "tokens": tokens, "flops": flops, "lr": cfg.lr,
                   "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets} if cfg.lora_rank else None}
@@ -558,15 +602,19 @@ def train(cmd, ckpt_path, cfg, log=print):
                "history": list(ckpt.get("history", [])) + [record], "posttrain_config": asdict(cfg), "metrics": last_metrics}
         if "stage" in ckpt:
             out["stage"] = ckpt["stage"]
+        if resumable:  # "model" stays a plain Llama (chat, eval); "module" shares its tensors unless LoRA is on
+            out["resume"] = {"module": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                             "tokens": tokens, "flops": flops, "setup": setup, "reference": (ref_table, ref_eval)}
         path = os.path.join(cfg.out, name)
         save_checkpoint(out, path)
         return path
 
     model.train()
-    tokens, last_metrics = 0, {}
+    tokens, last_metrics = (resume["resume"]["tokens"], resume["metrics"]) if resume is not None else (0, {})
+    flops = resume["resume"]["flops"] if resume is not None else flops  # the reference's precomputation included
     t_start = t_window = time.perf_counter()
     ex_window = tok_window = 0
-    for step in range(max_steps):
+    for step in range(start_step, max_steps):
         lr = lr_at(step, max_steps, cfg.lr, warmup, cfg.schedule, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -597,7 +645,7 @@ def train(cmd, ckpt_path, cfg, log=print):
                 append_jsonl(metrics_path, last_metrics)
             pref = f" | margin {extra['rewards/margins']:.4f} | acc {extra['rewards/accuracy']:.2f}" if extra else ""
             log(f"step {done:>5}/{max_steps} | loss {loss:.4f}{pref} | lr {lr:.2e} | {ex_window / dt:,.1f} ex/s | "
-                f"{tok_window / dt:,.0f} tok/s | {fmt_time(elapsed)} elapsed | eta {fmt_time(elapsed / done * (max_steps - done))}")
+                f"{tok_window / dt:,.0f} tok/s | {fmt_time(elapsed)} elapsed | eta {fmt_time(elapsed / (done - start_step) * (max_steps - done))}")
             t_window, ex_window, tok_window = time.perf_counter(), 0, 0
         if evals and ((cfg.eval_interval and done % cfg.eval_interval == 0) or done == max_steps):
             val_loss, val_metrics = evaluate()  # every rank evaluates the same examples: no collective to wait in
@@ -605,7 +653,9 @@ def train(cmd, ckpt_path, cfg, log=print):
                 append_jsonl(metrics_path, {"step": done, "tokens": tokens, "val_loss": val_loss, **val_metrics})
             log(f"step {done:>5} | val loss {val_loss:.4f}" + "".join(f" | {k} {v:.4f}" for k, v in val_metrics.items()))
         if master and cfg.ckpt_interval and done % cfg.ckpt_interval == 0 and done < max_steps:
-            save(done, "latest.pt", last_metrics)
+            save(done, f"ckpt_{done:07d}.pt", last_metrics, resumable=True)
+            for old in checkpoint_paths(cfg.out)[:-cfg.keep_last]:
+                os.remove(old)
     final = None
     if master:
         final = save(max_steps, "final.pt", last_metrics)
@@ -621,16 +671,28 @@ def train(cmd, ckpt_path, cfg, log=print):
 # chat
 
 
+def unused_ids(tokenizer, vocab_size):
+    """The ids no text ever maps to: the vocab's padding to a multiple of 64 (262..319 for bytes). Training
+    never targets them, so only a barely trained model gives them weight, and a reply would show <|N|>.
+    The specials stay allowed: <|end|> ends the turn."""
+    used = torch.zeros(vocab_size, dtype=torch.bool)
+    used[:tokenizer.n_base] = True
+    used[list(tokenizer.special.values())] = True
+    return (~used).nonzero().flatten()
+
+
 @torch.no_grad()
 def reply(model, tokenizer, messages, max_new_tokens=256, temperature=0.7, top_k=50, generator=None):
     """The assistant's next answer to `messages`, with the training template; stops at <|end|>. A
-    conversation too long for the context loses its oldest tokens."""
+    conversation too long for the context loses its oldest tokens. Ids the tokenizer does not use are
+    never sampled."""
     ids, _ = render_chat(tokenizer, messages, add_generation_prompt=True)
     max_new_tokens = min(max_new_tokens, model.config.max_seq_len - 1)
     ids = ids[-(model.config.max_seq_len - max_new_tokens):]
     device = next(model.parameters()).device
-    out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=temperature,
-                         top_k=top_k or None, eos_id=tokenizer.special["<|end|>"], generator=generator)
+    out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=temperature, top_k=top_k or None,
+                         eos_id=tokenizer.special["<|end|>"], generator=generator,
+                         suppress_ids=unused_ids(tokenizer, model.config.vocab_size))
     new = out[0, len(ids):].tolist()
     end = tokenizer.special["<|end|>"]
     return tokenizer.decode(new[:new.index(end)] if end in new else new)

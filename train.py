@@ -26,7 +26,6 @@ import runpy
 import sys
 import time
 import types
-import typing
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -35,7 +34,7 @@ import torch.distributed as dist
 
 import budget
 import data
-from model import CheckpointError, Llama, ModelConfig, config_from_dict, config_from_shape, load_checkpoint, save_checkpoint
+from model import CheckpointError, Llama, config_from_dict, config_from_shape, load_checkpoint, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -314,6 +313,37 @@ def checkpoint_paths(out_dir):
     return sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
 
 
+def latest_checkpoint(out_dir, tokenizer, log=print, required_key=None):
+    """(path, checkpoint) of the newest readable ckpt_*.pt in out_dir, for --resume. A file cut short by a
+    kill is skipped for the one before it (saves are atomic, so that one is whole): nothing is lost.
+    required_key: a key the caller's checkpoints always hold (posttrain.py's resume state)."""
+    for path in reversed(checkpoint_paths(out_dir)):
+        try:
+            ckpt = load_checkpoint(path, tokenizer=tokenizer)
+            if required_key and required_key not in ckpt:
+                raise CheckpointError(f"{path} has no {required_key!r}: it was not written by this kind of run")
+            return path, ckpt
+        except CheckpointError as e:
+            log(f"warning: {e}")
+    raise CheckpointError(f"--resume: no usable checkpoint in {out_dir}; run without --resume to start fresh")
+
+
+def start_metrics(out_dir, resume_step=None):
+    """Ready out_dir/metrics.jsonl: on resume, drop what the killed run logged after its checkpoint (those
+    steps run again); on a fresh start, remove the old run's metrics and checkpoints. Returns its path."""
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if resume_step is not None:
+        if os.path.exists(metrics_path):
+            kept = [r for r in read_jsonl(metrics_path) if r["step"] <= resume_step]
+            with open(metrics_path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+    else:
+        for old in checkpoint_paths(out_dir) + [metrics_path]:
+            if os.path.exists(old):
+                os.remove(old)
+    return metrics_path
+
+
 # -----------------------------------------------------------------------------
 # data
 
@@ -374,14 +404,7 @@ def train(cfg, model=None, stage=None, start_flops=0, history=None, log=print):
     # --- model, optimizer, and the state to resume ---
     resume_ckpt = None
     if cfg.resume:
-        for path in reversed(checkpoint_paths(cfg.out_dir)):
-            try:  # a file cut short by a kill is skipped for the one before it: nothing is lost
-                resume_ckpt = load_checkpoint(path, tokenizer={"name": tokenizer.name, "vocab_size": tokenizer.vocab_size})
-                break
-            except CheckpointError as e:
-                log(f"warning: {e}")
-        if resume_ckpt is None:
-            raise CheckpointError(f"--resume: no usable checkpoint in {cfg.out_dir}; run without --resume to start fresh")
+        _, resume_ckpt = latest_checkpoint(cfg.out_dir, {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size}, log)
     if resume_ckpt is not None:
         model_config = config_from_dict(resume_ckpt["model_config"])
         stage, start_flops, history = resume_ckpt["stage"], resume_ckpt["start_flops"], resume_ckpt["history"]
@@ -436,18 +459,10 @@ def train(cfg, model=None, stage=None, start_flops=0, history=None, log=print):
     n_params = raw_model.num_params(non_embedding=True)
     flops_per_token = raw_model.flops_per_token(cfg.seq_len)  # with attention, for MFU
     peak, peak_how = peak_flops_for(cfg, device, dtype_name)
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     start_step = resume_ckpt["step"] if resume_ckpt is not None else 0
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if master:
-        if resume_ckpt is not None and os.path.exists(metrics_path):
-            # drop what the killed run logged after its last checkpoint: those steps are run again
-            kept = [r for r in read_jsonl(metrics_path) if r["step"] <= start_step]
-            with open(metrics_path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-        elif resume_ckpt is None:
-            for old in checkpoint_paths(cfg.out_dir) + [metrics_path]:
-                if os.path.exists(old):
-                    os.remove(old)
+        start_metrics(cfg.out_dir, start_step if resume_ckpt is not None else None)
     log(f"model {cfg.shape if stage is None else stage['name']}: {n_params:,} non-embedding parameters, "
         f"{raw_model.num_params(False):,} in all | {tokens_per_step:,} tokens/step x {max_steps} steps "
         f"= {tokens_per_step * max_steps:,} tokens | {device.type} {dtype_name}{' compiled' if use_compile else ''}"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import (SHAPES, CheckpointError, Llama, ModelConfig, config_from_shape, export_hf, import_hf,
+from model import (CheckpointError, Llama, ModelConfig, config_from_shape, export_hf, import_hf,
                    load_checkpoint, model_from_checkpoint, read_safetensors, save_checkpoint, write_safetensors)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

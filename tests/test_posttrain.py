@@ -1,18 +1,21 @@
 """posttrain.py and judge.py: the chat template, SFT's masking and its normalization across gradient
 accumulation, padding invariance, DPO and SimPO against their closed forms, precomputed vs live reference
-log-probs, LoRA merging, a few DPO steps raising the margin, the CLI end to end (sft -> dpo -> chat), and
-the MT-Bench judge client against a local HTTP server. All on CPU with tiny models and the fixtures in
-tests/fixtures/posttrain/ (a few rows in the schemas of ultrachat_200k, ultrafeedback_binarized and
-mt_bench_prompts)."""
+log-probs, LoRA merging, a few DPO steps raising the margin, the CLI end to end (sft -> dpo -> chat), exact
+resume of a killed SFT / DPO (LoRA) run, chat never sampling unused ids, and the MT-Bench judge client
+against a local HTTP server. All on CPU with tiny models and the fixtures in tests/fixtures/posttrain/ (a
+few rows in the schemas of ultrachat_200k, ultrafeedback_binarized and mt_bench_prompts)."""
 
 import contextlib
 import http.server
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import asdict
 
 import pytest
@@ -257,6 +260,90 @@ def test_cli_errors_are_one_line_exit_2(base_ckpt, tmp_path, capsys):
             pt.main(argv)
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and err.startswith("error: ") and expected in err and "\n" not in err, err
+
+
+def metric_rows(out_dir):
+    """metrics.jsonl without the timings, which differ from run to run."""
+    timing = ("ex_s", "tok_s", "elapsed")
+    return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in open(out_dir / "metrics.jsonl")]
+
+
+# DPO with LoRA and adapter dropout: the resumed run needs the adapters (not only the merged weights), the RNG
+# states (dropout masks) and the precomputed reference log-probs; 10 examples a step cross the 24-row epochs
+RESUME_ARGS = {"sft": ["configs/sft_tiny.py", "--max_steps=20"],
+               "dpo": ["configs/dpo_tiny.py", "--max_steps=16", "--lr=1e-3", "--lora_rank=4", "--lora_targets=q,v,down", "--lora_dropout=0.1"]}
+
+
+@pytest.mark.parametrize("cmd", ["sft", "dpo"])
+def test_killed_run_resumes_bit_for_bit(cmd, tmp_path, monkeypatch, capsys):
+    base = str(tmp_path / "base.pt")
+    m = Llama(ModelConfig(vocab_size=320, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=256, max_seq_len=256))
+    save_checkpoint({"model": m.state_dict(), "model_config": asdict(m.config), "tokenizer": {"name": "bytes", "vocab_size": 320},
+                     "history": [{"op": "pretrain"}]}, base)  # larger than tiny(): ~50 ms a step leaves time to kill
+    args = lambda out: [cmd, base, *RESUME_ARGS[cmd], f"--out={out}", "--batch_size=5", "--grad_accum=2", "--eval_examples=4",
+                        "--ckpt_interval=5", "--keep_last=2", "--log_interval=1", "--plot=false"]
+    max_steps = int(RESUME_ARGS[cmd][1].split("=")[1])
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    out = run(*args(full))
+    assert out.returncode == 0, out.stderr
+    # the same run, killed (SIGKILL: no cleanup) once it has logged step 7, i.e. after the step-5 checkpoint
+    proc = subprocess.Popen([sys.executable, "posttrain.py", *args(killed)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "metrics.jsonl").exists() and max([r["step"] for r in metric_rows(killed)] or [0]) >= 7:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "final.pt").exists() and (killed / "ckpt_0000005.pt").exists()
+    logged_before_resume = max(r["step"] for r in metric_rows(killed))
+    out = run(*args(killed), "--resume")
+    assert out.returncode == 0, out.stderr
+    resumed_at = int(re.search(r"resumed at step (\d+)", out.stdout).group(1))
+    assert 5 <= resumed_at <= logged_before_resume < max_steps  # later steps were logged, dropped and run again
+    # every logged number (loss, lr, grad norm, DPO rewards, validation) is the uninterrupted run's, bit for bit
+    expected, got = metric_rows(full), metric_rows(killed)
+    assert [r["step"] for r in got if "loss" in r] == list(range(1, max_steps + 1))
+    assert got == expected, [(a, b) for a, b in zip(got, expected) if a != b][:2]
+    a, b = load_checkpoint(full / "final.pt"), load_checkpoint(killed / "final.pt")
+    assert set(a["model"]) == set(m.state_dict()) and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert (a["step"], a["tokens"], a["flops"], a["history"][-1]["tokens"]) == (b["step"], b["tokens"], b["flops"], b["history"][-1]["tokens"])
+    # the last keep_last periodic checkpoints remain; each is a plain Llama for chat, with the live module beside it
+    kept = sorted(p.name for p in killed.glob("ckpt_*.pt"))
+    assert kept == [f"ckpt_{s:07d}.pt" for s in range(5, max_steps, 5)][-2:]
+    last = load_checkpoint(killed / kept[-1])
+    model_from_checkpoint(last)
+    assert any(k.endswith("lora_A") for k in last["resume"]["module"]) == (cmd == "dpo")
+    # resuming over other data is refused before anything is touched
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as e:
+        pt.main(args(killed) + ["--max_examples=20", "--resume"])
+    assert e.value.code == 2 and "examples changed" in capsys.readouterr().err
+    assert metric_rows(killed) == expected
+
+
+def test_chat_never_samples_unused_ids():
+    """A barely trained model can prefer the vocab's padding ids (262..319 for bytes); chat must not show them."""
+    model = tiny().eval()
+    unused = list(range(TOK.n_base + len(TOK.special), 320))
+    assert pt.unused_ids(TOK, 320).tolist() == unused
+    head = torch.nn.Linear(64, 320, bias=True)  # an lm_head that strongly prefers every unused id
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[unused] = 30.0
+    model.lm_head = head
+    msgs = [{"role": "user", "content": "Hi there"}]
+    prompt = torch.tensor([pt.render_chat(TOK, msgs, add_generation_prompt=True)[0]])
+    assert set(model.generate(prompt, 8, temperature=0)[0, prompt.shape[1]:].tolist()) <= set(unused)  # unmasked: only those
+    gen = torch.Generator().manual_seed(0)
+    for temperature, top_k in ((0, 0), (1.0, 0), (1.0, 5), (2.0, 50)):
+        text = pt.reply(model, TOK, msgs, max_new_tokens=24, temperature=temperature, top_k=top_k, generator=gen)
+        assert text and not re.search(r"<\|\d+\|>", text), text
+    with torch.no_grad():
+        head.bias[TOK.special["<|end|>"]] = 20.0  # end-of-turn stays allowed: next best after the unused ids, it ends the reply
+    assert pt.reply(model, TOK, msgs, temperature=0) == ""
+    assert model.generate(prompt, 4, temperature=0)[0, prompt.shape[1]:].tolist()[0] in unused  # reply leaves the model itself unchanged
 
 
 def test_chat_interactive(base_ckpt, monkeypatch, capsys):
