@@ -143,3 +143,31 @@ def test_series_that_cannot_grow_fails_before_training(tmp_path):
     out = subprocess.run([sys.executable, "train.py", str(cfg)], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("error: stages: ")
     assert "smaller" in out.stderr and not (tmp_path / "out").exists()
+
+
+def test_mixture_logs_validation_loss_per_source(tmp_path, data_dir):
+    # two local sources mixed 3:1 by tokens (the Weblab-10B setting, seed 002), each with its own val loss
+    import data
+    for name, word in (("en", "the quick brown fox jumps over the lazy dog. "), ("ja", "いろはにほへと ちりぬるを わかよたれそ. ")):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            for i in range(400):
+                f.write(json.dumps({"text": f"{i} " + word * 8}) + "\n")
+    out = tmp_path / "mix"
+    subprocess.run([sys.executable, "train.py", *run_args(out, str(tmp_path / "cache"), max_steps=4, eval_interval=2),
+                    f"--data=['{tmp_path / 'en.jsonl'}', '{tmp_path / 'ja.jsonl'}']", "--data_names=['en', 'ja']",
+                    "--data_weights=[3, 1]", "--max_data_tokens=0"], cwd=ROOT, check=True, capture_output=True)
+    vals = [json.loads(l) for l in open(out / "metrics.jsonl") if "val_loss" in l]
+    assert [v["step"] for v in vals] == [0, 2, 4]
+    for v in vals:
+        assert {"val_loss/en", "val_loss/ja", "val_bpb/en", "val_bpb/ja"} <= set(v)
+        assert v["val_loss"] == pytest.approx((3 * v["val_loss/en"] + v["val_loss/ja"]) / 4)
+    # the per-source losses are each source's own: recompute the final one from the saved model
+    from model import load_checkpoint, model_from_checkpoint
+    model = model_from_checkpoint(load_checkpoint(out / "final.pt")).eval()
+    for name in ("en", "ja"):
+        batches = data.val_batches(str(tmp_path / "cache" / f"{name}-bytes"), 4, 64, 2)
+        with torch.no_grad():
+            losses = [(model(x, y)[1].item(), y.numel()) for x, y in batches]
+        expected = sum(l * n for l, n in losses) / sum(n for _, n in losses)
+        assert abs(vals[-1][f"val_loss/{name}"] - expected) < 1e-5
+    assert vals[-1]["val_loss/en"] != vals[-1]["val_loss/ja"]
