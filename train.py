@@ -349,7 +349,7 @@ def start_metrics(out_dir, resume_step=None):
 
 
 def prepare_data(cfg, rank, world):
-    """Prepare every source (rank 0 tokenizes, the others wait), then return (dirs, names, meta)."""
+    """Prepare every source (rank 0 tokenizes, the others wait), then return (dirs, names)."""
     names = cfg.data_names or [f"src{i}" if len(cfg.data) > 1 else "data" for i in range(len(cfg.data))]
     if len(names) != len(cfg.data) or (cfg.data_weights and len(cfg.data_weights) != len(cfg.data)):
         raise ConfigError(f"data has {len(cfg.data)} sources but data_names has {len(cfg.data_names)} and data_weights {len(cfg.data_weights)}")
@@ -359,8 +359,7 @@ def prepare_data(cfg, rank, world):
             data.prepare(src, tokenizer=cfg.tokenizer, out_dir=d, max_tokens=cfg.max_data_tokens or None, text_field=cfg.text_field)
     if world > 1:
         dist.barrier()
-    metas = [data.load_prepared(d, "train")[1] for d in dirs]
-    return dirs, names, metas
+    return dirs, names
 
 
 @torch.no_grad()
@@ -399,7 +398,7 @@ def train(cfg, model=None, stage=None, start_flops=0, history=None, log=print):
     os.makedirs(cfg.out_dir, exist_ok=True)
     ctx, dtype_name = autocast_for(device, cfg.dtype)
     tokenizer = data.get_tokenizer(cfg.tokenizer)
-    dirs, names, metas = prepare_data(cfg, rank, world)
+    dirs, names = prepare_data(cfg, rank, world)
 
     # --- model, optimizer, and the state to resume ---
     resume_ckpt = None
