@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from data import DataError, get_tokenizer
 from model import IGNORE_INDEX, CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from train import (ConfigError, append_jsonl, autocast_for, checkpoint_paths, configure, fmt_time, latest_checkpoint, lr_at,
-                   make_optimizer, plot_losses, rng_state, set_rng_state, setup_distributed, start_metrics)
+                   make_optimizer, plot_losses, prune_checkpoints, rng_state, set_rng_state, setup_distributed, start_metrics)
 
 COMMANDS = ("sft", "dpo", "chat")
 # what each command reads, unless --data / --split say otherwise: the datasets of the paper (SimPO's setting)
@@ -654,8 +654,7 @@ def train(cmd, ckpt_path, cfg, log=print):
             log(f"step {done:>5} | val loss {val_loss:.4f}" + "".join(f" | {k} {v:.4f}" for k, v in val_metrics.items()))
         if master and cfg.ckpt_interval and done % cfg.ckpt_interval == 0 and done < max_steps:
             save(done, f"ckpt_{done:07d}.pt", last_metrics, resumable=True)
-            for old in checkpoint_paths(cfg.out)[:-cfg.keep_last]:
-                os.remove(old)
+            prune_checkpoints(cfg.out, cfg.keep_last)
     final = None
     if master:
         final = save(max_steps, "final.pt", last_metrics)

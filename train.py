@@ -84,7 +84,7 @@ class TrainConfig:
     eval_interval: int = 100
     eval_batches: int = 20
     ckpt_interval: int = 200
-    keep_last: int = 2
+    keep_last: int = 2  # periodic checkpoints kept (0: all)
     peak_flops: float = 0.0  # per device, for MFU; 0: look up the GPU, measure the CPU
     resume: bool = False
     plot: bool = True
@@ -313,6 +313,12 @@ def checkpoint_paths(out_dir):
     return sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
 
 
+def prune_checkpoints(out_dir, keep_last):
+    """Keep the newest keep_last periodic checkpoints (0 keeps all)."""
+    for old in checkpoint_paths(out_dir)[:-keep_last] if keep_last > 0 else []:
+        os.remove(old)
+
+
 def latest_checkpoint(out_dir, tokenizer, log=print, required_key=None):
     """(path, checkpoint) of the newest readable ckpt_*.pt in out_dir, for --resume. A file cut short by a
     kill is skipped for the one before it (saves are atomic, so that one is whole): nothing is lost.
@@ -478,8 +484,7 @@ def train(cfg, model=None, stage=None, start_flops=0, history=None, log=print):
                 "history": history or [], "val": val}
         path = os.path.join(cfg.out_dir, f"ckpt_{step:07d}.pt")
         save_checkpoint(ckpt, path)
-        for old in checkpoint_paths(cfg.out_dir)[:-cfg.keep_last]:
-            os.remove(old)
+        prune_checkpoints(cfg.out_dir, cfg.keep_last)
         return path
 
     def validate(step):
