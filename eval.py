@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import CheckpointError, import_hf, load_checkpoint, model_from_checkpoint
+from checkpoint import CheckpointError, load_checkpoint
+from model import import_hf, model_from_checkpoint
 from report import SeriesError, fit_series, load_eval, load_series, markdown_table, number, plot_series, series_report
 
 

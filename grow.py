@@ -77,8 +77,9 @@ from dataclasses import asdict, fields, replace
 
 import torch
 
-from model import (CheckpointError, Llama, ModelConfig, config_from_dict, config_from_shape, load_checkpoint,
-                   model_from_checkpoint, rope_cos_sin, save_checkpoint)
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model import (Llama, ModelConfig, config_from_dict, config_from_shape,
+                   model_from_checkpoint, rope_cos_sin)
 
 WIDTHS = ("fpi", "aki")
 DEPTHS = ("zero", "stack", "dus")

@@ -33,7 +33,7 @@ import torch
 
 import posttrain
 from data import DataError
-from model import CheckpointError
+from checkpoint import CheckpointError
 
 # MT-Bench's sampling temperature per category (deterministic for math and code, loose for writing)
 TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,

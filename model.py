@@ -9,9 +9,10 @@ context 1024"), and it is checked against transformers' LlamaForCausalLM in test
 parameter names follow transformers' (minus its "model." prefix) and RoPE uses its rotate-half
 layout, so `export_hf` is a renaming and nothing has to be permuted.
 
-Also here: the named shapes (the paper's Table 3, the seed-003 family, small CPU shapes), parameter
-and FLOP counts, the KV-cached `generate`, checkpoint save/load (atomic, validated), and the HF
-export/import. Run `python model.py shapes` to see every named shape with its parameter counts.
+Also here: the named shapes (the paper's Table 3, the pu family of Hu et al. 2024's PassUntil study,
+small CPU shapes), parameter and FLOP counts, the KV-cached `generate`, building a model from a
+checkpoint, and the HF export/import. The checkpoint file itself (its keys, atomic saves,
+validation) is checkpoint.py's. Run `python model.py shapes` to see every named shape with its parameter counts.
 """
 
 import json
@@ -19,13 +20,14 @@ import math
 import os
 import struct
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import budget
+from checkpoint import CheckpointError, Lineage, load_checkpoint, make_checkpoint, save_checkpoint
 
 IGNORE_INDEX = -1  # targets equal to this are left out of the loss (padding, prompt tokens in SFT)
 
@@ -330,62 +332,7 @@ class Llama(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: one .pt file per saved state (DESIGN.md, "Checkpoints")
-
-CHECKPOINT_KEYS = ("model", "model_config", "tokenizer")  # the least a usable checkpoint holds
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message is one line saying why and what to do."""
-
-
-def save_checkpoint(ckpt, path):
-    """Write atomically: a temporary file in the same folder, flushed and fsynced, then renamed over
-    `path`, so a run killed mid-write leaves the previous file intact."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def load_checkpoint(path, map_location="cpu", tokenizer=None):
-    """Load and validate a checkpoint. `tokenizer` (a name, or a dict with name and vocab_size) is what
-    the caller's data uses; a checkpoint made with another raises CheckpointError."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                              "use an earlier checkpoint or re-save it") from None
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path} is not a nanogrow checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {missing}: it was not written by nanogrow's save_checkpoint")
-    if tokenizer is not None:
-        want = tokenizer if isinstance(tokenizer, dict) else {"name": tokenizer}
-        have = ckpt["tokenizer"]
-        for key, value in want.items():
-            if have.get(key) != value:
-                raise CheckpointError(f"checkpoint {path} was made with tokenizer {have} but the data uses {want}: "
-                                      "prepare the data with the checkpoint's tokenizer")
-    return ckpt
+# from a checkpoint (checkpoint.py owns the file and its keys)
 
 
 def model_from_checkpoint(ckpt, device="cpu"):
@@ -538,8 +485,8 @@ def main(argv):
             print(f"exported {args[0]} to {args[1]} (config.json, model.safetensors)")
         elif cmd == "import-hf" and len(args) == 2:
             model, tokenizer = import_hf(args[0])
-            save_checkpoint({"model": model.state_dict(), "model_config": asdict(model.config), "tokenizer": tokenizer,
-                             "step": 0, "tokens": 0, "flops": 0, "history": [{"op": "import-hf", "from": args[0]}]}, args[1])
+            lineage = Lineage(history=[{"op": "import-hf", "from": args[0]}])
+            save_checkpoint(make_checkpoint(model.state_dict(), model.config, tokenizer, lineage, step=0), args[1])
             print(f"imported {args[0]} into {args[1]} ({model.num_params(True):,} non-embedding parameters)")
         else:
             sys.exit(usage)

@@ -43,9 +43,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import DataError, get_tokenizer
-from model import IGNORE_INDEX, CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from train import (ConfigError, append_jsonl, autocast_for, checkpoint_paths, configure, fmt_time, latest_checkpoint, lr_at,
-                   make_optimizer, plot_losses, prune_checkpoints, rng_state, set_rng_state, setup_distributed, start_metrics)
+from checkpoint import CheckpointError, checkpoint_paths, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from common import (ConfigError, append_jsonl, autocast_for, configure, fmt_time, lr_at, make_optimizer, plot_losses, rng_state,
+                    set_rng_state, setup_distributed, start_metrics)
+from model import IGNORE_INDEX, model_from_checkpoint
 
 COMMANDS = ("sft", "dpo", "chat")
 # what each command reads, unless --data / --split say otherwise: the datasets of the paper (SimPO's setting)
