@@ -8,7 +8,7 @@ Every figure comes from a fresh subprocess running the real train.py (nanogrow's
 its folder is given), so start-up, data loading and logging are included as a user would see them.
 Per-step time is the median over the steps after a warm-up, and the median of --repeats runs
 alternated with each other; MFU is against the machine's measured
-float32 matmul peak (train.measure_matmul_peak); peak memory is the process's max resident set size.
+float32 matmul peak (common.measure_matmul_peak); peak memory is the process's max resident set size.
 The matched shape: 4 layers, d 128, 4 heads, context 256, batch 16, float32, no compile, byte
 vocabulary (320 ids), no dropout. nanoGPT's GPT has a 4x GELU MLP (512) where nanogrow's Llama has
 SwiGLU 352, which gives both 0.8M non-embedding parameters.
@@ -29,7 +29,7 @@ import time
 import torch
 
 import data
-import train
+import common
 from model import Llama, config_from_shape
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -83,7 +83,7 @@ def main():
     data.prepare("default", "bytes", out_dir=os.path.join(args.data_dir, "default-bytes"))
     model = Llama(config_from_shape("tiny"))
     flops_per_token = model.flops_per_token(256)
-    peak = train.measure_matmul_peak(torch.device("cpu"))
+    peak = common.measure_matmul_peak(torch.device("cpu"))
     print(f"# {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {os.cpu_count()} CPU threads, "
           f"measured float32 matmul peak {peak / 1e9:.0f} GFLOP/s; tiny: {model.num_params(True):,} non-embedding parameters, "
           f"{flops_per_token / 1e6:.2f} MFLOPs per token (with attention)")

@@ -2,7 +2,7 @@
 budget.py: the compute budget of a staged model series (no torch; plain arithmetic).
 
 The idea (Yano et al., "efficient construction of a model series by staged pretraining with
-model expansion", seeds/000):
+model expansion", COLM 2025, arXiv 2504.00623):
 
 - Section 2.1: a series of sizes X_1 < X_2 < ... < X_n. Training size X on T tokens from scratch
   costs FLOPs(X, T) = 6·X·T. T_i is the token count the scratch run of size X_i would use; the

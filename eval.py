@@ -1,5 +1,5 @@
 """
-eval.py: evaluate checkpoints as the paper's Table 1 does (seed 000, appendix B), PassUntil (seed 003),
+eval.py: evaluate checkpoints as the paper's Table 1 does (Yano et al. 2025, appendix B), PassUntil (Hu et al. 2024),
 and the command line of the series report and scaling-law fits (their code is in report.py).
 
     python eval.py CKPT [CKPT ...] --tasks valid,wikitext,lambada,arc_easy,arc_challenge,winogrande,piqa,openbookqa,hellaswag
@@ -277,7 +277,7 @@ TASKS = {
     "piqa": Task("baber/piqa", None, "validation", "choice", piqa_doc, True),
     "openbookqa": Task("allenai/openbookqa", "main", "test", "choice", openbookqa_doc, True),
     "hellaswag": Task("Rowan/hellaswag", None, "validation", "choice", hellaswag_doc, True),
-    # not in the harness: LAMBADA's last word as a generative task, measured by PassUntil (seed 003)
+    # not in the harness: LAMBADA's last word as a generative task, measured by PassUntil (Hu et al. 2024)
     "lambada_pu": Task("EleutherAI/lambada_openai", "default", "test", "pass_until", file="lambada"),
 }
 PAPER_TASKS = ["valid", "wikitext", "lambada", "arc_easy", "arc_challenge", "winogrande", "piqa", "openbookqa", "hellaswag"]
@@ -393,7 +393,7 @@ def eval_valid(model, tok, data_dir, stride=None, limit=None, **kw):
 
 
 # -----------------------------------------------------------------------------
-# 5. PassUntil (seed 003): sample until r passes, to measure pass rates far below 1/(samples one can afford)
+# 5. PassUntil (Hu et al. 2024, "Predicting Emergent Abilities with Infinite Resolution Evaluation"): sample until r passes, to measure pass rates far below 1/(samples one can afford)
 
 
 @dataclass
@@ -537,7 +537,7 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None, help="first N documents of each task (windows for valid)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--data_dir", default=None, help="prepared data (data.py prepare) whose val split the valid task "
-                   "scores (--report: by default the folder train.py prepared for the series' one source)")
+                   "scores (--report: by default the folder train.py (run by series.py) prepared for the series' one source)")
     p.add_argument("--stride", type=int, default=None, help="valid: tokens newly scored per window (default max_seq_len)")
     p.add_argument("--task_data", action="append", default=[], help="TASK=FILE, or a folder of TASK.jsonl/.parquet (repeatable)")
     p.add_argument("--out", default=None, help="write the results as JSON")

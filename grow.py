@@ -1,83 +1,97 @@
 """
 grow.py: make a trained Llama wider and deeper, the step between the stages of the series
-(Yano et al., section 2.2, eq. (1): theta_{i+1} = f(theta_i; X_{i+1}), with f = bert2BERT, which
+(Yano et al. 2025, section 2.2, eq. (1): theta_{i+1} = f(theta_i; X_{i+1}), with f = bert2BERT, which
 "copies the weights of linear layers to widen the hidden dims, and stacks trained layers upward").
 
     python grow.py out/cpu-1.pt --to cpu-2 --width fpi --depth zero --out out/cpu-2-init.pt
+    python grow.py --explain     # a worked example (width 4 -> 6, 3 -> 5 layers), printed and drawn
 
 Width first (every existing layer), then depth. Notation: the source has residual width d, FFN width
 F, H query heads in Hk KV groups of G = H/Hk, L layers; the target D, F', H', Hk', G', L'. head_dim
 stays fixed: width grows by adding heads (the paper's 1B -> 2B: 16 -> 20 heads of 128).
 
-Width, "fpi" (bert2BERT, Chen et al. 2022, width-wise expansion: "function preserving initialization",
-which extends Net2Net to Transformers). Each new unit copies an old one through a map g: new index ->
-old index, the identity on the old indices followed by seeded random picks without replacement, one
-round per multiple (any ratio, 2048 -> 2560 included). k_j = #{i : g(i) = j} copies of old unit j.
-  * FFN neurons and attention heads (hidden units between an in- and an out-projection): in-weights
-    (rows of gate/up, of q/k/v per head_dim block) are copied; out-weights (columns of down_proj,
-    head blocks of o_proj's columns) are divided by k_j, so the k_j equal copies sum to the old one.
-  * GQA: query head h reads KV head h // G'. KV heads are mapped first; the G' query slots of every
-    new KV head that copies old KV head m are filled with old query heads of m's group (its G heads
-    once each, then seeded repeats), so every copy reads a copy of the keys it was trained with.
-    The KV heads themselves are never divided (each query reads exactly one KV head); o_proj divides
-    by the copies of each query head. Possible iff every old KV head gets >= G slots, i.e.
-    floor(Hk'/Hk) * G' >= G; otherwise ValueError.
-  * Residual dims (d -> D). Net2Net-style copying (writers copied, readers divided by k_j, as for a
-    hidden unit) stops being exact here: RMSNorm divides by sqrt(mean over all D dims), and a dim
-    copied k times counts k times in that mean.
-    Fix: the stream carries x'_i = x_j / sqrt(k_j) (j = g(i)), so sum_i x'_i^2 = sum_j x_j^2 and
-        mean'(x'^2) = (d/D) mean(x^2).
-    Writers (embed_tokens columns, o_proj and down_proj rows) are copied times 1/sqrt(k_j). With
-        eps' = eps d/D  and  gain'_i = gain_j sqrt(d/D):
-        gain'_i x'_i / sqrt(mean' + eps') = gain_j sqrt(d/D) (x_j/sqrt k_j) / (sqrt(d/D) sqrt(mean + eps))
-                                          = RMSNorm(x)_j / sqrt(k_j),
-    i.e. normalized values follow the same 1/sqrt(k) rule. Readers (q/k/v/gate/up columns, an untied
-    lm_head's columns) are copied times 1/sqrt(k_j): sum over copies k_j (1/sqrt k_j)(1/sqrt k_j) = 1,
-    exact. Tied embeddings: one matrix is writer and reader, both want 1/sqrt(k): consistent, no
-    logit scale needed. The grown model's config therefore carries norm_eps = source eps * d/D (one eps,
-    every norm sees the stream); the target config's own norm_eps is not used.
-  * Symmetry breaking (noise > 0, seeded). Exact copies get equal gradients forever (the tests show
-    duplicated neurons stay equal after a step with noise=0). Where copies carry equal inputs, their
-    READER weights only matter through their sum, so we add noise z_c with sum_c z_c = 0 over the
-    copies of each unit: on down_proj columns (duplicated neurons), o_proj columns (duplicated query
-    heads), q/k/v/gate/up and untied lm_head columns (duplicated residual dims), and on the zeroed
-    o_proj/down_proj of "zero" depth layers (duplicated units there too). z_c = y_c - y_next(c), next
-    going round the copies of the unit in a cycle, y ~ N(0, (noise std(source weight))^2 / 2): the sum
-    telescopes to 0. A tied embedding is also a writer: no noise there. Function preserving up to
-    float rounding. The copies then drift apart under training, slowly at first with AdamW, whose
-    first step is sign(grad) for every weight (equal for nearly equal gradients).
+Width, "fpi" (bert2BERT, Chen et al. 2022, ACL, width-wise expansion: "function preserving
+initialization", which extends Net2Net to Transformers). Each new unit copies an old one through a map
+g: new index -> old index, the identity on the old indices followed by seeded random picks without
+replacement, one round per multiple (any ratio, 2048 -> 2560 included). k_j = #{i : g(i) = j} copies
+of old unit j. The maps are a WidthMaps; a grown checkpoint's last history record holds them as lists.
 
-Width, "aki" (bert2BERT, width-wise expansion: "advanced knowledge initialization"): as fpi, but
-the in-weights of the new units (the copies beyond the first of each FFN neuron, KV head, query head)
-come from the same units of the layer ABOVE (layer l+1); the top layer has none above and uses its own
-(fpi there). Out-weights are split as in fpi, residual dims as in fpi. Not function preserving: the gap
-is reported, never claimed 0.
+Why fpi keeps the function. The rules are named; the lines that apply them cite the names.
+  H1  hidden units (FFN neurons, attention heads: between an in- and an out-projection).
+      In-weights copied, out-weights divided by the copy count:
+          W_in'[i, :] = W_in[g(i), :]        W_out'[:, i] = W_out[:, g(i)] / k_g(i)
+      (rows of gate/up and of q/k/v per head_dim block; columns of down_proj and o_proj). Copy i
+      computes h'_i = h_g(i), and sum_{i: g(i)=j} W_out[:, j] h_j / k_j = W_out[:, j] h_j.
+  H2  GQA: query head h reads KV head h // G'. KV heads are mapped first; the G' query slots of every
+      new KV head that copies old KV head m get old query heads of m's group (its G heads once each,
+      then seeded repeats), so every query copy reads a copy of the keys and values it was trained
+      with. KV heads are never divided (each query reads exactly one KV head); o_proj divides by the
+      copies of each query head (H1). Possible iff floor(Hk'/Hk) G' >= G; otherwise ValueError.
+  Residual dims (d -> D). Copying as in H1 is not exact here: RMSNorm divides by sqrt(mean over all
+  D dims), and a dim copied k times counts k times in that mean. Three rules instead:
+  R1  writers (embed_tokens columns, o_proj and down_proj rows) are copied times 1/sqrt(k), so the
+      stream carries
+          x'_i = x_g(i) / sqrt(k_g(i)),   hence   sum_i x'_i^2 = sum_j x_j^2,   mean'(x'^2) = (d/D) mean(x^2).
+      A residual add keeps R1: both of its terms follow it.
+  R2  every RMSNorm (the two of each block and the final one):
+          gain'_i = gain_g(i) sqrt(d/D)        eps' = eps d/D
+      so that, with j = g(i),
+          gain'_i x'_i / sqrt(mean'(x'^2) + eps')
+              = gain_j sqrt(d/D) (x_j / sqrt k_j) / sqrt((d/D) (mean(x^2) + eps)) = RMSNorm(x)_j / sqrt(k_j):
+      the normalized stream follows R1's rule too. Without the gain rule every copy is sqrt(D/d) too
+      large; without the eps rule the norm divides by sqrt(mean + eps D/d) instead. The grown config
+      therefore carries norm_eps = source eps d/D (the target config's own norm_eps is not used).
+  R3  readers (q/k/v, gate/up, an untied lm_head: columns) are copied times 1/sqrt(k):
+          sum_i W[:, g(i)] / sqrt(k_g(i)) * y_g(i) / sqrt(k_g(i)) = sum_j k_j W[:, j] y_j / k_j = W y.
+  By induction over the blocks (R1 in, R2 + R3 into the hidden units, H1/H2 through them, R1 out) and
+  R2 + R3 at the final norm and lm_head, the grown model computes the old logits. Tied embeddings: one
+  matrix is writer (R1) and reader (R3), both want 1/sqrt(k): consistent, no logit scale needed.
+  N   symmetry breaking (noise > 0, seeded). Exact copies get equal gradients forever (the tests show
+      duplicated neurons stay equal after a step with noise=0). Where copies carry equal inputs their
+      READER weights only matter through their sum, so those get noise z_c with sum_c z_c = 0 over the
+      copies c of each unit: down_proj columns (copied neurons), o_proj columns (copied query heads),
+      q/k/v/gate/up and untied lm_head columns (copied residual dims), and the zeroed o_proj/down_proj
+      of depth "zero" layers. z_c = y_c - y_next(c), next going round the copies of the unit in a
+      cycle, y ~ N(0, (noise std(source weight))^2 / 2): the sum telescopes to 0. A tied embedding is
+      also a writer: no noise there. Function preserving up to float rounding. The copies then drift
+      apart under training, slowly at first with AdamW, whose first step is sign(grad) for every
+      weight (equal for nearly equal gradients).
+
+Width, "aki" (bert2BERT, width-wise expansion: "advanced knowledge initialization"): as fpi, but the
+in-weights of the new units (the copies beyond the first of each FFN neuron, KV head, query head) come
+from the same units of the layer ABOVE (layer l+1); the top layer has none above and uses its own (fpi
+there). Out-weights are split as in fpi (H1), residual dims as in fpi (R1-R3). Not function
+preserving: the gap is reported, never claimed 0.
 
 Depth (after width; L -> L'):
   * "zero": L'-L new layers spread evenly over the L-1 gaps between old layers: new layer i goes
     after old layer floor((2i+1)(L-1) / 2(L'-L)) (midpoints of equal stretches; 18 -> 22 inserts after
     2, 6, 10, 14). Never after the top layer (unless L = 1): the first and last layers, which face the
     embedding and lm_head, stay at the ends, and trained layers stay in runs of similar length.
-    A new layer copies the (widened) layer below it, with o_proj and down_proj set to zero (plus the
-    paired noise on duplicated units, which sums to zero): each new block adds 0 to the residual
-    stream, so the function is preserved. Copying the neighbor instead of zeros everywhere gives the
-    new block trained attention patterns and activations, so o_proj/down_proj get useful gradients.
-  * "stack" (bert2BERT's depth expansion, after StackBERT): the trained stack is stacked on itself:
-    new layer L+j copies layer j mod L (L' = 2L copies the whole stack once). Not function preserving.
-  * "dus" (SOLAR Depth Up-Scaling, Kim et al. 2024, seed 001): two copies of the L layers, the last m
-    dropped from the first and the first m from the second, concatenated: layers 0..L-m-1, m..L-1,
-    L' = 2L - 2m (m from the target or --dus_overlap). Not function preserving.
+    Z: a new layer copies the (widened) layer below it, with o_proj and down_proj set to zero (plus
+    the paired noise N, which sums to zero): each new block adds 0 to the residual stream, so the
+    function is preserved. Copying the neighbor instead of zeros everywhere gives the new block
+    trained attention patterns and activations, so o_proj/down_proj get useful gradients (as the
+    identity blocks of LLaMA-Pro's block expansion, Wu et al. 2024, ACL, which copy a block and zero
+    its output projections).
+  * "stack" (bert2BERT's depth-wise expansion, after StackBERT): the trained stack is stacked on
+    itself: new layer L+j copies layer j mod L (L' = 2L copies the whole stack once). Not function
+    preserving.
+  * "dus" (SOLAR Depth Up-Scaling, Kim et al. 2024, arXiv 2312.15166): two copies of the L layers,
+    the last m dropped from the first and the first m from the second, concatenated: layers
+    0..L-m-1, m..L-1, L' = 2L - 2m (m from the target or --dus_overlap). Not function preserving.
 """
 
 import argparse
 import copy
 import math
+import os
 import sys
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, Lineage, load_checkpoint, make_checkpoint, save_checkpoint
 from model import (Llama, ModelConfig, config_from_dict, config_from_shape,
                    model_from_checkpoint, rope_cos_sin)
 
@@ -91,7 +105,7 @@ GAP_FLOAT64_MAX_PARAMS = 500_000_000  # grow_checkpoint measures the gap in floa
 
 
 def depth_plan(n_old, n_new, depth, dus_overlap=None):
-    """[(source layer, zero_out)] for every layer of the grown model; zero_out: o_proj/down_proj start at 0."""
+    """[(source layer, zero_out)] for every layer of the grown model; zero_out: o_proj/down_proj start at 0 (Z)."""
     if depth == "zero":
         after = [0] * n_old  # number of new layers inserted after each old layer
         n_add = n_new - n_old
@@ -107,8 +121,7 @@ def depth_plan(n_old, n_new, depth, dus_overlap=None):
 
 
 def check_growth(src, tgt, width, depth, noise, dus_overlap):
-    """Raise ValueError (one line: what, and what to do) unless src can grow into tgt. Returns the
-    config of the grown model (tgt with the rescaled norm_eps)."""
+    """Raise ValueError (one line: what, and what to do) unless src can grow into tgt."""
     if width not in WIDTHS or depth not in DEPTHS:
         raise ValueError(f"width must be one of {WIDTHS} and depth one of {DEPTHS}, "
                          f"got width={width!r} depth={depth!r}")
@@ -123,7 +136,7 @@ def check_growth(src, tgt, width, depth, noise, dus_overlap):
             raise ValueError(f"target {name}={getattr(tgt, name)} is smaller than the source's {getattr(src, name)}: "
                              f"growth only adds; pick a target at least as large in every dimension")
     G, Gn, per_kv = src.n_heads // src.n_kv_heads, tgt.n_heads // tgt.n_kv_heads, tgt.n_kv_heads // src.n_kv_heads
-    if per_kv * Gn < G:
+    if per_kv * Gn < G:  # H2
         raise ValueError(f"cannot keep GQA groups: {src.n_kv_heads} KV heads with {G} query heads each -> "
                          f"{tgt.n_kv_heads} KV heads with {Gn} each leaves some KV head only {per_kv * Gn} query slots "
                          f"for its {G} heads; make floor(n_kv_heads'/{src.n_kv_heads}) * n_heads'/n_kv_heads' >= {G}")
@@ -139,11 +152,32 @@ def check_growth(src, tgt, width, depth, noise, dus_overlap):
                              f"or pick n_layers=2*{L}-2m with 0 <= m < {L}")
     elif dus_overlap is not None:
         raise ValueError(f"dus_overlap is only for depth 'dus', not {depth!r}")
-    return replace(tgt, norm_eps=src.norm_eps * src.d_model / tgt.d_model)
 
 
 # -----------------------------------------------------------------------------
 # index maps: new unit -> old unit
+
+
+@dataclass
+class WidthMaps:
+    """The width growth as maps new index -> old index, and the scales they imply (the rules at the top).
+    A unit map has one entry per unit; a row map one per row of a projection (head_dim rows per head)."""
+    residual: torch.Tensor        # (D,) residual dim i copies old dim residual[i]
+    residual_scale: torch.Tensor  # (D,) 1/sqrt(k) of that old dim, float64: writers (R1) and readers (R3)
+    ffn: torch.Tensor             # (F',) FFN neuron n copies old neuron ffn[n]
+    ffn_div: torch.Tensor         # (F',) 1/k of that old neuron, float64: down_proj columns (H1)
+    kv_heads: torch.Tensor        # (Hk',) KV head h copies old KV head kv_heads[h] (H2)
+    q_heads: torch.Tensor         # (H',) query head h copies old query head q_heads[h], of its KV head's group (H2)
+    kv_rows: torch.Tensor         # (Hk' head_dim,) row map of k_proj and v_proj: kv_heads over each head's block
+    q_rows: torch.Tensor          # (H' head_dim,) row map of q_proj, and column map of o_proj
+    q_div: torch.Tensor           # (H' head_dim,) 1/k of the query head of each q row, float64: o_proj columns (H1)
+    ffn_new: torch.Tensor         # (F',) True for a copy beyond the first: AKI reads its in-weights one layer up
+    kv_new: torch.Tensor          # (Hk' head_dim,) the same for k_proj/v_proj rows
+    q_new: torch.Tensor           # (H' head_dim,) the same for q_proj rows
+
+    def as_lists(self):
+        """The unit maps as plain lists of ints (new index -> old index): the grow record's unit_maps."""
+        return {name: getattr(self, name).tolist() for name in ("residual", "ffn", "kv_heads", "q_heads")}
 
 
 def unit_map(n_old, n_new, gen):
@@ -157,6 +191,11 @@ def unit_map(n_old, n_new, gen):
     return torch.cat(parts)
 
 
+def copy_counts(g, n_old):
+    """k_{g(i)} for every new unit i: how many copies its old unit has."""
+    return torch.bincount(g, minlength=n_old)[g]
+
+
 def first_copies(g):
     """True where g[i] occurs for the first time: the 'old' units; the others are new copies (for AKI)."""
     seen, out = set(), []
@@ -167,26 +206,27 @@ def first_copies(g):
 
 
 def width_maps(src, tgt, gen):
-    """All maps of the width growth, as index tensors over rows/columns, and the scale vectors."""
+    """All maps of the width growth (a WidthMaps). The draws, in this order: residual, FFN, KV heads,
+    then the query heads of each old KV group."""
     hd, G, Gn = src.head_dim, src.n_heads // src.n_kv_heads, tgt.n_heads // tgt.n_kv_heads
     r, f = unit_map(src.d_model, tgt.d_model, gen), unit_map(src.ffn_dim, tgt.ffn_dim, gen)
     kv = unit_map(src.n_kv_heads, tgt.n_kv_heads, gen)
     q = torch.empty(tgt.n_heads, dtype=torch.long)
-    for m in range(src.n_kv_heads):  # the query slots of every new KV head copying old KV head m
+    for m in range(src.n_kv_heads):  # H2: the query slots of every new KV head copying old KV head m
         slots = ((kv == m).nonzero()[:, 0, None] * Gn + torch.arange(Gn)).flatten()
         q[slots] = m * G + unit_map(G, len(slots), gen)  # m's own G query heads once, then repeats
     assert torch.equal(q // G, kv[torch.arange(tgt.n_heads) // Gn])  # each query reads a copy of its own KV head
 
-    def per_dim(heads):  # head map -> row map over head_dim blocks (RoPE's layout lives inside a block)
+    def per_row(heads):  # head map -> row map over head_dim blocks (RoPE's layout lives inside a block)
         return (heads[:, None] * hd + torch.arange(hd)).flatten()
 
-    def inv_count(g, n):  # 1/k_{g(i)}
-        return 1.0 / torch.bincount(g, minlength=n).double()[g]
-
-    return dict(r=r, r_scale=inv_count(r, src.d_model).sqrt(), f=f, f_div=inv_count(f, src.ffn_dim),
-                kv=per_dim(kv), q=per_dim(q), q_div=inv_count(q, src.n_heads).repeat_interleave(hd),
-                f_new=~first_copies(f), kv_new=~first_copies(kv).repeat_interleave(hd),
-                q_new=~first_copies(q).repeat_interleave(hd))
+    return WidthMaps(
+        residual=r, residual_scale=(1.0 / copy_counts(r, src.d_model).double()).sqrt(),  # R1, R3: 1/sqrt(k)
+        ffn=f, ffn_div=1.0 / copy_counts(f, src.ffn_dim).double(),  # H1: 1/k
+        kv_heads=kv, q_heads=q, kv_rows=per_row(kv), q_rows=per_row(q),
+        q_div=(1.0 / copy_counts(q, src.n_heads).double()).repeat_interleave(hd),  # H1: 1/k
+        ffn_new=~first_copies(f), kv_new=~first_copies(kv).repeat_interleave(hd),
+        q_new=~first_copies(q).repeat_interleave(hd))
 
 
 # -----------------------------------------------------------------------------
@@ -194,7 +234,7 @@ def width_maps(src, tgt, gen):
 
 
 def noise_pairs(cols, n_old):
-    """Zero-sum noise over copies without scattering into columns: the columns whose source column has
+    """Zero-sum noise (N) over copies without scattering into columns: the columns whose source column has
     k > 1 copies, in groups, each paired with the next copy of its group, cyclically. Column c gets
     y[ia[c]] - y[ib[c]] for y with n + 1 columns, the last one zero (ia = ib = n where not copied):
     around each cycle the differences sum to zero."""
@@ -213,7 +253,7 @@ def expand_(out, W, rows=None, cols=None, row_scale=None, col_scale=None, noise=
     """out[i, c] = W[rows[i], cols[c]] * row_scale[i] * col_scale[c], written in row chunks straight into
     `out` (no full-size temporary). alt/alt_rows (AKI): rows where alt_rows is True are read from alt.
     zero: start from zeros instead of W. noise > 0: add noise of std noise*std(W) on the columns whose
-    source column is copied k > 1 times, summing to zero over the copies (in every row)."""
+    source column is copied k > 1 times, summing to zero over the copies (in every row): N."""
     n_rows, n_old = out.shape[0], W.shape[1]
     rows = torch.arange(n_rows) if rows is None else rows
     cols = torch.arange(n_old) if cols is None else cols
@@ -259,33 +299,35 @@ def widen_block(dst, src_layers, s, maps, width, noise, gen, gain):
     """Fill block dst with old layer s widened (fpi or aki; for aki the new units read layer s+1)."""
     b = src_layers[s]
     up = src_layers[min(s + 1, len(src_layers) - 1)] if width == "aki" else None
-    r, rs = maps["r"], maps["r_scale"]
-    reader = dict(cols=r, col_scale=rs, noise=noise, gen=gen)  # columns read the residual stream
-    for name, rows, new in (("q_proj", "q", "q_new"), ("k_proj", "kv", "kv_new"), ("v_proj", "kv", "kv_new")):
-        expand_(getattr(dst.self_attn, name).weight, getattr(b.self_attn, name).weight, rows=maps[rows], **reader,
-                alt=getattr(up.self_attn, name).weight if up else None, alt_rows=maps[new])
-    expand_(dst.self_attn.o_proj.weight, b.self_attn.o_proj.weight, rows=r, row_scale=rs, cols=maps["q"],
-            col_scale=maps["q_div"], noise=noise, gen=gen)
-    for name in ("gate_proj", "up_proj"):
-        expand_(getattr(dst.mlp, name).weight, getattr(b.mlp, name).weight, rows=maps["f"], **reader,
-                alt=getattr(up.mlp, name).weight if up else None, alt_rows=maps["f_new"])
-    expand_(dst.mlp.down_proj.weight, b.mlp.down_proj.weight, rows=r, row_scale=rs, cols=maps["f"],
-            col_scale=maps["f_div"], noise=noise, gen=gen)
-    for name in ("input_layernorm", "post_attention_layernorm"):
+    r, rs = maps.residual, maps.residual_scale
+    reader = dict(cols=r, col_scale=rs, noise=noise, gen=gen)  # R3: columns read the stream; N on copied dims
+    for name, rows, new in (("q_proj", maps.q_rows, maps.q_new), ("k_proj", maps.kv_rows, maps.kv_new),
+                            ("v_proj", maps.kv_rows, maps.kv_new)):  # H1, H2: rows copied per head
+        expand_(getattr(dst.self_attn, name).weight, getattr(b.self_attn, name).weight, rows=rows, **reader,
+                alt=getattr(up.self_attn, name).weight if up else None, alt_rows=new)
+    # o_proj and down_proj: rows write the stream (R1), columns split over copied heads/neurons (H1)
+    expand_(dst.self_attn.o_proj.weight, b.self_attn.o_proj.weight, rows=r, row_scale=rs, cols=maps.q_rows,
+            col_scale=maps.q_div, noise=noise, gen=gen)
+    for name in ("gate_proj", "up_proj"):  # H1: rows copied
+        expand_(getattr(dst.mlp, name).weight, getattr(b.mlp, name).weight, rows=maps.ffn, **reader,
+                alt=getattr(up.mlp, name).weight if up else None, alt_rows=maps.ffn_new)
+    expand_(dst.mlp.down_proj.weight, b.mlp.down_proj.weight, rows=r, row_scale=rs, cols=maps.ffn,
+            col_scale=maps.ffn_div, noise=noise, gen=gen)
+    for name in ("input_layernorm", "post_attention_layernorm"):  # R2: gain times sqrt(d/D)
         getattr(dst, name).weight.copy_(getattr(b, name).weight[r.to(dst.input_layernorm.weight.device)] * gain)
 
 
 @torch.no_grad()
-def grow(model, target_config, width="fpi", depth="zero", seed=0, noise=1e-3, dus_overlap=None):
-    """A new Llama grown from `model` (left untouched) to target_config, same dtype and device. Its
-    config is target_config with norm_eps = source norm_eps * d/D (the RMSNorm fix, see the top).
-    width: fpi | aki; depth: zero | stack | dus; noise: relative std of the zero-sum symmetry-breaking
-    noise (0: exact copies); dus_overlap: SOLAR's m (default: from the target depth)."""
+def grow_with_maps(model, target_config, width="fpi", depth="zero", seed=0, noise=1e-3, dus_overlap=None):
+    """grow(), returning (grown model, WidthMaps, depth plan) so the maps can be shown and recorded."""
     src = model.config
-    cfg = check_growth(src, target_config, width, depth, noise, dus_overlap)
+    check_growth(src, target_config, width, depth, noise, dus_overlap)
+    # R2, the two rules that keep RMSNorm exact on the R1 stream: every gain times sqrt(d/D), eps times d/D
+    gain = math.sqrt(src.d_model / target_config.d_model)
+    cfg = replace(target_config, norm_eps=src.norm_eps * src.d_model / target_config.d_model)
     plan = depth_plan(src.n_layers, cfg.n_layers, depth, dus_overlap)
     ref = model.embed_tokens.weight
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # one stream: the maps first, then the noise of every matrix
     maps = width_maps(src, cfg, gen)
     with torch.device("meta"):  # no memory and no init for the target: every tensor is filled below
         new = Llama(cfg)
@@ -295,13 +337,12 @@ def grow(model, target_config, width="fpi", depth="zero", seed=0, noise=1e-3, du
     cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
     new.rope_cos.copy_(cos)
     new.rope_sin.copy_(sin)
-    gain = math.sqrt(src.d_model / cfg.d_model)
-    r = maps["r"].to(ref.device)
+    r = maps.residual.to(ref.device)
 
-    # the stream's ends: embedding (writer), final norm, untied lm_head (reader)
-    expand_(new.embed_tokens.weight, ref, cols=maps["r"], col_scale=maps["r_scale"])
+    # the stream's ends: embedding (writer, R1), final norm (R2), untied lm_head (reader, R3)
+    expand_(new.embed_tokens.weight, ref, cols=maps.residual, col_scale=maps.residual_scale)
     if not cfg.tie_embeddings:
-        expand_(new.lm_head.weight, model.lm_head.weight, cols=maps["r"], col_scale=maps["r_scale"],
+        expand_(new.lm_head.weight, model.lm_head.weight, cols=maps.residual, col_scale=maps.residual_scale,
                 noise=noise, gen=gen)
     new.norm.weight.copy_(model.norm.weight[r] * gain)
 
@@ -317,14 +358,22 @@ def grow(model, target_config, width="fpi", depth="zero", seed=0, noise=1e-3, du
             continue
         for p, q in zip(new.layers[t].parameters(), new.layers[primary[s]].parameters()):
             p.copy_(q)
-        if zero_out:  # identity block: outputs zero, plus zero-sum noise on duplicated heads/neurons
+        if zero_out:  # Z: the block outputs zero, plus zero-sum noise (N) on duplicated heads/neurons
             b = model.layers[s]
-            expand_(new.layers[t].self_attn.o_proj.weight, b.self_attn.o_proj.weight, rows=maps["r"],
-                    cols=maps["q"], noise=noise, gen=gen, zero=True)
-            expand_(new.layers[t].mlp.down_proj.weight, b.mlp.down_proj.weight, rows=maps["r"], cols=maps["f"],
+            expand_(new.layers[t].self_attn.o_proj.weight, b.self_attn.o_proj.weight, rows=maps.residual,
+                    cols=maps.q_rows, noise=noise, gen=gen, zero=True)
+            expand_(new.layers[t].mlp.down_proj.weight, b.mlp.down_proj.weight, rows=maps.residual, cols=maps.ffn,
                     noise=noise, gen=gen, zero=True)
     new.train(model.training)
-    return new
+    return new, maps, plan
+
+
+def grow(model, target_config, width="fpi", depth="zero", seed=0, noise=1e-3, dus_overlap=None):
+    """A new Llama grown from `model` (left untouched) to target_config, same dtype and device. Its
+    config is target_config with norm_eps = source norm_eps * d/D (R2).
+    width: fpi | aki; depth: zero | stack | dus; noise: relative std of the zero-sum symmetry-breaking
+    noise N (0: exact copies); dus_overlap: SOLAR's m (default: from the target depth)."""
+    return grow_with_maps(model, target_config, width, depth, seed, noise, dus_overlap)[0]
 
 
 @torch.no_grad()
@@ -344,13 +393,16 @@ def is_function_preserving(width, depth, n_old, n_new):
 
 
 def grow_checkpoint(ckpt, target_config, **grow_kwargs):
-    """(grown checkpoint, gap). Carries tokenizer, flops, tokens (the series' cumulative compute) and
-    stage over, appends a 'grow' record to history, and has no optimizer state (fresh AdamW after growth).
+    """(grown checkpoint, gap). The lineage goes on (Lineage.after: stage, flops, history), tokens carry
+    over, a 'grow' record is appended to history, and there is no optimizer state (fresh AdamW after
+    growth). The record holds the operator, the configs, the gap and
+        unit_maps   {"residual", "ffn", "kv_heads", "q_heads"}: lists of ints, new index -> old index
+        depth_plan  one {"from": old layer, "zero_out": bool} per new layer (zero_out: depth zero's Z)
     The gap is measured on 2 x 64 seeded random tokens, in float64 unless the two models are too large
-    (> GAP_FLOAT64_MAX_PARAMS together), then in the model's dtype; the history records which. A float32
+    (> GAP_FLOAT64_MAX_PARAMS together), then in the model's dtype; the record says which. A float32
     checkpoint evaluated in float64 shows the float32 rounding of its scaled copies (~1e-6), not 1e-15."""
     model = model_from_checkpoint(ckpt)
-    new = grow(model, target_config, **grow_kwargs)
+    new, maps, plan = grow_with_maps(model, target_config, **grow_kwargs)
     gen = torch.Generator().manual_seed(grow_kwargs.get("seed", 0))
     idx = torch.randint(0, model.config.vocab_size, (2, min(64, model.config.max_seq_len)), generator=gen)
     big = model.num_params(False) + new.num_params(False) > GAP_FLOAT64_MAX_PARAMS
@@ -359,12 +411,10 @@ def grow_checkpoint(ckpt, target_config, **grow_kwargs):
     record = dict(op="grow", width=grow_kwargs.get("width", "fpi"), depth=grow_kwargs.get("depth", "zero"),
                   seed=grow_kwargs.get("seed", 0), noise=grow_kwargs.get("noise", 1e-3),
                   dus_overlap=grow_kwargs.get("dus_overlap"), **{"from": asdict(model.config)}, to=asdict(new.config),
-                  gap=gap, gap_dtype=str(gap_dtype).removeprefix("torch."))
-    out = dict(model=new.state_dict(), model_config=asdict(new.config), tokenizer=ckpt["tokenizer"],
-               flops=ckpt.get("flops", 0), tokens=ckpt.get("tokens", 0),
-               history=list(ckpt.get("history", [])) + [record])
-    if "stage" in ckpt:
-        out["stage"] = ckpt["stage"]
+                  gap=gap, gap_dtype=str(gap_dtype).removeprefix("torch."), unit_maps=maps.as_lists(),
+                  depth_plan=[{"from": s, "zero_out": z} for s, z in plan])
+    out = make_checkpoint(new.state_dict(), new.config, ckpt["tokenizer"], Lineage.after(ckpt).then(record),
+                          run_flops=0, tokens=ckpt.get("tokens", 0))
     return out, gap
 
 
@@ -397,23 +447,180 @@ def param_counts(config):
     return m.num_params(True), m.num_params(False)
 
 
+# --explain: a worked example small enough to read every map, printed, then drawn for a slide
+
+
+def explain_growth(width="fpi", depth="zero", seed=0, noise=0.0):
+    """(source, grown, maps, plan): a random float64 Llama of width 4, FFN 6, 2 heads of head_dim 2 and
+    3 layers, grown to width 6, FFN 9, 3 heads and 5 layers (4 for dus, whose 2L - 2m is even)."""
+    src = ModelConfig(vocab_size=16, d_model=4, n_layers=3, n_heads=2, n_kv_heads=2, head_dim=2, ffn_dim=6,
+                      max_seq_len=16)
+    tgt = replace(src, d_model=6, n_heads=3, n_kv_heads=3, ffn_dim=9, n_layers=4 if depth == "dus" else 5)
+    model = Llama(src).to(torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # unit-scale weights and gains far from 1: a wrong scale cannot hide in a tiny init
+        for p in model.parameters():
+            z = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            p.copy_(z / math.sqrt(p.shape[1]) if p.dim() == 2 else 1 + 0.5 * z)
+    new, maps, plan = grow_with_maps(model, tgt, width, depth, seed, noise)
+    return model, new, maps, plan
+
+
+def print_map(title, g, n_old, scales):
+    """One unit map as a table: new index, old index, copy count k, and the scales ({label: list of floats})."""
+    k = copy_counts(g, n_old)
+    print(title)
+    for label, values in [("new", range(len(g))), ("old", g.tolist()), ("k", k.tolist())] + list(scales.items()):
+        print(f"  {label:<10}" + "".join(f"{v:>8.4g}" if isinstance(v, float) else f"{v:>8}" for v in values))
+
+
+def explain(width="fpi", depth="zero", seed=0, noise=0.0, png="docs/growth_explain.png"):
+    """Print the worked example's maps, scales, depth plan and measured gap; draw the maps to png."""
+    model, new, maps, plan = explain_growth(width, depth, seed, noise)
+    src, cfg = model.config, new.config
+    idx = torch.randint(0, src.vocab_size, (2, src.max_seq_len), generator=torch.Generator().manual_seed(seed))
+    gap = function_gap(model, new, idx)
+    print(f"Worked example in float64: width {width}, depth {depth}, seed {seed}, noise {noise:g}")
+    for label, c in (("source", src), ("grown ", cfg)):
+        print(f"  {label}: d_model {c.d_model}, ffn_dim {c.ffn_dim}, {c.n_heads} query heads / {c.n_kv_heads} KV heads "
+              f"of head_dim {c.head_dim}, {c.n_layers} layers")
+    print("\nWidth: every new unit copies an old one (new index -> old index); the old units keep their\n"
+          "index, the rest are seeded random picks. k = number of copies of that old unit.\n")
+    print_map(f"residual dims (d_model {src.d_model} -> {cfg.d_model})", maps.residual, src.d_model,
+              {"1/sqrt(k)": maps.residual_scale.tolist()})
+    print("  R1 writers: embed_tokens columns, o_proj and down_proj rows copied times 1/sqrt(k)")
+    print("  R3 readers: q/k/v, gate/up and lm_head columns copied times 1/sqrt(k)")
+    print(f"  R2 RMSNorm: every gain times sqrt(d/D) = sqrt({src.d_model}/{cfg.d_model}) = "
+          f"{math.sqrt(src.d_model / cfg.d_model):.4f}; eps times d/D: {src.norm_eps:g} -> {cfg.norm_eps:.4g}\n")
+    print_map(f"FFN neurons (ffn_dim {src.ffn_dim} -> {cfg.ffn_dim})", maps.ffn, src.ffn_dim,
+              {"1/k": maps.ffn_div.tolist()})
+    print("  H1: gate/up rows copied, down_proj columns times 1/k\n")
+    print_map(f"KV heads ({src.n_kv_heads} -> {cfg.n_kv_heads}; never divided, H2)", maps.kv_heads, src.n_kv_heads, {})
+    print_map(f"query heads ({src.n_heads} -> {cfg.n_heads})", maps.q_heads, src.n_heads,
+              {"1/k": maps.q_div[::src.head_dim].tolist()})
+    print(f"  H1, H2: q_proj rows copied per block of head_dim {src.head_dim}, o_proj columns times 1/k;\n"
+          "          each query head reads a copy of its old KV head")
+    if width == "aki":
+        print("  aki: the in-weights of every copy beyond the first come from the layer above (the top layer: its own)")
+    print(f"\nDepth ({depth}, {src.n_layers} -> {cfg.n_layers} layers): new layer <- old layer")
+    for t, (s, z) in enumerate(plan):
+        zero_note = "   Z: a copy of the layer below with o_proj = down_proj = 0: adds 0 to the stream"
+        print(f"  {t} <- {s}" + (zero_note if z else ""))
+    with torch.no_grad():
+        logit = model(idx)[0].abs().max().item()
+    print(f"\nfunction gap: max |logit difference| = {gap:.3e} (float64, {idx.shape[0]} x {idx.shape[1]} random "
+          f"tokens; the logits themselves reach {logit:.3g})")
+    if is_function_preserving(width, depth, src.n_layers, cfg.n_layers):
+        print(f"{width} + {depth} is function preserving (H1, H2, R1-R3, Z{', N' if noise > 0 else ''}): "
+              "the grown model computes the same logits, up to float64 rounding")
+    else:
+        print(f"width={width} depth={depth} is not function preserving: a nonzero gap is expected")
+    draw_explain(src, cfg, maps, plan, f"bert2BERT growth, width {width} + depth {depth} (seed {seed}): "
+                 f"measured max |logit difference| {gap:.1e}", png)
+    print(f"wrote {png}")
+
+
+def draw_explain(src, cfg, maps, plan, title, path):
+    """The maps of the worked example as one figure: three width panels (old units left, new units right,
+    a line from every new unit to the old unit it copies, colored by k, the scale at the new end) and
+    the depth plan (old layers left, new layers right, bottom to top)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    color = {1: "0.55", 2: "tab:blue", 3: "tab:orange", 4: "tab:red"}
+    width_panels = [
+        (f"residual dims {src.d_model} → {cfg.d_model}", "writers (R1) and readers (R3) × 1/√k", maps.residual,
+         src.d_model, lambda k: "×1" if k == 1 else f"×1/√{k}"),
+        (f"FFN neurons {src.ffn_dim} → {cfg.ffn_dim}", "down_proj columns × 1/k (H1)", maps.ffn, src.ffn_dim,
+         lambda k: "×1" if k == 1 else f"×1/{k}"),
+        (f"query heads {src.n_heads} → {cfg.n_heads}", "o_proj columns × 1/k (H1)", maps.q_heads, src.n_heads,
+         lambda k: "×1" if k == 1 else f"×1/{k}"),
+    ]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 7.5))
+    y_max = max(cfg.ffn_dim, cfg.n_layers) / 2 + 0.3
+    for ax, (name, rule, g, n_old, scale) in zip(axes, width_panels):
+        k = copy_counts(g, n_old).tolist()
+        y_old = [(n_old - 1) / 2 - j for j in range(n_old)]  # index 0 at the top
+        y_new = [(len(g) - 1) / 2 - i for i in range(len(g))]
+        for i, j in enumerate(g.tolist()):
+            ax.plot([0, 1], [y_old[j], y_new[i]], color=color.get(k[i], "k"), lw=2.5, zorder=1)
+            ax.text(1.16, y_new[i], scale(k[i]), va="center", fontsize=12, color=color.get(k[i], "k"))
+        ax.scatter([0] * n_old, y_old, s=420, c="white", edgecolors="k", zorder=2)
+        ax.scatter([1] * len(g), y_new, s=420, c=[color.get(x, "k") for x in k], edgecolors="k", zorder=2)
+        for j, y in enumerate(y_old):
+            ax.text(0, y, str(j), ha="center", va="center", fontsize=10, zorder=3)
+        for i, y in enumerate(y_new):
+            ax.text(1, y, str(i), ha="center", va="center", fontsize=10, color="white", zorder=3)
+        ax.set_title(f"{name}\n{rule}", fontsize=12)
+    ratio = f"{src.d_model}/{cfg.d_model}"
+    axes[0].text(0.5, -y_max + 0.2, f"RMSNorm (R2): gains × √({ratio}),\neps × {ratio}", ha="center", va="bottom",
+                 fontsize=11)
+    if torch.equal(maps.kv_heads, maps.q_heads):
+        axes[2].text(0.5, -y_max + 0.2, "KV heads: the same map\n(k/v rows copied, never divided)", ha="center",
+                     va="bottom", fontsize=11)
+    depth_ax = axes[3]
+    y_old = [s - (src.n_layers - 1) / 2 for s in range(src.n_layers)]  # layer 0 at the bottom
+    y_new = [t - (cfg.n_layers - 1) / 2 for t in range(cfg.n_layers)]
+    for t, (s, z) in enumerate(plan):
+        depth_ax.plot([0.2, 0.8], [y_old[s], y_new[t]], color="tab:green" if z else "0.55", lw=2.5, zorder=1)
+        depth_ax.add_patch(plt.Rectangle((0.8, y_new[t] - 0.3), 0.4, 0.6, facecolor="white" if z else "0.85",
+                                         edgecolor="tab:green" if z else "k", hatch="//" if z else None, lw=1.5))
+        depth_ax.text(1.0, y_new[t], str(t), ha="center", va="center", fontsize=11,
+                      bbox=dict(facecolor="white", edgecolor="none", pad=1) if z else None)
+        depth_ax.text(1.27, y_new[t], f"copy of {s}" + ("\no_proj = down_proj = 0" if z else ""), va="center",
+                      fontsize=10, color="tab:green" if z else "k")
+    for s, y in enumerate(y_old):
+        depth_ax.add_patch(plt.Rectangle((-0.2, y - 0.3), 0.4, 0.6, facecolor="0.85", edgecolor="k", lw=1.5))
+        depth_ax.text(0, y, str(s), ha="center", va="center", fontsize=11)
+    depth_rule = "hatched: new block that adds 0 (Z)" if any(z for _, z in plan) else "new layers copy old ones"
+    depth_ax.set_title(f"layers {src.n_layers} → {cfg.n_layers} (bottom to top)\n{depth_rule}", fontsize=12)
+    for ax in axes:
+        ax.set_xlim(-0.45, 1.9)
+        ax.set_ylim(-y_max, y_max)
+        ax.text(0, y_max - 0.1, "old", ha="center", va="top", fontsize=12, weight="bold")
+        ax.text(1, y_max - 0.1, "new", ha="center", va="top", fontsize=12, weight="bold")
+        ax.axis("off")
+    ks = sorted(set(copy_counts(maps.residual, src.d_model).tolist() + copy_counts(maps.ffn, src.ffn_dim).tolist()
+                    + copy_counts(maps.q_heads, src.n_heads).tolist()))
+    handles = [Line2D([], [], color=color.get(k, "k"), lw=3, label=f"k = {k}: the old unit has {k} "
+                      + ("copy" if k == 1 else "copies")) for k in ks]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=12, frameon=False)
+    fig.suptitle(title, fontsize=14)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Grow a nanogrow checkpoint (bert2BERT width, zero/stack/DUS depth).")
-    p.add_argument("ckpt")
-    p.add_argument("--to", required=True, help="a shape name (e.g. cpu-2, paper-2B) or d_model=..,n_layers=..,...")
+    p.add_argument("ckpt", nargs="?", help="the checkpoint to grow (not with --explain)")
+    p.add_argument("--to", help="a shape name (e.g. cpu-2, paper-2B) or d_model=..,n_layers=..,...")
     p.add_argument("--width", default="fpi", choices=WIDTHS)
     p.add_argument("--depth", default="zero", choices=DEPTHS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--noise", type=float, default=1e-3, help="relative std of the zero-sum symmetry-breaking noise")
+    p.add_argument("--noise", type=float, default=None,
+                   help="relative std of the zero-sum symmetry-breaking noise (default 1e-3; 0 with --explain)")
     p.add_argument("--dus_overlap", type=int, default=None, help="SOLAR's m (layers dropped from each copy)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out")
+    p.add_argument("--explain", action="store_true", help="print and draw a worked example (width 4 -> 6, 3 -> 5 "
+                   "layers) with --width/--depth/--seed/--noise; needs no checkpoint")
+    p.add_argument("--explain_png", default="docs/growth_explain.png", help="where --explain draws the maps")
     args = p.parse_args(argv)
+    if args.explain:
+        explain(args.width, args.depth, args.seed, args.noise or 0.0, args.explain_png)
+        return
+    if not (args.ckpt and args.to and args.out):
+        p.error("give a checkpoint, --to and --out (or --explain for a worked example)")
+    noise = 1e-3 if args.noise is None else args.noise
     try:
         ckpt = load_checkpoint(args.ckpt)
         old = config_from_dict(ckpt["model_config"])
         target = parse_target(args.to, old)
         new_ckpt, gap = grow_checkpoint(ckpt, target, width=args.width, depth=args.depth, seed=args.seed,
-                                        noise=args.noise, dus_overlap=args.dus_overlap)
+                                        noise=noise, dus_overlap=args.dus_overlap)
         save_checkpoint(new_ckpt, args.out)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """
 judge.py: MT-Bench (Zheng et al. 2023, "Judging LLM-as-a-judge with MT-Bench and Chatbot Arena") for
-post-trained checkpoints, the score of the paper's Table 2 (seed 000, section 4).
+post-trained checkpoints, the score of Table 2 of Yano et al. 2025 (section 4).
 
     python judge.py CKPT --out out/mtbench_1b                                 # answers only, no judge needed
     python judge.py CKPT --judge_url https://api.openai.com/v1 --judge_model gpt-4   # answers, then grades

@@ -69,8 +69,8 @@ def _paper(name):
     return dict(**budget.PAPER_SHAPES[name], vocab_size=50304, max_seq_len=1024, rope_theta=10000.0, tie_embeddings=False)
 
 
-def _seed003(i, vocab_size=50304):
-    # Seed 003 (PassUntil): one consistent family; layers 4i, heads floor(i(8+i)/4), head dim 64,
+def _passuntil_family(i, vocab_size=50304):
+    # Hu et al. 2024 (PassUntil), appendix: one consistent family; layers 4i, heads floor(i(8+i)/4), head dim 64,
     # FFN 2.5 d (rounded up to a multiple of 64), tied embeddings.
     heads = (i * (8 + i)) // 4
     d = 64 * heads
@@ -87,7 +87,7 @@ def _cpu(d, layers, ffn):
 
 SHAPES = {
     **{name: _paper(name) for name in budget.PAPER_SHAPES},
-    **{f"pu{i}": _seed003(i) for i in range(1, 9)},
+    **{f"pu{i}": _passuntil_family(i) for i in range(1, 9)},
     "cpu-1": _cpu(64, 2, 176),
     "cpu-2": _cpu(80, 3, 192),
     "cpu-3": _cpu(96, 4, 256),

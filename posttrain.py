@@ -1,8 +1,9 @@
 """
-posttrain.py: post-training of a series member, as the paper does in section 4 (seed 000): SFT on
-UltraChat-200k (lr 3e-5), then DPO on UltraFeedback (lr 5e-7), "following the setting of Meng et al."
-(SimPO), judged with MT-Bench (judge.py). SimPO and LoRA are options (seed 004, Tanuki: LoRA for cheap
-DPO runs, beta 0.01 to 0.1, lower learning rates for stronger bases).
+posttrain.py: post-training of a series member as Yano et al. 2025 do in section 4.1: SFT on UltraChat-200k
+(lr 3e-5), then DPO on UltraFeedback (lr 5e-7), "following the setting of Meng et al." (SimPO, Meng et al.
+2024), judged with MT-Bench (judge.py). SimPO and LoRA (Hu et al. 2022) are options; the Tanuki-8B/8x8B
+post-training report (GENIAC Matsuo Lab LLM team 2024) used LoRA for cheap DPO runs, beta 0.01 to 0.1, and
+lower learning rates for stronger bases.
 
     python posttrain.py sft CKPT configs/sft_paper.py --out=out/sft_1b
     python posttrain.py dpo out/sft_1b/final.pt configs/dpo_paper.py --out=out/dpo_1b
@@ -13,17 +14,22 @@ DPO runs, beta 0.01 to 0.1, lower learning rates for stronger bases).
     torchrun --standalone --nproc_per_node=8 posttrain.py sft CKPT configs/sft_paper.py
 
 Settings are the fields of PostTrainConfig, from config files and --key=value (or --key value), exactly
-as in train.py. The result is a checkpoint in train.py's format (OUT/final.pt: the model, its config, the
-tokenizer, flops carried over and increased, history + [{"op": "sft" | "dpo", ...}]), a plain Llama
-also when LoRA was used (the adapters are merged into the weights on save). Every ckpt_interval steps
-OUT/ckpt_STEP.pt (the last keep_last of them) holds the same plus what an exact resume needs: the live
-module (with LoRA: base + adapters), the optimizer, the RNG states and DPO's precomputed reference
-log-probs; the examples of a step are a pure function of (seed, step), so `--resume` continues bit for
-bit, as train.py does (tests/test_posttrain.py kills a run and checks).
+as in train.py (common.configure). The result is a checkpoint in checkpoint.py's schema (OUT/final.pt: the
+model, its config, the tokenizer, the starting checkpoint's lineage with this run's FLOPs added and
+{"op": "sft" | "dpo", ...} appended to its history), a plain Llama also when LoRA was used (the adapters
+are merged into the weights on save). Every ckpt_interval steps OUT/ckpt_STEP.pt (the last keep_last of
+them) holds the same plus what an exact resume needs: the live module (with LoRA: base + adapters), the
+optimizer, the RNG states and DPO's precomputed reference log-probs; the examples of a step are a pure
+function of (seed, step), so `--resume` continues bit for bit, as train.py does (tests/test_posttrain.py
+kills a run and checks).
 
 The chat template (one for training and generation; the specials live in data.SPECIALS' ids):
     <|endoftext|> <|system|>SYSTEM<|end|> <|user|>QUESTION<|end|> <|assistant|>ANSWER<|end|> <|user|>...
 A conversation starts with <|endoftext|>, as every pretraining document did after the one before it.
+
+Top to bottom: the chat template; data (rows -> Example / PreferenceExample records -> padded micro-batches);
+the losses (SFT's, and one preference loss that is DPO or SimPO) and their evaluations; LoRA; the run (its
+state, its setup, one step, evaluation, the checkpoint) and train(), the loop; chat; the command line.
 """
 
 import contextlib
@@ -34,7 +40,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -43,7 +49,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import DataError, get_tokenizer
-from checkpoint import CheckpointError, checkpoint_paths, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from checkpoint import (CheckpointError, Lineage, checkpoint_paths, latest_checkpoint, load_checkpoint, make_checkpoint,
+                        prune_checkpoints, save_checkpoint)
 from common import (ConfigError, append_jsonl, autocast_for, configure, fmt_time, lr_at, make_optimizer, plot_losses, rng_state,
                     set_rng_state, setup_distributed, start_metrics)
 from model import IGNORE_INDEX, model_from_checkpoint
@@ -52,7 +59,7 @@ COMMANDS = ("sft", "dpo", "chat")
 # what each command reads, unless --data / --split say otherwise: the datasets of the paper (SimPO's setting)
 DEFAULT_DATA = {"sft": ("hf:HuggingFaceH4/ultrachat_200k", "train_sft", "test_sft", ["messages"]),
                 "dpo": ("hf:HuggingFaceH4/ultrafeedback_binarized", "train_prefs", "test_prefs", ["chosen", "rejected"])}
-PAPER_LR = {"sft": 3e-5, "dpo": 5e-7}  # section 4.1, the same for every member of the series
+PAPER_LR = {"sft": 3e-5, "dpo": 5e-7}  # Yano et al. 2025, section 4.1: the same for every member of the series
 
 
 class PostTrainError(Exception):
@@ -71,7 +78,8 @@ class PostTrainConfig:
     max_examples: int = 0  # cap on training examples (0: all)
     max_len: int = 1024  # tokens per conversation (prompt + answers); longer ones are cut
     max_prompt_len: int = 512  # DPO: a prompt longer than this keeps its end when the pair does not fit
-    loss_on: str = "assistant"  # SFT: "assistant" (answers + their <|end|>; seed 004) or "all" (the zephyr recipe)
+    # SFT: "assistant" (answers + their <|end|>, as TRL's assistant_only_loss) or "all" (the zephyr recipe, Tunstall et al. 2023)
+    loss_on: str = "assistant"
     # optimization: examples per step = batch_size * grad_accum * world size
     batch_size: int = 4
     grad_accum: int = 32
@@ -86,19 +94,19 @@ class PostTrainConfig:
     beta2: float = 0.999
     grad_clip: float = 1.0
     # preference optimization
-    loss: str = "dpo"  # "dpo" (Rafailov et al.) or "simpo" (Meng et al.: no reference model)
-    beta: float = 0.01  # DPO: 0.01 in the paper's configs (seed 004: 0.01 to 0.1); SimPO: about 2.0
+    loss: str = "dpo"  # "dpo" (Rafailov et al. 2023) or "simpo" (Meng et al. 2024: no reference model)
+    beta: float = 0.01  # DPO: 0.01 in the paper's configs (Tanuki's report: 0.01 to 0.1); SimPO: about 2.0
     gamma: float = 1.0  # SimPO's target reward margin
     ref: str = ""  # the frozen reference; "" is CKPT itself (with LoRA: the base with adapters disabled)
     ref_mode: str = "precompute"  # "precompute" (once, before training, then freed) or "live" (every step)
-    # LoRA (Hu et al.): 0 is full fine-tuning
+    # LoRA (Hu et al. 2022): 0 is full fine-tuning
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = "q,k,v,o,gate,up,down"
     # system
     device: str = "auto"
-    dtype: str = "auto"  # bf16 autocast on CUDA, float32 on CPU (train.autocast_for)
+    dtype: str = "auto"  # bf16 autocast on CUDA, float32 on CPU (common.autocast_for)
     compile: bool = False  # padded batches change shape every step, so compiling is off by default
     pad_multiple: int = 8  # pad batches to a multiple of this length (fewer shapes; results do not depend on it)
     seed: int = 1337
@@ -121,8 +129,9 @@ class PostTrainConfig:
 
 def render_chat(tokenizer, messages, add_generation_prompt=False):
     """(ids, assistant_mask) of a conversation, a list of {"role", "content"}. assistant_mask[i] is 1 where
-    ids[i] is an assistant's answer token or the <|end|> after it: what SFT learns by default (seed 004:
-    loss on the response only). add_generation_prompt appends <|assistant|>, so rendering the first k
+    ids[i] is an assistant's answer token or the <|end|> after it: what SFT learns by default (the loss on
+    the response only, as TRL's SFTConfig(assistant_only_loss=True) in huggingface/trl
+    trl/trainer/sft_config.py). add_generation_prompt appends <|assistant|>, so rendering the first k
     messages that way is a prefix of rendering the whole conversation (the tests check it)."""
     sp = tokenizer.special
     ids, mask = [tokenizer.eot_id], [0]
@@ -139,7 +148,7 @@ def render_chat(tokenizer, messages, add_generation_prompt=False):
 
 
 # -----------------------------------------------------------------------------
-# data: rows in the Hugging Face schemas -> token ids and masks
+# data: rows in the Hugging Face schemas -> Example / PreferenceExample records -> padded micro-batches
 
 
 def load_rows(source, split, columns, limit=0):
@@ -180,17 +189,43 @@ def load_rows(source, split, columns, limit=0):
     return rows[:limit] if limit and isinstance(rows, list) else rows
 
 
+@dataclass
+class Example:
+    """One tokenized conversation: int32 token ids and a bool mask of the ids to learn (its answers, or for DPO
+    the completion). numpy arrays, not lists: 200k conversations as Python lists of ints would take ~10 GB.
+    An SFT example is one; each side of a preference pair is one."""
+    ids: np.ndarray
+    mask: np.ndarray
+
+    def __post_init__(self):  # from render_chat's lists, or arrays already
+        self.ids, self.mask = np.asarray(self.ids, dtype=np.int32), np.asarray(self.mask, dtype=np.bool_)
+
+    def sequences(self):  # tokenize and examples_digest read either kind of example through this
+        return [self]
+
+
+@dataclass
+class PreferenceExample:
+    """A DPO pair: the same prompt with the chosen and with the rejected answer, each masked on its answer."""
+    chosen: Example
+    rejected: Example
+
+    def sequences(self):
+        return [self.chosen, self.rejected]
+
+
 def sft_example(tokenizer, messages, max_len, loss_on="assistant"):
+    """The Example of a conversation, cut to max_len tokens."""
     ids, mask = render_chat(tokenizer, messages)
     if loss_on == "all":  # every token after the first, prompts too
         mask = [0] + [1] * (len(ids) - 1)
-    return ids[:max_len], mask[:max_len]
+    return Example(ids[:max_len], mask[:max_len])
 
 
 def dpo_example(tokenizer, row, max_len, max_prompt_len):
-    """((chosen ids, mask), (rejected ids, mask)), the mask on the completion only: the last (assistant)
-    message and its <|end|>. The prompt is chosen[:-1] (or the `prompt` string when that is empty). When a
-    pair does not fit, the prompt keeps its last max_prompt_len tokens, then the answers are cut."""
+    """The PreferenceExample of a row, the masks on the completion only: the last (assistant) message and its
+    <|end|>. The prompt is chosen[:-1] (or the `prompt` string when that is empty). When a pair does not
+    fit, the prompt keeps its last max_prompt_len tokens, then the answers are cut."""
     chosen, rejected = row["chosen"], row["rejected"]
     for name, conv in (("chosen", chosen), ("rejected", rejected)):
         if not isinstance(conv, list) or not conv or not isinstance(conv[-1], dict) or conv[-1].get("role") != "assistant":
@@ -205,22 +240,21 @@ def dpo_example(tokenizer, row, max_len, max_prompt_len):
     if len(prompt) + longest > max_len:
         prompt = prompt[-max_prompt_len:] if len(prompt) > max_prompt_len else prompt
     room = max_len - len(prompt)
-    return tuple((prompt + c[:room], [0] * len(prompt) + [1] * len(c[:room])) for c in pair)
+    chosen_ex, rejected_ex = (Example(prompt + c[:room], [0] * len(prompt) + [1] * len(c[:room])) for c in pair)
+    return PreferenceExample(chosen_ex, rejected_ex)
 
 
 def tokenize(cmd, tokenizer, rows, cfg, max_len):
-    """Examples of the command as numpy arrays (int32 ids, bool masks: 200k conversations as Python lists of
-    ints would take ~10 GB), and how many rows were dropped for having nothing to learn left after cutting."""
-    arr = lambda seq: (np.asarray(seq[0], dtype=np.int32), np.asarray(seq[1], dtype=np.bool_))
+    """The command's examples (Example for sft, PreferenceExample for dpo), and how many rows were dropped for
+    having nothing to learn left after cutting."""
     out, dropped = [], 0
     for i, row in enumerate(rows):
         try:
             if cmd == "sft":
-                ex = arr(sft_example(tokenizer, row["messages"], max_len, cfg.loss_on))
-                keep = ex[1][1:].any()
+                ex = sft_example(tokenizer, row["messages"], max_len, cfg.loss_on)
             else:
-                ex = tuple(map(arr, dpo_example(tokenizer, row, max_len, cfg.max_prompt_len)))
-                keep = ex[0][1][1:].any() and ex[1][1][1:].any()
+                ex = dpo_example(tokenizer, row, max_len, cfg.max_prompt_len)
+            keep = all(seq.mask[1:].any() for seq in ex.sequences())  # the first token is never a target
         except (KeyError, TypeError, AttributeError) as e:
             raise PostTrainError(f"row {i} does not fit the schema ({type(e).__name__}: {e})") from None
         out += [ex] if keep else []
@@ -233,28 +267,49 @@ def examples_digest(examples):
     one would have, step for step, so --resume refuses data that now tokenizes differently."""
     h = hashlib.sha256()
     for ex in examples:
-        for a in (ex if isinstance(ex[0], np.ndarray) else ex[0] + ex[1]):  # SFT: (ids, mask); DPO: a pair of them
-            h.update(len(a).to_bytes(8, "little") + a.tobytes())
+        for seq in ex.sequences():  # SFT: ids, mask; DPO: chosen ids, mask, rejected ids, mask
+            for a in (seq.ids, seq.mask):
+                h.update(len(a).to_bytes(8, "little") + a.tobytes())
     return h.hexdigest()
 
 
-def collate(seqs, pad_id, multiple=1, limit=None, device="cpu"):
-    """Inputs x and targets y (B, T) from (ids, mask) pairs: y[t] = ids[t+1] where mask[t+1], else
+def collate(examples, pad_id, multiple=1, limit=None, device="cpu"):
+    """Inputs x and targets y (B, T) from Examples: y[t] = ids[t+1] where mask[t+1], else
     IGNORE_INDEX. Padding is on the right, one conversation per row, so no row attends to another and a
     causal model's log-probs of a row do not depend on how far it is padded (tests check it)."""
-    T = max(len(ids) for ids, _ in seqs) - 1
+    T = max(len(ex.ids) for ex in examples) - 1
     T = min(-(-T // multiple) * multiple, limit or 1 << 30)
-    x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    y = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
-    for i, (ids, mask) in enumerate(seqs):
-        n = len(ids) - 1
-        x[i, :n] = torch.as_tensor(ids[:-1])
-        y[i, :n] = torch.where(torch.as_tensor(mask[1:], dtype=torch.bool), torch.as_tensor(ids[1:]), IGNORE_INDEX)
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    for i, ex in enumerate(examples):
+        n = len(ex.ids) - 1
+        x[i, :n] = torch.as_tensor(ex.ids[:-1])
+        y[i, :n] = torch.where(torch.as_tensor(ex.mask[1:], dtype=torch.bool), torch.as_tensor(ex.ids[1:]), IGNORE_INDEX)
     return x.to(device), y.to(device)
 
 
+def sft_batches(examples, ids, batch_size, pad_id, multiple=1, limit=None, device="cpu"):
+    """Micro-batches [(x, y), ...] of the examples `ids`, longest first: less padding, and the same gradient,
+    since sft_accumulate weighs every token alike whichever micro-batch it falls in."""
+    ids = sorted(ids, key=lambda i: -len(examples[i].ids))
+    return [collate([examples[i] for i in ids[s:s + batch_size]], pad_id, multiple, limit, device)
+            for s in range(0, len(ids), batch_size)]
+
+
+def preference_batches(pairs, ids, batch_size, pad_id, multiple=1, limit=None, device="cpu"):
+    """Micro-batches [(x, y, idx), ...] of the pairs `ids`, longest first: x holds the B chosen rows, then
+    their B rejected rows (one forward for both); idx is the pairs' indices (rows of the reference table)."""
+    ids = sorted(ids, key=lambda i: -max(len(pairs[i].chosen.ids), len(pairs[i].rejected.ids)))
+    out = []
+    for s in range(0, len(ids), batch_size):
+        chunk = ids[s:s + batch_size]
+        x, y = collate([pairs[i].chosen for i in chunk] + [pairs[i].rejected for i in chunk], pad_id, multiple, limit, device)
+        out.append((x, y, torch.tensor(chunk, device=device)))
+    return out
+
+
 # -----------------------------------------------------------------------------
-# losses
+# losses and evaluations: SFT's, then the preference loss (DPO or SimPO)
 
 
 def _float(logits):  # log-softmax in float32 at least (bf16 logits lose too much); float64 stays
@@ -290,6 +345,18 @@ def simpo_loss(policy_chosen_mean_logps, policy_rejected_mean_logps, beta, gamma
 def _reward_metrics(chosen, rejected):
     return {"rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item(),
             "rewards/margins": (chosen - rejected).mean().item(), "rewards/accuracy": (chosen > rejected).float().mean().item()}
+
+
+def preference_loss(sums, counts, cfg, reference):
+    """(loss, reward metrics) of B pairs from the policy's summed log-probs and target counts of their B chosen
+    rows, then B rejected rows: SimPO when cfg.loss is "simpo" (log-probs averaged over the answer, no
+    reference), else DPO against reference() -> (B, 2) reference log-probs, called only then (SimPO runs no
+    reference, nor counts FLOPs for one). The one place the choice is made: training and evaluation use it."""
+    B = len(sums) // 2
+    if cfg.loss == "simpo":
+        return simpo_loss(sums[:B] / counts[:B], sums[B:] / counts[B:], cfg.beta, cfg.gamma)
+    ref = reference().to(sums.dtype)
+    return dpo_loss(sums[:B], sums[B:], ref[:, 0], ref[:, 1], cfg.beta)
 
 
 def _no_sync(model, last):  # DDP all-reduces gradients only on the last micro-batch of a step
@@ -328,11 +395,7 @@ def preference_accumulate(model, micro_batches, cfg, reference, ctx=contextlib.n
         B = len(idx)
         with _no_sync(model, i == len(micro_batches) - 1), ctx:
             sums, counts = sequence_logps(model, x, y)
-            if cfg.loss == "simpo":
-                loss, m = simpo_loss(sums[:B] / counts[:B], sums[B:] / counts[B:], cfg.beta, cfg.gamma)
-            else:
-                ref = reference(x, y, idx).to(sums.dtype)
-                loss, m = dpo_loss(sums[:B], sums[B:], ref[:, 0], ref[:, 1], cfg.beta)
+            loss, m = preference_loss(sums, counts, cfg, lambda: reference(x, y, idx))
         (loss * B * world / n_total).backward()
         loss_sum += loss.item() * B
         for k, v in m.items():
@@ -346,6 +409,32 @@ def preference_accumulate(model, micro_batches, cfg, reference, ctx=contextlib.n
 
 
 @torch.no_grad()
+def sft_eval(model, batches, ctx=contextlib.nullcontext()):
+    """(mean loss per target token, no other metric) over evaluation micro-batches [(x, y), ...]."""
+    total, n = 0.0, 0
+    for x, y in batches:
+        with ctx:
+            sums, counts = sequence_logps(model, x, y)
+        total, n = total - sums.sum().item(), n + int(counts.sum())
+    return total / max(n, 1), {}
+
+
+@torch.no_grad()
+def preference_eval(model, batches, cfg, reference, ctx=contextlib.nullcontext()):
+    """(mean loss per pair, {"val_rewards/...": mean per pair}) over evaluation micro-batches [(x, y, idx), ...],
+    with training's preference_loss; reference(x, y, idx) as in preference_accumulate."""
+    total, n, metrics = 0.0, 0, {}
+    for x, y, idx in batches:
+        with ctx:
+            sums, counts = sequence_logps(model, x, y)
+        loss, m = preference_loss(sums, counts, cfg, lambda: reference(x, y, idx))
+        B = len(idx)
+        total, n = total + loss.item() * B, n + B
+        metrics = {k: metrics.get(k, 0.0) + v * B for k, v in m.items()}
+    return total / max(n, 1), {f"val_{k}": v / max(n, 1) for k, v in metrics.items()}
+
+
+@torch.no_grad()
 def reference_logps(ref_model, pairs, batch_size, pad_id, device, ctx=contextlib.nullcontext(), rank=0, world=1):
     """(N, 2) float64 summed log-probs of every pair's chosen and rejected completion under the frozen
     reference, computed once before training (then the reference model can be freed). Ranks split the
@@ -354,7 +443,7 @@ def reference_logps(ref_model, pairs, batch_size, pad_id, device, ctx=contextlib
     ref_model.eval()
     for start in range(rank * batch_size, len(pairs), batch_size * world):
         chunk = pairs[start:start + batch_size]
-        x, y = collate([c for c, _ in chunk] + [r for _, r in chunk], pad_id, limit=ref_model.config.max_seq_len, device=device)
+        x, y = collate([p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id, limit=ref_model.config.max_seq_len, device=device)
         with ctx:
             sums, _ = sequence_logps(ref_model, x, y)
         out[start:start + len(chunk)] = sums.double().view(2, -1).T
@@ -364,7 +453,7 @@ def reference_logps(ref_model, pairs, batch_size, pad_id, device, ctx=contextlib
 
 
 # -----------------------------------------------------------------------------
-# LoRA (Hu et al. 2021)
+# LoRA (Hu et al. 2022)
 
 LORA_TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
                 "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
@@ -431,7 +520,8 @@ def adapters_disabled(model):
 
 
 # -----------------------------------------------------------------------------
-# training (SFT and DPO share the loop; the pieces come from train.py)
+# training: a run's state, its setup, one step, evaluation, the checkpoint, and the loop (train). SFT and
+# DPO share all of it; the pieces that are not post-training's own come from common.py and checkpoint.py.
 
 
 def resolve(cmd, cfg):
@@ -453,216 +543,296 @@ def resolve(cmd, cfg):
     return eval_split, columns
 
 
-def train(cmd, ckpt_path, cfg, log=print):
-    """SFT or DPO (cmd) of the checkpoint at ckpt_path as cfg says; returns the path of OUT/final.pt."""
-    eval_split, columns = resolve(cmd, cfg)
-    rank, local_rank, world, device = setup_distributed(cfg.device)
-    master = rank == 0
-    log = log if master else (lambda *a, **k: None)
-    torch.manual_seed(cfg.seed)
-    ctx, dtype_name = autocast_for(device, cfg.dtype)
-    ckpt = load_checkpoint(ckpt_path)
-    tok = get_tokenizer(ckpt["tokenizer"]["name"])
-    model = model_from_checkpoint(ckpt, device)
-    del ckpt["model"]  # what save() needs of it is the rest: tokenizer, history, flops
-    if tok.vocab_size > model.config.vocab_size:
-        raise CheckpointError(f"{ckpt_path}: tokenizer {tok.name} has {tok.vocab_size} ids but the model only {model.config.vocab_size}")
-    max_len = min(cfg.max_len, model.config.max_seq_len)
-    pad_id, n_params = tok.special["<|pad|>"], model.num_params(non_embedding=True)
+@dataclass
+class Run:
+    """What a post-training run carries from its setup to its last save: train.py keeps the same in locals;
+    here the step, evaluation and save functions below share it."""
+    cmd: str  # "sft" or "dpo"
+    cfg: PostTrainConfig
+    source_path: str  # the starting checkpoint ...
+    source: dict  # ... less its weights: the tokenizer and the lineage (stage, flops, history) every save carries on
+    raw_model: nn.Module  # the Llama trained (with LoRA: base + adapters), never a compile or DDP wrapper
+    examples: list  # Example (sft) or PreferenceExample (dpo) records
+    evals: list
+    per_step: int  # examples per optimizer step, over every rank
+    max_steps: int
+    pad_id: int
+    max_len: int  # tokens per example
+    n_params: int  # non-embedding parameters of the starting model: the N of 6 N T
+    device: torch.device
+    ctx: object  # bf16 autocast on CUDA, a null context on CPU
+    rank: int
+    world: int
+    log: object  # print on rank 0, silent elsewhere
+    setup: dict | None = None  # what may not change across --resume (resume_setup)
+    model: nn.Module | None = None  # what the step calls: raw_model, maybe compiled, maybe DDP-wrapped
+    optimizer: torch.optim.Optimizer | None = None
+    ref_model: nn.Module | None = None  # DPO, live reference: a frozen copy or --ref (LoRA: none, the base itself)
+    ref_table: torch.Tensor | None = None  # DPO, precomputed reference: (pairs, 2) log-probs of the examples ...
+    ref_eval: torch.Tensor | None = None  # ... and of the evaluation examples
+    tokens: int = 0  # trained on so far, pads not counted
+    flops: int = 0  # spent so far by this run, the reference's forwards included
+    last_metrics: dict = field(default_factory=dict)  # the last logged step's, saved with every checkpoint
 
-    # --- data ---
-    examples, dropped = tokenize(cmd, tok, load_rows(cfg.data, cfg.split, columns, cfg.max_examples), cfg, max_len)
+
+def load_examples(cmd, tokenizer, cfg, eval_split, columns, max_len, log):
+    """(training examples, evaluation examples) of the command; raises when no training example is left."""
+    examples, dropped = tokenize(cmd, tokenizer, load_rows(cfg.data, cfg.split, columns, cfg.max_examples), cfg, max_len)
     evals = []
     if cfg.eval_data != "none":
-        evals, _ = tokenize(cmd, tok, load_rows(cfg.eval_data, eval_split, columns, cfg.eval_examples), cfg, max_len)
+        evals, _ = tokenize(cmd, tokenizer, load_rows(cfg.eval_data, eval_split, columns, cfg.eval_examples), cfg, max_len)
     if not examples:
         raise PostTrainError(f"{cfg.data}: no usable examples (dropped {dropped} with nothing to learn within max_len={max_len})")
     log(f"{cmd}: {len(examples):,} examples from {cfg.data} ({cfg.split}), {dropped} dropped (nothing to learn within "
         f"{max_len} tokens), {len(evals)} for evaluation")
-    per_step = cfg.batch_size * cfg.grad_accum * world
-    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(examples) / per_step))
+    return examples, evals
 
-    # --- the state to resume: what may not change for a step to mean the same examples and the same update ---
-    setup = {"command": cmd, "source": [ckpt.get(k) for k in ("step", "tokens", "flops")], "examples": examples_digest(examples),
-             "eval_examples": examples_digest(evals), "examples_per_step": per_step, "seed": cfg.seed,
-             "lora": [cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets] if cfg.lora_rank else None,
-             "reference": [cfg.loss, cfg.ref, cfg.ref_mode] if cmd == "dpo" else None}
-    resume = None
+
+def resume_setup(run):
+    """What may not change across --resume for a step to mean the same examples and the same update."""
+    cfg = run.cfg
+    return {"command": run.cmd, "source": [run.source.get(k) for k in ("step", "tokens", "flops")],
+            "examples": examples_digest(run.examples), "eval_examples": examples_digest(run.evals),
+            "examples_per_step": run.per_step, "seed": cfg.seed,
+            "lora": [cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets] if cfg.lora_rank else None,
+            "reference": [cfg.loss, cfg.ref, cfg.ref_mode] if run.cmd == "dpo" else None}
+
+
+def find_resume(run):
+    """(path, checkpoint) that --resume continues from, or (None, None) on a fresh start."""
+    cfg = run.cfg
     if cfg.resume:
-        resume_path, resume = latest_checkpoint(cfg.out, ckpt["tokenizer"], log, required_key="resume")
-        changed = [k for k in setup if resume["resume"]["setup"].get(k) != setup[k]]
+        path, ckpt = latest_checkpoint(cfg.out, run.source["tokenizer"], run.log, required_key="resume")
+        changed = [k for k in run.setup if ckpt["resume"]["setup"].get(k) != run.setup[k]]
         if changed:
-            raise ConfigError(f"--resume with a different setup ({', '.join(changed)} changed since {resume_path}): "
+            raise ConfigError(f"--resume with a different setup ({', '.join(changed)} changed since {path}): "
                               "restore those settings, or start a new --out")
-    elif os.path.abspath(ckpt_path) in map(os.path.abspath, checkpoint_paths(cfg.out)):
-        raise ConfigError(f"--out {cfg.out} holds {ckpt_path}, whose periodic checkpoints a fresh run deletes: choose another --out")
+        return path, ckpt
+    if os.path.abspath(run.source_path) in map(os.path.abspath, checkpoint_paths(cfg.out)):
+        raise ConfigError(f"--out {cfg.out} holds {run.source_path}, whose periodic checkpoints a fresh run deletes: choose another --out")
+    return None, None
 
-    # --- the reference (DPO): precomputed once by the starting weights or --ref, or run live ---
-    flops, ref_model, ref_table, ref_eval = 0, None, None, None
-    use_ref = cmd == "dpo" and cfg.loss == "dpo"
-    if use_ref:
-        how = cfg.ref or ("the base with adapters disabled" if cfg.lora_rank else f"{ckpt_path} itself (frozen)")
-        log(f"reference: {how}, {cfg.ref_mode}")
-        load_ref = lambda: model_from_checkpoint(load_checkpoint(cfg.ref, tokenizer=ckpt["tokenizer"]), device).eval().requires_grad_(False)
-        if cfg.ref_mode == "precompute" and resume is not None:  # the tables as computed before the kill: no reference model
-            ref_table, ref_eval = (t if t is None else t.to(device) for t in resume["resume"]["reference"])
-        elif cfg.ref_mode == "precompute":  # before LoRA is added: the starting model *is* the base
-            frozen = load_ref() if cfg.ref else model
-            ref_table = reference_logps(frozen, examples, cfg.batch_size, pad_id, device, ctx, rank, world)
-            ref_eval = reference_logps(frozen, evals, cfg.batch_size, pad_id, device, ctx, rank, world) if evals else None
-            flops += 2 * n_params * sum(len(c[0]) + len(r[0]) for c, r in examples + evals)  # forward only
-            del frozen  # a --ref model is freed: only the policy stays in memory
-        elif cfg.ref:
-            ref_model = load_ref()
-        elif not cfg.lora_rank:
-            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
-    if cfg.lora_rank:
+def setup_reference(run, resume):
+    """DPO's frozen reference, set up before LoRA is added (so the starting model *is* the base): its log-probs
+    of every pair computed once (ref_mode "precompute"; a --ref model is freed on return), or a model kept to
+    run live every step. SFT and SimPO need none."""
+    cfg = run.cfg
+    if run.cmd != "dpo" or cfg.loss != "dpo":
+        return
+    how = cfg.ref or ("the base with adapters disabled" if cfg.lora_rank else f"{run.source_path} itself (frozen)")
+    run.log(f"reference: {how}, {cfg.ref_mode}")
+    if cfg.ref_mode == "precompute" and resume is not None:  # the tables as computed before the kill: no reference model
+        run.ref_table, run.ref_eval = (t if t is None else t.to(run.device) for t in resume["resume"]["reference"])
+        return
+    if cfg.ref:
+        frozen = model_from_checkpoint(load_checkpoint(cfg.ref, tokenizer=run.source["tokenizer"]), run.device)
+        frozen.eval().requires_grad_(False)
+    elif cfg.ref_mode == "precompute":  # read once, before training changes it
+        frozen = run.raw_model
+    elif not cfg.lora_rank:  # live: a copy, since the policy moves away from it
+        frozen = copy.deepcopy(run.raw_model).eval().requires_grad_(False)
+    else:  # live with LoRA: no copy, the base is the policy with its adapters switched off (batch_reference)
+        frozen = None
+    if cfg.ref_mode == "live":
+        run.ref_model = frozen
+        return
+    table = lambda pairs: reference_logps(frozen, pairs, cfg.batch_size, run.pad_id, run.device, run.ctx, run.rank, run.world)
+    run.ref_table, run.ref_eval = table(run.examples), table(run.evals) if run.evals else None
+    run.flops += 2 * run.n_params * sum(len(p.chosen.ids) + len(p.rejected.ids) for p in run.examples + run.evals)  # forward only
+
+
+def start_run(cmd, ckpt_path, cfg, log=print):
+    """Everything before the first step: the starting model, the examples, the resume checks, DPO's reference,
+    LoRA, AdamW and what --resume restores. Returns (run, the step resumed at, or None on a fresh start)."""
+    eval_split, columns = resolve(cmd, cfg)
+    rank, local_rank, world, device = setup_distributed(cfg.device)
+    log = log if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(cfg.seed)  # LoRA's initialization and dropout masks
+    ctx, dtype_name = autocast_for(device, cfg.dtype)
+    # the starting checkpoint: its weights become the model, the rest (tokenizer, lineage) goes into every save
+    source = load_checkpoint(ckpt_path)
+    tok = get_tokenizer(source["tokenizer"]["name"])
+    model = model_from_checkpoint(source, device)
+    del source["model"]
+    if tok.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"{ckpt_path}: tokenizer {tok.name} has {tok.vocab_size} ids but the model only {model.config.vocab_size}")
+    max_len = min(cfg.max_len, model.config.max_seq_len)
+    examples, evals = load_examples(cmd, tok, cfg, eval_split, columns, max_len, log)
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    run = Run(cmd=cmd, cfg=cfg, source_path=ckpt_path, source=source, raw_model=model, examples=examples, evals=evals,
+              per_step=per_step, max_steps=cfg.max_steps or max(1, math.ceil(cfg.epochs * len(examples) / per_step)),
+              pad_id=tok.special["<|pad|>"], max_len=max_len, n_params=model.num_params(non_embedding=True),
+              device=device, ctx=ctx, rank=rank, world=world, log=log)
+    # --resume: the newest readable periodic checkpoint, refused if anything that decides a step changed
+    run.setup = resume_setup(run)
+    resume_path, resume = find_resume(run)
+    setup_reference(run, resume)
+    if cfg.lora_rank:  # after the reference: the model it saw is the base the adapters sit on
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    # LoRA: forward 2N + activation gradients 2N per token; the adapters' own weight gradients are negligible
-    train_factor = 4 if cfg.lora_rank else 6
-    raw_model = model
-    optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
+    run.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
     if resume is not None:  # the live module (LoRA: base + adapters, not the merged weights), AdamW, the RNGs (dropout)
-        raw_model.load_state_dict(resume["resume"]["module"])
-        optimizer.load_state_dict(resume["resume"]["optimizer"])
+        model.load_state_dict(resume["resume"]["module"])
+        run.optimizer.load_state_dict(resume["resume"]["optimizer"])
         set_rng_state(resume["resume"]["rng"])
-    if cfg.compile:
-        model = torch.compile(model, dynamic=True)
+        run.tokens, run.flops, run.last_metrics = resume["resume"]["tokens"], resume["resume"]["flops"], resume["metrics"]
+    run.model = torch.compile(model, dynamic=True) if cfg.compile else model
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-
-    def reference(x, y, idx, table=None):
-        if table is not None:
-            return table[idx]
-        nonlocal flops
-        flops += 2 * n_params * int((x != pad_id).sum()) * world  # every rank runs its share
-        with torch.no_grad(), ctx:
-            if ref_model is not None:
-                return sequence_logps(ref_model, x, y)[0].view(2, -1).T
-            with adapters_disabled(raw_model):
-                return sequence_logps(raw_model, x, y)[0].view(2, -1).T
-
-    def batches(exs, ids):
-        """Micro-batches of the examples `ids` (sorted by length: less padding, same gradient, see above)."""
-        ids = sorted(ids, key=lambda i: -len(exs[i][0]) if cmd == "sft" else -max(len(exs[i][0][0]), len(exs[i][1][0])))
-        out = []
-        for s in range(0, len(ids), cfg.batch_size):
-            chunk = ids[s:s + cfg.batch_size]
-            seqs = [exs[i] for i in chunk] if cmd == "sft" else [exs[i][0] for i in chunk] + [exs[i][1] for i in chunk]
-            x, y = collate(seqs, pad_id, cfg.pad_multiple, max_len, device)
-            out.append((x, y) if cmd == "sft" else (x, y, torch.tensor(chunk, device=device)))
-        return out
-
-    @torch.no_grad()
-    def evaluate():
-        raw_model.eval()
-        total, n, metrics = 0.0, 0, {}
-        for b in batches(evals, list(range(len(evals)))):
-            with ctx:
-                sums, counts = sequence_logps(raw_model, b[0], b[1])
-            if cmd == "sft":
-                total, n = total - sums.sum().item(), n + int(counts.sum())
-                continue
-            B = len(b[2])
-            if cfg.loss == "simpo":
-                loss, m = simpo_loss(sums[:B] / counts[:B], sums[B:] / counts[B:], cfg.beta, cfg.gamma)
-            else:
-                ref = reference(b[0], b[1], b[2], ref_eval).to(sums.dtype)
-                loss, m = dpo_loss(sums[:B], sums[B:], ref[:, 0], ref[:, 1], cfg.beta)
-            total, n = total + loss.item() * B, n + B
-            metrics = {k: metrics.get(k, 0.0) + v * B for k, v in m.items()}
-        raw_model.train()
-        return total / max(n, 1), {f"val_{k}": v / max(n, 1) for k, v in metrics.items()}
-
-    # --- the loop: warmup + cosine (train.lr_at), global batches of shuffled examples ---
-    warmup = round(cfg.warmup_frac * max_steps)
-    # the examples of step s are order[s * per_step:(s + 1) * per_step]: a pure function of (seed, step) for given data
-    rng = np.random.default_rng(cfg.seed)
-    order = np.concatenate([rng.permutation(len(examples)) for _ in range(math.ceil(max_steps * per_step / len(examples)))])
-    os.makedirs(cfg.out, exist_ok=True)
-    start_step = resume["step"] if resume is not None else 0
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    if master:
-        start_metrics(cfg.out, start_step if resume is not None else None)
-    log(f"{n_params:,} non-embedding parameters, {sum(p.numel() for p in trainable):,} trained"
-        f"{f' (LoRA r={cfg.lora_rank} on {cfg.lora_targets})' if cfg.lora_rank else ''} | {per_step} examples/step x {max_steps} steps "
+        run.model = nn.parallel.DistributedDataParallel(run.model, device_ids=[local_rank] if device.type == "cuda" else None)
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"{run.n_params:,} non-embedding parameters, {n_trained:,} trained"
+        f"{f' (LoRA r={cfg.lora_rank} on {cfg.lora_targets})' if cfg.lora_rank else ''} | {per_step} examples/step x {run.max_steps} steps "
         f"| lr {cfg.lr:.1e} | {device.type} {dtype_name}{f' x{world} ranks' if world > 1 else ''}"
-        + (f" | resumed at step {start_step} from {resume_path}" if resume is not None else ""))
+        + (f" | resumed at step {resume['step']} from {resume_path}" if resume is not None else ""))
+    return run, (resume["step"] if resume is not None else None)
 
-    def save(step, name, last_metrics, resumable=False):
-        record = {"op": cmd, "from": os.path.abspath(ckpt_path), "data": cfg.data, "split": cfg.split, "steps": step,
-                  "examples": step * per_step, "tokens": tokens, "flops": flops, "lr": cfg.lr,
-                  "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets} if cfg.lora_rank else None}
-        if cmd == "dpo":
-            record.update(loss=cfg.loss, beta=cfg.beta, **({"gamma": cfg.gamma} if cfg.loss == "simpo" else
-                                                            {"ref": cfg.ref or "self", "ref_mode": cfg.ref_mode}))
-        out = {"model": merged_state_dict(raw_model), "model_config": asdict(raw_model.config), "tokenizer": ckpt["tokenizer"],
-               "step": step, "tokens": ckpt.get("tokens", 0), "flops": ckpt.get("flops", 0) + flops,
-               "history": list(ckpt.get("history", [])) + [record], "posttrain_config": asdict(cfg), "metrics": last_metrics}
-        if "stage" in ckpt:
-            out["stage"] = ckpt["stage"]
-        if resumable:  # "model" stays a plain Llama (chat, eval); "module" shares its tensors unless LoRA is on
-            out["resume"] = {"module": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
-                             "tokens": tokens, "flops": flops, "setup": setup, "reference": (ref_table, ref_eval)}
-        path = os.path.join(cfg.out, name)
-        save_checkpoint(out, path)
-        return path
 
-    model.train()
-    tokens, last_metrics = (resume["resume"]["tokens"], resume["metrics"]) if resume is not None else (0, {})
-    flops = resume["resume"]["flops"] if resume is not None else flops  # the reference's precomputation included
+def micro_batches(run, examples, ids):
+    """The micro-batches of examples[ids] (training or evaluation), SFT's or DPO's."""
+    batches = sft_batches if run.cmd == "sft" else preference_batches
+    return batches(examples, ids, run.cfg.batch_size, run.pad_id, run.cfg.pad_multiple, run.max_len, run.device)
+
+
+def batch_reference(run, x, y, idx, table):
+    """(B, 2) reference log-probs of a micro-batch's pairs idx: rows of a precomputed table, or a forward of
+    the frozen reference (with LoRA: the policy itself with its adapters switched off)."""
+    if table is not None:
+        return table[idx]
+    run.flops += 2 * run.n_params * int((x != run.pad_id).sum()) * run.world  # every rank runs its share
+    with torch.no_grad(), run.ctx:
+        if run.ref_model is not None:
+            return sequence_logps(run.ref_model, x, y)[0].view(2, -1).T
+        with adapters_disabled(run.raw_model):
+            return sequence_logps(run.raw_model, x, y)[0].view(2, -1).T
+
+
+def forward_backward(run, ids):
+    """Forward and backward over this rank's examples `ids` of one step, the gradients accumulated over its
+    micro-batches. Returns (the step's loss, DPO's reward metrics, the step's tokens over every rank)."""
+    micro = micro_batches(run, run.examples, ids)
+    step_tokens = torch.tensor(sum(int((b[0] != run.pad_id).sum()) for b in micro), device=run.device)  # pads: not counted
+    if run.world > 1:
+        dist.all_reduce(step_tokens)
+    if run.cmd == "sft":
+        loss, _ = sft_accumulate(run.model, micro, run.ctx, run.world)
+        return loss.item(), {}, int(step_tokens)
+    reference = lambda x, y, idx: batch_reference(run, x, y, idx, run.ref_table)
+    loss, metrics = preference_accumulate(run.model, micro, run.cfg, reference, run.ctx, run.world)
+    return loss, metrics, int(step_tokens)
+
+
+@torch.no_grad()
+def evaluate(run):
+    """(val loss, val metrics) of the model in eval mode (no LoRA dropout). Every rank evaluates the same
+    examples: no collective to wait in."""
+    run.raw_model.eval()
+    batches = micro_batches(run, run.evals, list(range(len(run.evals))))
+    if run.cmd == "sft":
+        result = sft_eval(run.raw_model, batches, run.ctx)
+    else:
+        reference = lambda x, y, idx: batch_reference(run, x, y, idx, run.ref_eval)
+        result = preference_eval(run.raw_model, batches, run.cfg, reference, run.ctx)
+    run.raw_model.train()
+    return result
+
+
+def history_record(run, step):
+    """This run's entry in the checkpoint's history: what was done to the weights, on what, for how long."""
+    cfg = run.cfg
+    record = {"op": run.cmd, "from": os.path.abspath(run.source_path), "data": cfg.data, "split": cfg.split, "steps": step,
+              "examples": step * run.per_step, "tokens": run.tokens, "flops": run.flops, "lr": cfg.lr,
+              "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets} if cfg.lora_rank else None}
+    if run.cmd == "dpo":
+        record.update(loss=cfg.loss, beta=cfg.beta, **({"gamma": cfg.gamma} if cfg.loss == "simpo" else
+                                                        {"ref": cfg.ref or "self", "ref_mode": cfg.ref_mode}))
+    return record
+
+
+def save(run, step, name, resumable=False):
+    """OUT/name in checkpoint.py's schema: the plain Llama (LoRA merged), the starting checkpoint's lineage
+    with this run appended, and when resumable what --resume needs. "model" stays a plain Llama (chat,
+    eval); "resume"'s "module" shares its tensors unless LoRA is on."""
+    extra = {}
+    if resumable:
+        extra["resume"] = {"module": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(), "rng": rng_state(),
+                           "tokens": run.tokens, "flops": run.flops, "setup": run.setup, "reference": (run.ref_table, run.ref_eval)}
+    ckpt = make_checkpoint(merged_state_dict(run.raw_model), run.raw_model.config, run.source["tokenizer"],
+                           Lineage.after(run.source).then(history_record(run, step)), run_flops=run.flops,
+                           tokens=run.source.get("tokens", 0), step=step, posttrain_config=asdict(run.cfg),
+                           metrics=run.last_metrics, **extra)
+    path = os.path.join(run.cfg.out, name)
+    save_checkpoint(ckpt, path)
+    return path
+
+
+def train(cmd, ckpt_path, cfg, log=print):
+    """SFT or DPO (cmd) of the checkpoint at ckpt_path as cfg says; returns the path of OUT/final.pt."""
+    run, resumed_at = start_run(cmd, ckpt_path, cfg, log)
+    start_step = resumed_at if resumed_at is not None else 0
+    master = run.rank == 0
+    trainable = [p for p in run.raw_model.parameters() if p.requires_grad]
+    warmup = round(cfg.warmup_frac * run.max_steps)
+    # a fresh permutation every epoch; the examples of step s are order[s * per_step:(s + 1) * per_step], a pure
+    # function of (seed, step) for given data: what makes --resume exact without saving a data position
+    rng = np.random.default_rng(cfg.seed)
+    epochs = math.ceil(run.max_steps * run.per_step / len(run.examples))
+    order = np.concatenate([rng.permutation(len(run.examples)) for _ in range(epochs)])
+    os.makedirs(cfg.out, exist_ok=True)
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    if master:  # fresh: the old run's metrics and checkpoints go; resumed: the steps about to be redone go
+        start_metrics(cfg.out, resumed_at)
+    run.model.train()  # the reference's precomputation left it in eval mode
     t_start = t_window = time.perf_counter()
     ex_window = tok_window = 0
-    for step in range(start_step, max_steps):
-        lr = lr_at(step, max_steps, cfg.lr, warmup, cfg.schedule, cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
+    for step in range(start_step, run.max_steps):
+        # the learning rate: linear warmup, then cosine (SimPO's setting)
+        lr = lr_at(step, run.max_steps, cfg.lr, warmup, cfg.schedule, cfg.min_lr_ratio)
+        for group in run.optimizer.param_groups:  # set by hand, as train.py: no scheduler state to save
             group["lr"] = lr
-        mine = order[step * per_step:(step + 1) * per_step][rank::world].tolist()
-        micro = batches(examples, mine)
-        step_tokens = torch.tensor(sum(int((b[0] != pad_id).sum()) for b in micro), device=device)  # pads: not counted
-        if world > 1:
-            dist.all_reduce(step_tokens)
-        step_tokens = int(step_tokens)
-        if cmd == "sft":
-            loss, _ = sft_accumulate(model, micro, ctx, world)
-            loss, extra = loss.item(), {}
-        else:
-            loss, extra = preference_accumulate(model, micro, cfg, lambda x, y, idx: reference(x, y, idx, ref_table), ctx, world)
+        # this rank's share of the step's examples: ranks interleave, so each reads per_step / world of them
+        mine = order[step * run.per_step:(step + 1) * run.per_step][run.rank::run.world].tolist()
+        # forward and backward: the gradient of one large batch, however it is split into micro-batches and ranks
+        loss, extra, step_tokens = forward_backward(run, mine)
+        # clip the norm over every trained weight (logged: a spike shows here first), then update
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens += step_tokens
-        flops += train_factor * n_params * step_tokens
-        ex_window, tok_window, done = ex_window + per_step, tok_window + step_tokens, step + 1
-        if done % cfg.log_interval == 0 or done == max_steps or done == 1:
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)  # free the gradients before the next step's activations
+        # the cost: 6 N per trained token (LoRA: 4 N, the frozen base needs no weight gradients)
+        run.tokens += step_tokens  # real tokens, pads not counted
+        run.flops += (4 if cfg.lora_rank else 6) * run.n_params * step_tokens
+        ex_window, tok_window, done = ex_window + run.per_step, tok_window + step_tokens, step + 1
+        # log the first step, every log_interval-th and the last; throughput over the steps since the last log
+        if done % cfg.log_interval == 0 or done == run.max_steps or done == 1:
             now = time.perf_counter()
             elapsed, dt = now - t_start, now - t_window
-            last_metrics = {"step": done, "examples": done * per_step, "tokens": tokens, "loss": loss, "lr": lr,
-                            "ex_s": ex_window / dt, "tok_s": tok_window / dt, "elapsed": elapsed,
-                            "grad_norm": grad_norm.item() if grad_norm is not None else None, **extra}
-            if master:
-                append_jsonl(metrics_path, last_metrics)
+            run.last_metrics = {"step": done, "examples": done * run.per_step, "tokens": run.tokens, "loss": loss, "lr": lr,
+                                "ex_s": ex_window / dt, "tok_s": tok_window / dt, "elapsed": elapsed,
+                                "grad_norm": grad_norm.item() if grad_norm is not None else None, **extra}
+            if master:  # one writer of metrics.jsonl
+                append_jsonl(metrics_path, run.last_metrics)
             pref = f" | margin {extra['rewards/margins']:.4f} | acc {extra['rewards/accuracy']:.2f}" if extra else ""
-            log(f"step {done:>5}/{max_steps} | loss {loss:.4f}{pref} | lr {lr:.2e} | {ex_window / dt:,.1f} ex/s | "
-                f"{tok_window / dt:,.0f} tok/s | {fmt_time(elapsed)} elapsed | eta {fmt_time(elapsed / (done - start_step) * (max_steps - done))}")
-            t_window, ex_window, tok_window = time.perf_counter(), 0, 0
-        if evals and ((cfg.eval_interval and done % cfg.eval_interval == 0) or done == max_steps):
-            val_loss, val_metrics = evaluate()  # every rank evaluates the same examples: no collective to wait in
+            run.log(f"step {done:>5}/{run.max_steps} | loss {loss:.4f}{pref} | lr {lr:.2e} | {ex_window / dt:,.1f} ex/s | "
+                    f"{tok_window / dt:,.0f} tok/s | {fmt_time(elapsed)} elapsed | "
+                    f"eta {fmt_time(elapsed / (done - start_step) * (run.max_steps - done))}")
+            t_window, ex_window, tok_window = time.perf_counter(), 0, 0  # the next window leaves the logging out
+        # evaluate every eval_interval steps and after the last
+        if run.evals and ((cfg.eval_interval and done % cfg.eval_interval == 0) or done == run.max_steps):
+            val_loss, val_metrics = evaluate(run)  # every rank evaluates the same examples: no collective to wait in
             if master:
-                append_jsonl(metrics_path, {"step": done, "tokens": tokens, "val_loss": val_loss, **val_metrics})
-            log(f"step {done:>5} | val loss {val_loss:.4f}" + "".join(f" | {k} {v:.4f}" for k, v in val_metrics.items()))
-        if master and cfg.ckpt_interval and done % cfg.ckpt_interval == 0 and done < max_steps:
-            save(done, f"ckpt_{done:07d}.pt", last_metrics, resumable=True)
+                append_jsonl(metrics_path, {"step": done, "tokens": run.tokens, "val_loss": val_loss, **val_metrics})
+            run.log(f"step {done:>5} | val loss {val_loss:.4f}" + "".join(f" | {k} {v:.4f}" for k, v in val_metrics.items()))
+        # a resumable checkpoint every ckpt_interval steps (final.pt covers the last), only the newest keep_last kept
+        if master and cfg.ckpt_interval and done % cfg.ckpt_interval == 0 and done < run.max_steps:
+            save(run, done, f"ckpt_{done:07d}.pt", resumable=True)
             prune_checkpoints(cfg.out, cfg.keep_last)
+    # the result: final.pt (a plain Llama, LoRA merged) and the loss plot
     final = None
     if master:
-        final = save(max_steps, "final.pt", last_metrics)
+        final = save(run, run.max_steps, "final.pt")
         if cfg.plot:
             plot_losses(metrics_path, os.path.join(cfg.out, "loss.png"), title=f"{cmd}: {cfg.out}")
-        log(f"done: {final} ({fmt_time(time.perf_counter() - t_start)}, {tokens:,} tokens, {flops:.3g} FLOPs)")
-    if world > 1:
+        run.log(f"done: {final} ({fmt_time(time.perf_counter() - t_start)}, {run.tokens:,} tokens, {run.flops:.3g} FLOPs)")
+    if run.world > 1:
         dist.barrier()
     return final
 

@@ -5,10 +5,10 @@ report.py: what a finished model series gives (called by `python eval.py --repor
 - The paper's Table 1 as Markdown (series_report) and its Figure 2 as a PNG (plot_series): validation
   loss, perplexity and task accuracies of every size, from scratch and grown, and the FLOPs saved.
 - Scaling laws fitted on the smaller members to predict the largest (fit_series): the loss law
-  L(N) = E + A N^-alpha and seed 003's task law log(-log PU) = log c - alpha log N (per task and per
+  L(N) = E + A N^-alpha and Hu et al. 2024's task law log(-log PU) = log c - alpha log N (per task and per
   instance, on PassUntil results).
 
-RUN_DIR/series.json (written by train.py's series runner):
+RUN_DIR/series.json (written by series.py):
   {"config": {...}, "tokenizer": {"name", "vocab_size"},
    "runs": [{"mode": "grow" | "scratch" | "fixed_data", "stage": "S2", "index": 1, "params": X (non-embedding),
              "model_config": {...}, "tokens": T of this stage, "flops": cumulative 6XT over the stages that
@@ -59,7 +59,7 @@ def load_eval(run_dir):
 def series_chains(runs):
     """The two ways of building the series, each a list of runs by stage index: "scratch" (every size
     trained alone) and "grow" (the staged chain). The chain's first stage is itself trained from
-    scratch, so one run can be in both: train.py lists it once, as mode "grow"; a series that lists it
+    scratch, so one run can be in both: series.py lists it once, as mode "grow"; a series that lists it
     as "scratch" has its grown chain start from that run."""
     scratch = {r["index"]: r for r in runs if r["mode"] == "scratch"}
     grow = {r["index"]: r for r in runs if r["mode"] == "grow"}

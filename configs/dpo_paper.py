@@ -1,11 +1,12 @@
-# DPO of an SFT'd series member as the paper does (seed 000, section 4.1): UltraFeedback (binarized),
-# lr 5e-7 for every member, in SimPO's setting (Meng et al.): one epoch, global batch 128, warmup over 10%
-# then cosine, beta 0.01 (SimPO's DPO baseline on the Base models; seed 004 used 0.01 to 0.1). The
-# reference is the starting (SFT) model unless --ref says otherwise; its log-probs are computed once.
+# DPO (Rafailov et al. 2023) of an SFT'd series member as Yano et al. 2025 do (section 4.1): UltraFeedback
+# (binarized), lr 5e-7 for every member, in SimPO's setting (Meng et al. 2024): one epoch, global batch 128,
+# warmup over 10% then cosine, beta 0.01 (SimPO's DPO baseline on the Base models; the Tanuki-8B/8x8B
+# post-training report, GENIAC Matsuo Lab LLM team 2024, used 0.01 to 0.1). The reference is the starting
+# (SFT) model unless --ref says otherwise; its log-probs are computed once.
 #   python posttrain.py dpo out/sft/S1/final.pt configs/dpo_paper.py --out=out/dpo/S1
-# SimPO instead:  --loss=simpo --beta=2.0 --gamma=1.0  (Meng et al.: beta 2.0, gamma/beta 0.5 on Llama-3-Base;
+# SimPO instead:  --loss=simpo --beta=2.0 --gamma=1.0  (Meng et al. 2024: beta 2.0, gamma/beta 0.5 on Llama-3-Base;
 #                  they tuned lr per model between 3e-7 and 1e-6)
-# LoRA (seed 004's cheap runs): --lora_rank=16 --lora_alpha=32 --lr=2e-6 (Tanuki's LoRA DPO used 2e-6, beta 0.1)
+# LoRA (Hu et al. 2022) for cheap runs: --lora_rank=16 --lora_alpha=32 --lr=2e-6 (Tanuki's LoRA DPO used 2e-6, beta 0.1)
 data = "hf:HuggingFaceH4/ultrafeedback_binarized"
 split = "train_prefs"
 eval_examples = 500  # from test_prefs

@@ -1,4 +1,4 @@
-# The Weblab-10B setting (seed 002): English and Japanese mixed 1:1 by tokens, with the validation loss
+# The Weblab-10B setting (Matsuo Lab, 2023): English and Japanese mixed 1:1 by tokens, with the validation loss
 # of each language logged on its own (val_loss/en, val_loss/ja in metrics.jsonl).
 #   torchrun --standalone --nproc_per_node=8 train.py configs/mix_bilingual.py
 # The GPT-2 tokenizer is the paper's; it spends several tokens per Japanese character, so the 1:1 token

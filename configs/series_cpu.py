@@ -1,5 +1,5 @@
 # The CPU demo: the paper's method at toy scale, on 2 cores with no network (the README's main command).
-#   python train.py configs/series_cpu.py
+#   python series.py configs/series_cpu.py
 # Four members, each about twice the non-embedding parameters of the last (cpu-1 .. cpu-4: 0.10M, 0.22M,
 # 0.44M, 0.85M), byte tokenizer, the embedded corpus (Python's own documentation). Stage 1 trains from
 # scratch; each later stage is grown from the one before with bert2BERT FPI (width) and zero-initialized

@@ -1,8 +1,8 @@
-# A series that fits one 8-GPU node: the seed-003 family (head dim 64, layers 4i, FFN 2.5 d, tied
+# A series that fits one 8-GPU node: the PassUntil family of Hu et al. 2024 (head dim 64, layers 4i, FFN 2.5 d, tied
 # embeddings) from pu4 (109M non-embedding parameters) to pu7 (892M), each about twice the last,
 # at 1x Chinchilla (20 tokens per parameter), GPT-2 tokenizer, FineWeb-Edu, context 1024.
 #   python budget.py configs/series_gpu.py --gpus 8 --gpu H100 --mfu 0.4
-#   torchrun --standalone --nproc_per_node=8 train.py configs/series_gpu.py
+#   torchrun --standalone --nproc_per_node=8 series.py configs/series_gpu.py
 # budget.py (6·X·T, X non-embedding): the grown series costs 95.4 EFLOPs (the pu7 alone) against 134
 # EFLOPs for the four scratch runs, 28.8% saved. At 40% MFU of an H100's 989 TFLOP/s that is 67
 # GPU-hours (8.4 hours on 8 GPUs) for the grown series and 93 more GPU-hours (11.6 hours) for the

@@ -2,7 +2,7 @@
 # parameter): 1B from scratch, bert2BERT to 2B, 4B, 8B, each trained on what is left of its scratch
 # budget (section 2.2), plus the scratch baselines at 3e-4 as in the paper (section 3.2).
 #   python budget.py configs/series_paper.py --gpus 8 --gpu H100 --mfu 0.4    # what it costs
-#   torchrun --standalone --nproc_per_node=8 train.py configs/series_paper.py
+#   torchrun --standalone --nproc_per_node=8 series.py configs/series_paper.py
 out_dir = "out/series_paper"
 tokenizer = "gpt2"
 data = ["hf:HuggingFaceFW/fineweb-edu:sample-10BT"]

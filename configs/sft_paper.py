@@ -1,7 +1,8 @@
-# SFT of a series member as the paper does (seed 000, section 4.1): UltraChat-200k, lr 3e-5 for every
-# member, in the setting of SimPO (Meng et al.), which follows the zephyr recipe: one epoch, global batch
-# 128, warmup over 10% of the steps then cosine, no weight decay. The loss is on the assistant's answers
-# only (seed 004). Context: the paper's 1024 (section 3.2), where SimPO used 2048.
+# SFT of a series member as Yano et al. 2025 do (section 4.1): UltraChat-200k, lr 3e-5 for every member,
+# in the setting of SimPO (Meng et al. 2024), which follows the zephyr recipe (Tunstall et al. 2023): one
+# epoch, global batch 128, warmup over 10% of the steps then cosine, no weight decay. The loss is on the
+# assistant's answers only (as TRL's assistant_only_loss, huggingface/trl trl/trainer/sft_config.py).
+# Context: the paper's 1024 (section 3.2), where SimPO used 2048.
 #   python posttrain.py sft out/series/S1/final.pt configs/sft_paper.py --out=out/sft/S1
 #   torchrun --standalone --nproc_per_node=8 posttrain.py sft CKPT configs/sft_paper.py --grad_accum=2
 data = "hf:HuggingFaceH4/ultrachat_200k"

@@ -1,4 +1,4 @@
-# budget.py against the paper's own numbers (seeds/000, sections 2.2, 3.3, 3.4). No torch, no network.
+# budget.py against the paper's own numbers (Yano et al. 2025, sections 2.2, 3.3, 3.4). No torch, no network.
 import os
 import subprocess
 import sys

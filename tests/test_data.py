@@ -333,7 +333,7 @@ def test_ranks_disjoint_and_cover_the_step(tmp_path):
         assert len(rows) == len(set(rows)) == 16
         epoch, first = divmod(step * 16, 48)
         assert sorted(rows) == sorted(perm(epoch)[first:first + 16].tolist())
-        # and the brief's formula: slot (micro, rank) takes g = step*G + (micro*world + rank)*B + i
+        # and data.py's formula (the comment above BatchLoader): slot (micro, rank) takes g = step*G + (micro*world + rank)*B + i
         assert slots[1, 2] == [(0, int(perm(epoch)[first + (1 * 4 + 2) * 2 + i])) for i in range(2)]
     with pytest.raises(DataError, match="each step needs 16"):
         data.BatchLoader(d, batch_size=2, seq_len=4, grad_accum=2, world_size=4, max_tokens=40)

@@ -1,11 +1,15 @@
 """grow.py: function preservation measured over random shapes (non-integer ratios, GQA, tied and untied
-embeddings, noise on and off), layer order of every depth operator, symmetry breaking, errors, CLI."""
+embeddings, noise on and off), layer order of every depth operator, symmetry breaking, errors, the grow
+record (unit maps, depth plan) against the weights, the checkpoint schema, CLI and --explain."""
 
+import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import asdict, replace
 
 import pytest
@@ -13,7 +17,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from grow import depth_plan, function_gap, grow, grow_checkpoint, main  # noqa: E402
+from checkpoint import Lineage, make_checkpoint  # noqa: E402
+from grow import depth_plan, explain_growth, function_gap, grow, grow_checkpoint, main  # noqa: E402
 from model import Llama, ModelConfig, load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
 
 GAPS = {}  # largest gap seen per check, printed by test_zz_report (pytest -s)
@@ -61,7 +66,7 @@ def random_case(rng):
 
 
 CASES = [
-    (cfg(24, 3, 3, 40, 2), cfg(40, 5, 5, 70, 3)),  # the brief's non-integer case
+    (cfg(24, 3, 3, 40, 2), cfg(40, 5, 5, 70, 3)),  # non-integer ratios: 40/24, 5/3, 70/40
     (cfg(24, 3, 3, 40, 2, tied=True), cfg(40, 5, 5, 70, 3, tied=True)),
     (cfg(32, 4, 2, 40, 2), cfg(48, 6, 3, 60, 4)),  # GQA, both grow
     (cfg(16, 4, 1, 20, 1), cfg(20, 4, 2, 20, 2)),  # GQA: one group of 4 split over two KV copies
@@ -227,11 +232,16 @@ def test_bad_targets_say_what_to_do():
         grow(model, cfg(24, 3, 3, 40, 4), width="net2net")
 
 
-def tiny_checkpoint(path):
-    config = cfg(32, 2, 2, 64, 2, hd=16, vocab=320, seq=64)
+STAGE = {"index": 0, "name": "s1", "mode": "grow"}
+
+
+def tiny_checkpoint(path, config=None):
+    # a trained run's file: 1e12 FLOPs before it, 0.5e12 in it, and optimizer state that growth must drop
+    config = config or cfg(32, 2, 2, 64, 2, hd=16, vocab=320, seq=64)
     model = make_model(config, dtype=torch.float32)
-    save_checkpoint(dict(model=model.state_dict(), model_config=asdict(config), tokenizer={"name": "bytes", "vocab_size": 320},
-                         flops=1.5e12, tokens=12345, history=[], stage="s1", optimizer={"state": {}}), path)
+    save_checkpoint(make_checkpoint(model.state_dict(), config, {"name": "bytes", "vocab_size": 320},
+                                    Lineage(STAGE, 1.0e12, [{"op": "init_from"}]), run_flops=0.5e12, tokens=12345,
+                                    optimizer={"state": {}}), path)
     return model
 
 
@@ -240,7 +250,7 @@ def test_grow_checkpoint_and_cli(tmp_path, capsys):
     ckpt = load_checkpoint(tmp_path / "a.pt")
     new_ckpt, gap = grow_checkpoint(ckpt, cfg(48, 3, 3, 96, 3, hd=16, vocab=320, seq=128), seed=3)
     # float32 weights evaluated in float64: the gap is the float32 rounding of the scaled copies, ~1e-6
-    assert gap < 1e-4 and "optimizer" not in new_ckpt and new_ckpt["stage"] == "s1"
+    assert gap < 1e-4 and "optimizer" not in new_ckpt and new_ckpt["stage"] == STAGE
     assert (new_ckpt["flops"], new_ckpt["tokens"], new_ckpt["tokenizer"]["name"]) == (1.5e12, 12345, "bytes")
     rec = new_ckpt["history"][-1]
     assert rec["op"] == "grow" and rec["from"]["d_model"] == 32 and rec["to"]["d_model"] == 48 and rec["gap"] == gap
@@ -264,6 +274,91 @@ def test_grow_checkpoint_and_cli(tmp_path, capsys):
     r = subprocess.run([sys.executable, "grow.py", str(tmp_path / "missing.pt"), "--to", "cpu-2", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, env=ENV)
     assert r.returncode == 2 and r.stderr.startswith("error: no checkpoint") and "Traceback" not in r.stderr
+
+
+def test_grow_record_holds_maps_consistent_with_the_weights(tmp_path):
+    # GQA (2 query heads per KV head), untied lm_head, noise 0: every grown weight is a scaled copy
+    src_cfg = cfg(32, 4, 2, 64, 2, hd=8, vocab=320, seq=64)
+    tgt_cfg = cfg(48, 6, 3, 96, 4, hd=8, vocab=320, seq=64)
+    src = tiny_checkpoint(tmp_path / "a.pt", src_cfg)
+    new_ckpt, _ = grow_checkpoint(load_checkpoint(tmp_path / "a.pt"), tgt_cfg, seed=5, noise=0.0)
+    save_checkpoint(new_ckpt, tmp_path / "b.pt")
+    rec = torch.load(tmp_path / "b.pt", weights_only=False)["history"][-1]  # as a student would open it
+    maps, plan = rec["unit_maps"], rec["depth_plan"]
+    json.dumps([maps, plan])  # plain lists of ints and bools
+    assert {k: len(v) for k, v in maps.items()} == {"residual": 48, "ffn": 96, "kv_heads": 3, "q_heads": 6}
+    assert maps["residual"][:32] == list(range(32)) and sorted(set(maps["residual"])) == list(range(32))
+    assert all(q // 2 == maps["kv_heads"][h // 2] for h, q in enumerate(maps["q_heads"]))  # H2: keeps its KV head
+
+    new, old = model_from_checkpoint(new_ckpt), src
+    r, f, qh, kvh = (torch.tensor(maps[k]) for k in ("residual", "ffn", "q_heads", "kv_heads"))
+    inv_sqrt_k = 1 / torch.tensor([Counter(maps["residual"])[j] for j in maps["residual"]], dtype=torch.float32).sqrt()
+    inv_k_f = 1 / torch.tensor([Counter(maps["ffn"])[j] for j in maps["ffn"]], dtype=torch.float32)
+    inv_k_q = 1 / torch.tensor([Counter(maps["q_heads"])[j] for j in maps["q_heads"]], dtype=torch.float32)
+
+    def close(a, b):
+        return torch.allclose(a, b, rtol=1e-6, atol=0)
+
+    def head_rows(heads, hd=8):
+        return (heads[:, None] * hd + torch.arange(hd)).flatten()
+
+    assert close(new.embed_tokens.weight, old.embed_tokens.weight[:, r] * inv_sqrt_k)  # R1
+    assert close(new.lm_head.weight, old.lm_head.weight[:, r] * inv_sqrt_k)  # R3
+    assert close(new.norm.weight, old.norm.weight[r] * math.sqrt(32 / 48))  # R2
+    assert new.config.norm_eps == pytest.approx(1e-5 * 32 / 48)
+
+    # the depth plan: one entry per new layer, the two new layers of `zero` marked and zeroed
+    assert len(plan) == 4 and [(e["from"], e["zero_out"]) for e in plan] == depth_plan(2, 4, "zero")
+    assert sum(e["zero_out"] for e in plan) == 2
+    for t, e in enumerate(plan):
+        a, b = new.layers[t], old.layers[e["from"]]
+        assert close(a.self_attn.q_proj.weight, b.self_attn.q_proj.weight[head_rows(qh)][:, r] * inv_sqrt_k)  # H1, R3
+        assert close(a.self_attn.k_proj.weight, b.self_attn.k_proj.weight[head_rows(kvh)][:, r] * inv_sqrt_k)  # H2
+        assert close(a.mlp.up_proj.weight, b.mlp.up_proj.weight[f][:, r] * inv_sqrt_k)
+        assert close(a.input_layernorm.weight, b.input_layernorm.weight[r] * math.sqrt(32 / 48))
+        down = b.mlp.down_proj.weight[r][:, f] * inv_sqrt_k[:, None] * inv_k_f  # R1 rows, H1 columns
+        o = b.self_attn.o_proj.weight[r][:, head_rows(qh)] * inv_sqrt_k[:, None] * inv_k_q.repeat_interleave(8)
+        if e["zero_out"]:  # Z
+            assert not a.mlp.down_proj.weight.any() and not a.self_attn.o_proj.weight.any()
+        else:
+            assert close(a.mlp.down_proj.weight, down) and close(a.self_attn.o_proj.weight, o)
+
+
+def test_grown_checkpoint_follows_the_schema(tmp_path):
+    tiny_checkpoint(tmp_path / "a.pt")
+    ckpt = load_checkpoint(tmp_path / "a.pt")
+    new_ckpt, _ = grow_checkpoint(ckpt, cfg(48, 3, 3, 96, 3, hd=16, vocab=320, seq=64), depth="stack", seed=1)
+    schema = make_checkpoint({}, cfg(8, 1, 1, 8, 1), {"name": "bytes", "vocab_size": 320}, Lineage())
+    assert set(new_ckpt) == set(schema)  # every key of the schema, and no run state (optimizer) carried over
+    assert new_ckpt["start_flops"] == new_ckpt["flops"] == ckpt["flops"] == 1.5e12  # growth spends no training FLOPs
+    assert new_ckpt["stage"] == STAGE and new_ckpt["tokens"] == 12345
+    assert new_ckpt["history"][:-1] == ckpt["history"] and new_ckpt["history"][-1]["op"] == "grow"
+    assert [e["from"] for e in new_ckpt["history"][-1]["depth_plan"]] == [0, 1, 0]  # stack
+
+
+def test_explain(tmp_path, capsys):
+    png = tmp_path / "explain.png"
+    r = subprocess.run([sys.executable, "grow.py", "--explain", "--explain_png", str(png)], cwd=ROOT,
+                       capture_output=True, text=True, env={**ENV, "MPLBACKEND": "Agg"})
+    assert r.returncode == 0, r.stderr
+    gap = float(re.search(r"max \|logit difference\| = (\S+)", r.stdout).group(1))
+    assert gap < 1e-10 and "fpi + zero is function preserving" in r.stdout
+    with open(png, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 20_000
+    # the printed maps are the ones the growth used
+    _, _, maps, plan = explain_growth()
+    old_rows = re.findall(r"^  old  +(.*)$", r.stdout, flags=re.M)
+    assert [list(map(int, row.split())) for row in old_rows] == [maps.residual.tolist(), maps.ffn.tolist(),
+                                                                 maps.kv_heads.tolist(), maps.q_heads.tolist()]
+    scales = [float(v) for v in re.search(r"^  1/sqrt\(k\) +(.*)$", r.stdout, flags=re.M).group(1).split()]
+    assert scales == pytest.approx(maps.residual_scale.tolist(), rel=1e-4) and min(scales) < 1  # some dims copied
+    assert r.stdout.count("adds 0 to the stream") == sum(z for _, z in plan) == 2
+    # another operator, in-process: not function preserving, and said so
+    main(["--explain", "--depth", "stack", "--explain_png", str(tmp_path / "stack.png")])
+    out = capsys.readouterr().out
+    assert "not function preserving" in out and float(re.search(r"difference\| = (\S+)", out).group(1)) > 1e-3
+    with pytest.raises(SystemExit):  # without --explain a checkpoint, --to and --out are needed
+        main(["--to", "cpu-2"])
 
 
 def test_zz_report():

@@ -121,7 +121,7 @@ def test_param_counts_closed_form():
     assert tied.num_params(False) == tied.num_params(True) + tied.config.vocab_size * tied.config.d_model
 
 
-def test_seed003_family_shape_rule():
+def test_passuntil_family_shape_rule():
     for i in range(1, 9):
         c = config_from_shape(f"pu{i}")
         assert c.n_layers == 4 * i and c.n_heads == (i * (8 + i)) // 4 and c.head_dim == 64 and c.tie_embeddings

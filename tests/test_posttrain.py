@@ -1,9 +1,10 @@
 """posttrain.py and judge.py: the chat template, SFT's masking and its normalization across gradient
-accumulation, padding invariance, DPO and SimPO against their closed forms, precomputed vs live reference
-log-probs, LoRA merging, a few DPO steps raising the margin, the CLI end to end (sft -> dpo -> chat), exact
-resume of a killed SFT / DPO (LoRA) run, chat never sampling unused ids, and the MT-Bench judge client
-against a local HTTP server. All on CPU with tiny models and the fixtures in tests/fixtures/posttrain/ (a
-few rows in the schemas of ultrachat_200k, ultrafeedback_binarized and mt_bench_prompts)."""
+accumulation, padding invariance, DPO and SimPO against their closed forms and the one preference loss that
+picks between them, precomputed vs live reference log-probs, LoRA merging, a few DPO steps raising the
+margin, the CLI end to end (sft -> dpo -> chat), exact resume of a killed SFT / DPO (LoRA) run, chat never
+sampling unused ids, and the MT-Bench judge client against a local HTTP server. All on CPU with tiny models
+and the fixtures in tests/fixtures/posttrain/ (a few rows in the schemas of ultrachat_200k,
+ultrafeedback_binarized and mt_bench_prompts)."""
 
 import contextlib
 import http.server
@@ -26,7 +27,8 @@ sys.path.insert(0, ROOT)
 import judge  # noqa: E402
 import posttrain as pt  # noqa: E402
 from data import SPECIALS, Tokenizer, get_tokenizer  # noqa: E402
-from model import IGNORE_INDEX, Llama, ModelConfig, load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from model import IGNORE_INDEX, Llama, ModelConfig, model_from_checkpoint  # noqa: E402
 
 FIX = os.path.join(ROOT, "tests", "fixtures", "posttrain")
 SFT_DATA, DPO_DATA, MT_DATA = (os.path.join(FIX, f) for f in ("ultrachat_200k.jsonl", "ultrafeedback_binarized.jsonl", "mt_bench_prompts.jsonl"))
@@ -80,7 +82,7 @@ def test_chat_template_prefix_and_mask():
 
 def test_sft_loss_ignores_everything_but_answers():
     ids, mask = pt.render_chat(TOK, CONV)
-    x, y = pt.collate([(ids, mask)], TOK.special["<|pad|>"], multiple=16)
+    x, y = pt.collate([pt.Example(ids, mask)], TOK.special["<|pad|>"], multiple=16)
     assert x.shape[1] % 16 == 0
     kept = (y[0] != IGNORE_INDEX).nonzero().flatten().tolist()
     assert kept == [t for t in range(len(ids) - 1) if mask[t + 1]] and y[0, kept].tolist() == [ids[t + 1] for t in kept]
@@ -95,9 +97,9 @@ def test_sft_loss_ignores_everything_but_answers():
     y2[0, zero] = IGNORE_INDEX
     model = tiny()
     assert torch.equal(pt.sequence_logps(model, x, y)[0], pt.sequence_logps(model, x, y2)[0])
-    # loss_on="all" (the zephyr recipe) trains every token after the first
-    _, mask_all = pt.sft_example(TOK, CONV, 256, loss_on="all")
-    assert mask_all == [0] + [1] * (len(ids) - 1)
+    # loss_on="all" (the zephyr recipe, Tunstall et al. 2023) trains every token after the first
+    mask_all = pt.sft_example(TOK, CONV, 256, loss_on="all").mask
+    assert mask_all.tolist() == [False] + [True] * (len(ids) - 1)
 
 
 def grads(model):
@@ -123,7 +125,7 @@ def test_accumulation_over_4_micro_batches_equals_one_batch():
 def test_log_probs_do_not_depend_on_padding():
     model, pad = tiny(torch.float64), TOK.special["<|pad|>"]
     exs = sft_examples(4)
-    short = min(exs, key=lambda e: len(e[0]))
+    short = min(exs, key=lambda e: len(e.ids))
     alone = pt.sequence_logps(model, *pt.collate([short], pad))[0]
     padded = pt.sequence_logps(model, *pt.collate([short], pad, multiple=128))[0]
     batched = pt.sequence_logps(model, *pt.collate([short] + exs, pad))[0][0]
@@ -158,12 +160,24 @@ def test_simpo_matches_float64_closed_form():
     assert abs(metrics["rewards/margins"] - (beta * (cd - rd)).mean().item()) < 1e-5
 
 
+def test_preference_loss_is_dpo_or_simpo_and_only_dpo_asks_for_the_reference():
+    torch.manual_seed(2)
+    sums, counts = -torch.rand(6, dtype=torch.float64) * 50, torch.randint(5, 20, (6,))  # 3 chosen rows, then 3 rejected
+    ref = -torch.rand(3, 2, dtype=torch.float64) * 50
+    loss, metrics = pt.preference_loss(sums, counts, pt.PostTrainConfig(loss="dpo", beta=0.1), lambda: ref)
+    expected, expected_metrics = pt.dpo_loss(sums[:3], sums[3:], ref[:, 0], ref[:, 1], 0.1)
+    assert torch.equal(loss, expected) and metrics == expected_metrics
+    no_reference = lambda: pytest.fail("SimPO ran the reference")
+    loss, _ = pt.preference_loss(sums, counts, pt.PostTrainConfig(loss="simpo", beta=2.0, gamma=1.0), no_reference)
+    assert torch.equal(loss, pt.simpo_loss(sums[:3] / counts[:3], sums[3:] / counts[3:], 2.0, 1.0)[0])
+
+
 def test_reference_log_probs_precomputed_equal_live():
     ref, pad = tiny(torch.float64, seed=3), TOK.special["<|pad|>"]
     pairs = dpo_pairs(6)
     table = pt.reference_logps(ref, pairs, batch_size=4, pad_id=pad, device="cpu")
     idx = [5, 0, 2]  # a training micro-batch: other examples, other order, other padding
-    x, y = pt.collate([pairs[i][0] for i in idx] + [pairs[i][1] for i in idx], pad, multiple=32)
+    x, y = pt.collate([pairs[i].chosen for i in idx] + [pairs[i].rejected for i in idx], pad, multiple=32)
     live = pt.sequence_logps(ref, x, y)[0].view(2, -1).T
     assert torch.allclose(table[idx], live, rtol=0, atol=1e-10)
     assert (table < 0).all()
@@ -235,6 +249,7 @@ def test_cli_sft_then_dpo_then_chat(base_ckpt, tmp_path):
     assert out.returncode == 0, out.stderr
     sft = load_checkpoint(sft_dir / "final.pt")
     assert sft["tokenizer"] == {"name": "bytes", "vocab_size": 320} and sft["tokens"] == 12800 and sft["flops"] > 1.0e9
+    assert sft["start_flops"] == 1.0e9 and sft["flops"] == 1.0e9 + sft["history"][-1]["flops"]  # checkpoint.py's lineage
     assert [h["op"] for h in sft["history"]] == ["pretrain", "sft"] and os.path.exists(sft_dir / "loss.png")
     rows = [json.loads(line) for line in open(sft_dir / "metrics.jsonl")]
     assert {"step", "loss", "lr", "ex_s", "tok_s", "elapsed"} <= set(rows[0]) and any("val_loss" in r for r in rows)

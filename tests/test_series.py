@@ -1,4 +1,4 @@
-"""The staged series in train.py: each stage's budget follows section 2.2, a grown stage starts from
+"""The staged series (series.py): each stage's budget follows section 2.2, a grown stage starts from
 the function of the stage before, checkpoints carry the lineage, and a series killed mid-stage
 resumes exactly."""
 
@@ -15,7 +15,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import budget  # noqa: E402
-from train import TrainConfig, configure, series_plan  # noqa: E402
+from common import configure  # noqa: E402
+from series import SeriesConfig, plan_series  # noqa: E402
 
 SERIES = """
 stages = [dict(name="a", shape="cpu-1", lr=3e-3), dict(name="b", shape="cpu-2", lr=2e-3)]
@@ -50,19 +51,19 @@ def data_dir(tmp_path_factory):
 
 
 def test_plan_follows_the_staged_rule(tmp_path, data_dir):
-    cfg = configure(TrainConfig, [str(write_config(tmp_path, "plan", data_dir))])
-    plan, cap = series_plan(cfg)
-    X = [p["params"] for p in plan]
+    cfg = configure(SeriesConfig, [str(write_config(tmp_path, "plan", data_dir))])
+    plan, cap = plan_series(cfg)
+    X = [p.params for p in plan]
     assert X == [100_672, 215_600]  # model.py's counts of cpu-1 and cpu-2
     T1, T2 = round(1.5 * X[0]), round(1.5 * X[1])
-    assert plan[0]["staged_tokens"] == T1
-    assert plan[1]["staged_tokens"] == (budget.flops(X[1], T2) - budget.flops(X[0], T1)) // (6 * X[1])
-    assert cap == T2 and plan[1]["repeats_in_fixed_data"] and not plan[0]["repeats_in_fixed_data"]
+    assert plan[0].staged_tokens == T1
+    assert plan[1].staged_tokens == (budget.flops(X[1], T2) - budget.flops(X[0], T1)) // (6 * X[1])
+    assert cap == T2 and plan[1].repeats_in_fixed_data and not plan[0].repeats_in_fixed_data
 
 
 def test_series_runs_and_a_killed_series_resumes_exactly(tmp_path, data_dir):
     full = write_config(tmp_path, "full", data_dir)
-    subprocess.run([sys.executable, "train.py", str(full)], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "series.py", str(full)], cwd=ROOT, check=True, capture_output=True)
     series = json.load(open(tmp_path / "full" / "series.json"))
     runs = {(r["mode"], r["stage"]): r for r in series["runs"]}
     assert set(runs) == {("grow", "a"), ("grow", "b"), ("scratch", "b"), ("fixed_data", "b")}
@@ -81,7 +82,7 @@ def test_series_runs_and_a_killed_series_resumes_exactly(tmp_path, data_dir):
 
     # the same series, killed (SIGKILL) in the middle of the grown stage b, then resumed
     killed = write_config(tmp_path, "killed", data_dir)
-    proc = subprocess.Popen([sys.executable, "train.py", str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "series.py", str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "killed" / "grow" / "b" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -90,10 +91,19 @@ def test_series_runs_and_a_killed_series_resumes_exactly(tmp_path, data_dir):
             break
         time.sleep(0.02)
     assert proc.wait() == -signal.SIGKILL, "the series finished before it could be killed"
-    subprocess.run([sys.executable, "train.py", str(killed), "--resume"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "series.py", str(killed), "--resume"], cwd=ROOT, check=True, capture_output=True)
     for mode, stage in runs:
         a = losses(tmp_path / "full" / mode / stage / "metrics.jsonl")
         b = losses(tmp_path / "killed" / mode / stage / "metrics.jsonl")
         assert a == b, (mode, stage)  # every loss bit for bit
     resumed = json.load(open(tmp_path / "killed" / "series.json"))
     assert [(r["mode"], r["stage"], r["val_loss"]) for r in resumed["runs"]] == [(r["mode"], r["stage"], r["val_loss"]) for r in series["runs"]]
+
+
+def test_train_py_hands_a_series_config_to_series_py_and_series_py_needs_stages():
+    # the older main command, python train.py SERIES_CONFIG, runs the series: a bad mode gets series.py's one line
+    out = subprocess.run([sys.executable, "train.py", "configs/series_cpu.py", "--series_mode=grow+bogus"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "series_mode 'grow+bogus'" in out.stderr
+    out = subprocess.run([sys.executable, "series.py", "configs/tiny_cpu.py"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no stages" in out.stderr

@@ -14,7 +14,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from train import ConfigError, TrainConfig, configure, lr_at, make_optimizer  # noqa: E402
+from common import ConfigError, configure, lr_at, make_optimizer  # noqa: E402
+from train import TrainConfig  # noqa: E402
 from model import Llama, ModelConfig  # noqa: E402
 
 
@@ -146,7 +147,7 @@ def test_series_that_cannot_grow_fails_before_training(tmp_path):
 
 
 def test_mixture_logs_validation_loss_per_source(tmp_path, data_dir):
-    # two local sources mixed 3:1 by tokens (the Weblab-10B setting, seed 002), each with its own val loss
+    # two local sources mixed 3:1 by tokens (the Weblab-10B setting, Matsuo Lab 2023), each with its own val loss
     import data
     for name, word in (("en", "the quick brown fox jumps over the lazy dog. "), ("ja", "いろはにほへと ちりぬるを わかよたれそ. ")):
         with open(tmp_path / f"{name}.jsonl", "w") as f:

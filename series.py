@@ -1,0 +1,262 @@
+"""
+series.py: the staged series of Yano et al. 2025 (section 2.2), on top of train.py and grow.py.
+
+    python series.py configs/series_cpu.py                 # the CPU demo: grown and scratch series, the report
+    python series.py configs/series_cpu.py --resume        # after a kill: finished stages kept, the cut one resumed
+    torchrun --standalone --nproc_per_node=8 series.py configs/series_paper.py
+
+The algorithm, for members X_1 < X_2 < ... < X_n (non-embedding parameters), each with the scratch
+budget FLOPs(X_i, T_i) = 6 X_i T_i at T_i = tokens_per_param * X_i (section 2.1):
+
+    stage 1:    train X_1 from scratch on T_1 tokens
+    stage i+1:  grow stage i's final model into X_{i+1} (grow.py: function preserving), then train it on
+                (FLOPs(X_{i+1}, T_{i+1}) - FLOPs spent by stages 1..i) / (6 X_{i+1}) tokens
+
+so the whole series costs what training its largest member alone costs (budget.staged_budget). Beside
+it, the baselines the paper compares against: every size trained alone from scratch ("scratch"), and the
+grown series with unique data capped at the largest scratch run's ("fixed_data", section 3.3), where
+the later stages read tokens again. series.json lists every finished run; report.py turns it into the
+paper's Table 1 (report.md) and Figure 2 (series.png).
+
+A config file sets the fields of SeriesConfig: TrainConfig's (train.py), which every stage shares,
+plus the series' own below.
+"""
+
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+import torch.distributed as dist
+
+import budget
+import data
+import grow
+import report
+from checkpoint import CheckpointError, Lineage, checkpoint_paths, load_checkpoint
+from common import ConfigError, configure
+from model import Llama, ModelConfig, config_from_shape, model_from_checkpoint
+from train import TrainConfig, train
+
+MODES = ("grow", "scratch", "fixed_data")
+
+
+@dataclass
+class SeriesConfig(TrainConfig):
+    stages: list = field(default_factory=list)  # [dict(name=, shape=, lr=[, scratch_lr=, warmup_steps=]), ...] smallest first
+    series_mode: str = "grow+scratch"  # MODES joined by "+"
+    tokens_per_param: float = 40.0  # scratch tokens per non-embedding parameter (2x Chinchilla, section 3.1)
+    grow_width: str = "fpi"  # grow.WIDTHS
+    grow_depth: str = "zero"  # grow.DEPTHS
+    grow_noise: float = 1e-3  # symmetry-breaking noise that keeps the function (grow.py)
+    grow_warmup_steps: int = 20  # warmup after growth: AdamW starts fresh (section 3.5)
+    report: bool = True  # write report.md and series.png when the series is done
+
+
+def train_config(cfg):
+    """The TrainConfig part of a SeriesConfig (what one run of train.py is given)."""
+    return TrainConfig(**{f.name: getattr(cfg, f.name) for f in fields(TrainConfig)})
+
+
+# -----------------------------------------------------------------------------
+# the plan: each member's shape, size and token budgets, checked before any training
+
+
+@dataclass
+class Stage:
+    index: int  # 0-based position in the series
+    name: str
+    shape: str  # a model.SHAPES name
+    config: ModelConfig
+    params: int  # X: non-embedding parameters (what FLOPs = 6XT counts)
+    lr: float  # peak learning rate of the grown stage (section 3.5: falls with size)
+    scratch_lr: float  # the same size trained from scratch (defaults to lr: no tuning advantage either way)
+    warmup_steps: int | None  # after growth; None: cfg.grow_warmup_steps
+    scratch_tokens: int  # T_i: the member trained alone
+    staged_tokens: int  # what is left of T_i's FLOPs after stages 1..i-1, in tokens of X_i
+    repeats_in_fixed_data: bool  # under the fixed-data cap this stage reads tokens a second time
+
+
+def plan_series(cfg):
+    """(stages, unique-token cap of fixed_data). Raises ConfigError for a series that cannot be grown or
+    budgeted, so a mistake fails here, before hours of training."""
+    tokenizer = data.get_tokenizer(cfg.tokenizer)
+    modes = cfg.series_mode.split("+")
+    if not set(modes) <= set(MODES):
+        raise ConfigError(f"series_mode {cfg.series_mode!r}: use {', '.join(MODES)} joined by '+'")
+    configs, sizes = [], []
+    for i, st in enumerate(cfg.stages):
+        unknown = set(st) - {"name", "shape", "lr", "scratch_lr", "warmup_steps"} if isinstance(st, dict) else None
+        if unknown is None or unknown or "shape" not in st or "lr" not in st:
+            raise ConfigError(f"stage {i + 1} {st}: a stage is dict(name=, shape=, lr=[, scratch_lr=, warmup_steps=])"
+                              + (f"; unknown keys {sorted(unknown)}" if unknown else ""))
+        configs.append(config_from_shape(st["shape"], vocab_size=tokenizer.vocab_size, max_seq_len=cfg.seq_len))
+        with torch.device("meta"):  # count parameters without allocating them
+            sizes.append(Llama(configs[-1]).num_params(non_embedding=True))
+    names = [st.get("name", st["shape"]) for st in cfg.stages]
+    try:
+        if {"grow", "fixed_data"} & set(modes):
+            for a, b in zip(configs, configs[1:]):
+                grow.check_growth(a, b, cfg.grow_width, cfg.grow_depth, cfg.grow_noise, None)
+        budgets = budget.staged_budget(sizes, cfg.tokens_per_param, names)
+    except ValueError as e:
+        raise ConfigError(f"stages: {e}") from None
+    cap, data_use = budget.fixed_data(budgets)
+    stages = [Stage(i, names[i], st["shape"], configs[i], sizes[i], st["lr"], st.get("scratch_lr", st["lr"]),
+                    st.get("warmup_steps"), b.scratch_tokens, b.staged_tokens, u.repeated > 0)
+              for i, (st, b, u) in enumerate(zip(cfg.stages, budgets, data_use))]
+    return stages, cap
+
+
+# -----------------------------------------------------------------------------
+# the record of a series: series.json, one entry per finished run (report.py reads it)
+
+
+@dataclass
+class SeriesRun:
+    mode: str
+    stage: str  # the stage's name
+    index: int
+    params: int
+    model_config: dict
+    tokens: int  # tokens of this stage's own run
+    flops: int  # the lineage's FLOPs so far: for a grown stage, every earlier stage's too
+    val_loss: float
+    val_bpb: float
+    ckpt: str  # paths relative to the series' out_dir
+    metrics: str
+    lr: float
+    unique_token_cap: int | None
+
+
+def write_series_json(cfg, runs):
+    """out_dir/series.json, rewritten atomically after each run (a killed series leaves a whole file)."""
+    tokenizer = data.get_tokenizer(cfg.tokenizer)
+    path = os.path.join(cfg.out_dir, "series.json")
+    record = {"config": asdict(cfg), "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size},
+              "runs": [asdict(r) for r in runs]}
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# -----------------------------------------------------------------------------
+# running the stages
+
+
+def run_stage(cfg, runs, mode, stage, tokens, lr, model=None, lineage=None, step_offset=0, unique_cap=0, warmup=None):
+    """Train one member for `tokens` tokens in out_dir/MODE/NAME (train.py), record it in series.json, and
+    return (its final checkpoint, the data step the next stage starts at). A finished run (final.pt)
+    is kept under --resume; a run cut short resumes from its newest checkpoint."""
+    out_dir = os.path.join(cfg.out_dir, mode, stage.name)
+    final = os.path.join(out_dir, "final.pt")
+    run_cfg = replace(train_config(cfg), out_dir=out_dir, shape=stage.shape, lr=lr, max_tokens=tokens, max_steps=0,
+                      data_step_offset=step_offset, max_unique_tokens=unique_cap,
+                      warmup_steps=cfg.warmup_steps if warmup is None else warmup,
+                      resume=cfg.resume and bool(checkpoint_paths(out_dir)))
+    if not (cfg.resume and os.path.exists(final)):
+        log(f"=== {mode} / {stage.name}: {tokens:,} tokens at lr {lr:g} ===")
+        lineage = lineage or Lineage()
+        train(run_cfg, model=model, lineage=replace(lineage, stage={"index": stage.index, "name": stage.name, "mode": mode}))
+    ckpt = load_checkpoint(final)
+    runs.append(SeriesRun(mode, stage.name, stage.index, stage.params, ckpt["model_config"], ckpt["tokens"], ckpt["flops"],
+                          ckpt["val"]["val_loss"], ckpt["val"]["val_bpb"], os.path.relpath(final, cfg.out_dir),
+                          os.path.relpath(os.path.join(out_dir, "metrics.jsonl"), cfg.out_dir), lr, unique_cap or None))
+    if rank() == 0:
+        write_series_json(cfg, runs)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world_size()
+    return ckpt, step_offset + math.ceil(tokens / tokens_per_step)
+
+
+def grown_series(cfg, runs, stages, mode, unique_cap=0):
+    """Stage 1 from scratch, then grow and train on what is left of each stage's budget. The stages read
+    the data stream on in order: stage i+1 starts where stage i stopped."""
+    ckpt, offset = None, 0
+    for stage in stages:
+        if mode == "fixed_data" and "grow" in cfg.series_mode.split("+") and not stage.repeats_in_fixed_data:
+            # identical to the grow run up to here (no token is read twice yet): share it
+            ckpt = load_checkpoint(os.path.join(cfg.out_dir, "grow", stage.name, "final.pt"))
+            offset += math.ceil(stage.staged_tokens / (cfg.batch_size * cfg.seq_len * cfg.grad_accum * world_size()))
+            continue
+        if ckpt is None:  # stage 1: from scratch
+            ckpt, offset = run_stage(cfg, runs, mode, stage, stage.staged_tokens, stage.lr, step_offset=offset, unique_cap=unique_cap)
+            continue
+        # grow the previous stage's final model: function-preserving where the operator is (grow.py)
+        grown, gap = grow.grow_checkpoint(ckpt, stage.config, width=cfg.grow_width, depth=cfg.grow_depth,
+                                          seed=cfg.seed + stage.index, noise=cfg.grow_noise)
+        old = ckpt["model_config"]
+        log(f"grew {old['d_model']}x{old['n_layers']} -> {stage.config.d_model}x{stage.config.n_layers} "
+            f"({cfg.grow_width}/{cfg.grow_depth}): max |logit gap| {gap:.2e}")
+        # then train: AdamW starts fresh, so a short warmup, at the stage's own learning rate (section 3.5)
+        warmup = stage.warmup_steps if stage.warmup_steps is not None else cfg.grow_warmup_steps
+        ckpt, offset = run_stage(cfg, runs, mode, stage, stage.staged_tokens, stage.lr, model=model_from_checkpoint(grown),
+                                 lineage=Lineage.after(grown), step_offset=offset, unique_cap=unique_cap, warmup=warmup)
+
+
+def run_series(cfg):
+    """Run every mode of cfg.series_mode over cfg.stages, then write the report."""
+    stages, cap = plan_series(cfg)
+    modes = cfg.series_mode.split("+")
+    summary = budget.summarize(budget.staged_budget([s.params for s in stages], cfg.tokens_per_param, [s.name for s in stages]))
+    log(f"series of {len(stages)} stages, modes {modes}, {cfg.tokens_per_param:g} tokens per parameter: "
+        + ", ".join(f"{s.name} X={s.params:,} scratch {s.scratch_tokens:,} / staged {s.staged_tokens:,} tokens" for s in stages)
+        + f" | staged {summary.staged_flops:.3g} FLOPs vs scratch {summary.scratch_flops:.3g} ({summary.saving:.1%} saved)")
+    runs = []
+    if "grow" in modes:
+        grown_series(cfg, runs, stages, "grow")
+    if "scratch" in modes:
+        for stage in stages:
+            if stage.index == 0 and "grow" in modes:
+                continue  # the smallest member is trained from scratch in the grown series already
+            run_stage(cfg, runs, "scratch", stage, stage.scratch_tokens, stage.scratch_lr)
+    if "fixed_data" in modes:
+        grown_series(cfg, runs, stages, "fixed_data", unique_cap=cap)
+    if rank() == 0 and cfg.report:
+        write_report(cfg.out_dir)
+
+
+def write_report(out_dir):
+    """report.md (the paper's Table 1) and series.png (its Figure 2) from series.json."""
+    table = report.series_report(out_dir)
+    report.plot_series(out_dir, os.path.join(out_dir, "series.png"))
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(table + "\n")
+    log(table)
+    log(f"report: {os.path.join(out_dir, 'report.md')}, figure: {os.path.join(out_dir, 'series.png')}")
+
+
+def rank():
+    return int(os.environ.get("RANK", 0))
+
+
+def world_size():
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def log(*args):
+    if rank() == 0:
+        print(*args)
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv):
+    try:
+        cfg = configure(SeriesConfig, argv)
+        if not cfg.stages:
+            raise ConfigError("no stages: a series config sets stages = [dict(name=, shape=, lr=), ...]; "
+                              "for one model run python train.py CONFIG")
+        run_series(cfg)
+    except (ConfigError, CheckpointError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
