@@ -14,7 +14,8 @@ Always present:
     start_flops    training FLOPs spent on this model's line before the run that wrote the file
                    (earlier stages, the model it was grown from; 0 for a model from scratch)
     flops          training FLOPs in all: start_flops + what this run spent (6 X T, budget.flops)
-    tokens         tokens the run that wrote the file trained on
+    tokens         pretraining tokens behind these weights: train.py's count for its run; grow.py and
+                   posttrain.py carry the source's (post-training's own counts go in history and metrics)
     history        what happened to the weights, oldest first: {"op": "grow", ...}, {"op": "init_from", ...},
                    {"op": "sft", ...}; a grow record holds the unit maps and the depth plan (grow.py)
 
@@ -23,12 +24,25 @@ By writer:
                                                             record, and what an exact --resume needs
     posttrain_config, metrics, resume                       posttrain.py (resume: module, optimizer, rng, ...)
 
+Written by save_checkpoint:
+    checksum       {"sha256": hex}: a digest of everything above, tensors byte for byte (payload_digest)
+
 stage, start_flops and history travel together as a Lineage: the one object a run is handed to say
 where its model came from.
+
+What loading trusts: nothing in the file. torch.load runs with weights_only=True, whose unpickler builds
+only tensors and plain containers (dict, list, tuple, str, int, float, bool, None), so a crafted file
+cannot run code; every writer above stores only those types. The checksum then catches bytes changed
+on disk (a bad sector, a partial copy, an overwrite) that would otherwise load as silently wrong weights.
 """
 
+import errno
+import fcntl
 import glob
+import hashlib
+import math
 import os
+import pickle
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -73,13 +87,72 @@ def make_checkpoint(state_dict, model_config, tokenizer, lineage, run_flops=0, t
 
 
 # -----------------------------------------------------------------------------
+# the checksum: a digest of the whole record, tensors included
+
+
+def payload_digest(obj):
+    """sha256 over a checkpoint's contents in their stored order: each container's kind and length,
+    each key, each plain value's repr (exact for floats), each tensor's dtype, shape and bytes. A loaded
+    file gives the digest it was written with unless a byte of it changed."""
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # the raw bytes, whatever the dtype
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}".encode())
+            for k, v in x.items():
+                walk(k)
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            h.update(f"{type(x).__name__[0]}{len(x)}".encode())
+            for v in x:
+                walk(v)
+        else:
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def find_non_finite(state, prefix=""):
+    """The name of the first floating tensor in `state` (nested dicts and lists) holding a NaN or an
+    inf, or None: nothing non-finite is ever saved."""
+    if isinstance(state, torch.Tensor):
+        return (prefix or "tensor") if state.is_floating_point() and not bool(torch.isfinite(state).all()) else None
+    if isinstance(state, dict):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return None if not isinstance(state, float) or math.isfinite(state) else prefix
+    for k, v in items:
+        found = find_non_finite(v, f"{prefix}.{k}" if prefix else str(k))
+        if found:
+            return found
+    return None
+
+
+# -----------------------------------------------------------------------------
 # writing and reading one file
 
 
-def save_checkpoint(ckpt, path):
+def save_checkpoint(ckpt, path, overwrite=True):
     """Write atomically: a temporary file in the same folder, flushed and fsynced, then renamed over
-    `path`, so a run killed mid-write leaves the previous file intact."""
+    `path`, so a run killed mid-write leaves the previous file intact. Refuses weights that are not
+    finite (a diverged model is never saved over a good one), and with overwrite=False an existing path.
+    Adds the checksum that load_checkpoint verifies."""
     path = os.fspath(path)
+    if not overwrite and os.path.exists(path):
+        raise CheckpointError(f"{path} exists: choose another output path, or pass --overwrite to replace it")
+    bad = find_non_finite({k: ckpt[k] for k in ("model", "optimizer", "resume") if k in ckpt})
+    if bad:
+        raise CheckpointError(f"not saving {path}: {bad} holds NaN or inf values")
+    ckpt = {k: v for k, v in ckpt.items() if k != "checksum"}
+    ckpt["checksum"] = {"sha256": payload_digest(ckpt)}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -99,22 +172,33 @@ def save_checkpoint(ckpt, path):
         os.close(dir_fd)
 
 
-def load_checkpoint(path, map_location="cpu", tokenizer=None):
-    """Load and validate a checkpoint. `tokenizer` (a name, or a dict with name and vocab_size) is what
-    the caller's data uses; a checkpoint made with another raises CheckpointError."""
+def load_checkpoint(path, map_location="cpu", tokenizer=None, mmap=False):
+    """Load and validate a checkpoint: plain types only (never code from the file), the checksum verified.
+    `tokenizer` (a name, or a dict with name and vocab_size) is what the caller's data uses; a checkpoint
+    made with another raises CheckpointError. mmap=True maps the tensors from the file instead of
+    reading them into memory (for a file read only once, as in verification)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+        first_line = (str(e).strip().splitlines() or [""])[0][:160]
+        if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e):
+            raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain containers "
+                                  f"({first_line}); nanogrow never writes such files, so it was made elsewhere "
+                                  "or tampered with") from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {first_line}); "
                               "use an earlier checkpoint or re-save it") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a nanogrow checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {missing}: it was not written by nanogrow's save_checkpoint")
+    stored = ckpt.pop("checksum", None)
+    if stored is not None and (not isinstance(stored, dict) or stored.get("sha256") != payload_digest(ckpt)):
+        raise CheckpointError(f"checkpoint {path} fails its checksum: its bytes changed after it was written; "
+                              "use an earlier checkpoint")
     if tokenizer is not None:
         want = tokenizer if isinstance(tokenizer, dict) else {"name": tokenizer}
         have = ckpt["tokenizer"]
@@ -134,10 +218,39 @@ def checkpoint_paths(out_dir):
     return sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
 
 
-def prune_checkpoints(out_dir, keep_last):
-    """Keep the newest keep_last periodic checkpoints (0 keeps all)."""
-    for old in checkpoint_paths(out_dir)[:-keep_last] if keep_last > 0 else []:
-        os.remove(old)
+_verified = {}  # (path, size, mtime_ns) -> whether it loaded and matched its checksum, once per process
+
+
+def verifies(path):
+    """Whether the file at path loads and matches its checksum (memory-mapped: not read into RAM twice)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _verified:
+        try:
+            load_checkpoint(path, mmap=True)
+            _verified[key] = True
+        except CheckpointError:
+            _verified[key] = False
+    return _verified[key]
+
+
+def prune_checkpoints(out_dir, keep_last, log=print):
+    """Keep the newest keep_last periodic checkpoints that verify (0 keeps all). A file is deleted only
+    when keep_last newer ones have been read back whole, so the last checkpoint that verified is never
+    deleted, whatever happened to the newer ones; a newer one that fails is kept for inspection."""
+    if keep_last <= 0:
+        return
+    good = 0
+    for path in reversed(checkpoint_paths(out_dir)):
+        if good >= keep_last:
+            os.remove(path)
+        elif verifies(path):
+            good += 1
+        else:
+            log(f"warning: {path} does not verify (corrupt on disk?); keeping older checkpoints")
 
 
 def latest_checkpoint(out_dir, tokenizer, log=print, required_key=None):
@@ -153,3 +266,64 @@ def latest_checkpoint(out_dir, tokenizer, log=print, required_key=None):
         except CheckpointError as e:
             log(f"warning: {e}")
     raise CheckpointError(f"--resume: no usable checkpoint in {out_dir}; run without --resume to start fresh")
+
+
+# -----------------------------------------------------------------------------
+# claiming an out_dir: one live run per folder, and never over another run's checkpoints
+
+
+class RunLock:
+    """An exclusive flock on out_dir/run.lock for the life of a run: a second live run on the same folder
+    is refused, while a killed run's lock goes with its process (so --resume after a kill just works)."""
+
+    def __init__(self, out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, "run.lock")
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise CheckpointError(f"{out_dir} is in use by a live run ({holder}): wait for it, or choose another out_dir") from None
+            raise
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        self.file.flush()
+
+    def release(self):
+        if not self.file.closed:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def claim_out_dir(out_dir, resume, overwrite, results=("final.pt",), logs=("metrics.jsonl",)):
+    """Take out_dir's RunLock and ready the folder; returns the lock, which the run releases at its end.
+    Removes temporary files a killed save left behind. A fresh run (no --resume) into a folder that holds
+    another run's checkpoints or results is refused unless overwrite, which deletes them with the old
+    logs: nothing a user has is replaced unasked."""
+    lock = RunLock(out_dir)
+    try:
+        for tmp in glob.glob(os.path.join(out_dir, "*.tmp*")):
+            os.remove(tmp)
+        if not resume:
+            kept = checkpoint_paths(out_dir) + [p for p in (os.path.join(out_dir, r) for r in results) if os.path.exists(p)]
+            if kept and not overwrite:
+                raise CheckpointError(f"{out_dir} already holds a run ({os.path.basename(kept[-1])}): pass --resume to continue it, "
+                                      "choose a new out_dir, or pass --overwrite to delete it")
+            for path in kept + [os.path.join(out_dir, name) for name in logs]:
+                if os.path.exists(path):
+                    os.remove(path)
+    except BaseException:
+        lock.release()
+        raise
+    return lock

@@ -9,22 +9,24 @@ is being trained: the loops live in train.py (pretraining) and posttrain.py (SFT
 
 import ast
 import contextlib
+import datetime
 import json
 import math
 import os
 import random
 import runpy
+import statistics
 import sys
 import time
 import types
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 import budget
-from checkpoint import checkpoint_paths
+from checkpoint import CheckpointError
 
 # -----------------------------------------------------------------------------
 # configuration: config files are plain Python assignments to a dataclass's fields
@@ -96,14 +98,50 @@ def configure(config_cls, argv):
     return config_cls(**values)
 
 
+def require(ok, key, value, must):
+    """A range check on a config value: ConfigError naming the key, its value and the valid range."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: must be {must}")
+
+
+def check_choice(key, value, choices):
+    require(value in choices, key, value, "one of " + ", ".join(map(str, choices)))
+
+
+def check_device(device_pref):
+    """--device: one of auto, cpu, cuda; cuda only where torch sees a GPU."""
+    check_choice("device", device_pref, ("auto", "cpu", "cuda"))
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but torch sees no GPU (CPU build, or no driver): use --device=cpu or auto")
+
+
+@contextlib.contextmanager
+def cli_errors(*user_errors):
+    """A command's body: a problem the user can fix (ConfigError, DivergenceError, checkpoint.CheckpointError,
+    and the caller's own `user_errors`) or a file the system refuses (a read-only folder, a full disk) ends
+    it with one `error:` line and exit code 2, never a traceback; the process group is torn down however
+    the command ends."""
+    try:
+        yield
+    except (ConfigError, DivergenceError, CheckpointError, *user_errors) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        print(f"error: {e.strerror or e} ({e.filename or 'a file'}): free space, or choose a writable path", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
 
 # -----------------------------------------------------------------------------
 # devices, precision, optimizer, schedule
 
 
-def setup_distributed(device_pref="auto"):
+def setup_distributed(device_pref="auto", timeout_s=1800):
     """(rank, local_rank, world_size, device). Under torchrun (RANK set) joins the process group:
-    nccl on CUDA, gloo on CPU."""
+    nccl on CUDA, gloo on CPU, with a finite timeout on every collective, so a rank that hangs or dies
+    ends the job instead of leaving the others waiting forever."""
     if device_pref == "auto":
         device_pref = "cuda" if torch.cuda.is_available() else "cpu"
     rank, local_rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -111,8 +149,25 @@ def setup_distributed(device_pref="auto"):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return rank, local_rank, world, device
+
+
+def rank0_first(fn, rank, world):
+    """fn() on rank 0 (its result there, None elsewhere). An exception on rank 0 is raised on every rank,
+    so the others stop too instead of waiting in the next collective until the timeout."""
+    if world == 1:
+        return fn()
+    result, box = None, [None]
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as e:  # handed to every rank below, then raised
+            box = [e]
+    dist.broadcast_object_list(box, src=0)  # also a barrier: no rank goes on before rank 0 is done
+    if box[0] is not None:
+        raise box[0]
+    return result
 
 
 def autocast_for(device, dtype_name):
@@ -159,14 +214,18 @@ def lr_at(step, max_steps, lr, warmup_steps, schedule="cosine", min_lr_ratio=0.1
 
 
 def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every RNG a run draws from, in plain types (numpy's key array as a list of ints), so a checkpoint
+    loads under torch.load(weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached], "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -212,14 +271,38 @@ def fmt_time(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def finite_or_none(x):
+    """JSON has no NaN or inf: a non-finite float is written as null (json.dumps would write bare NaN)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_or_none(v) for v in x]
+    return x
+
+
 def append_jsonl(path, record):
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
 
 
 def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a JSON-lines log. A last line cut short (a kill mid-write) is dropped; a malformed
+    line elsewhere raises ConfigError naming it."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if i == len(lines) - 1:  # no newline after it: the write was cut off
+                break
+            raise ConfigError(f"{path} line {i + 1} is not JSON: fix or delete that line") from None
+    return rows
 
 
 def plot_losses(metrics_path, png_path, title=""):
@@ -248,16 +331,64 @@ def plot_losses(metrics_path, png_path, title=""):
 
 def start_metrics(out_dir, resume_step=None):
     """Ready out_dir/metrics.jsonl: on resume, drop what the killed run logged after its checkpoint (those
-    steps run again); on a fresh start, remove the old run's metrics and checkpoints. Returns its path."""
+    steps run again, and a line cut short by the kill goes too); on a fresh start, begin it empty (the
+    old run's files were claimed by checkpoint.claim_out_dir). Returns its path."""
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if resume_step is not None:
-        if os.path.exists(metrics_path):
-            kept = [r for r in read_jsonl(metrics_path) if r["step"] <= resume_step]
-            with open(metrics_path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-    else:
-        for old in checkpoint_paths(out_dir) + [metrics_path]:
-            if os.path.exists(old):
-                os.remove(old)
+    kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= resume_step] \
+        if resume_step is not None and os.path.exists(metrics_path) else []
+    with open(metrics_path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in kept)
+    os.replace(metrics_path + ".tmp", metrics_path)
     return metrics_path
+
+
+# -----------------------------------------------------------------------------
+# divergence: never step on, or save, a non-finite loss or gradient
+
+
+class DivergenceError(Exception):
+    """Training diverged and the policy says stop; the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class DivergenceGuard:
+    """Checks each step's loss and gradient norm before the optimizer steps on them. A non-finite one is
+    never stepped on: policy "stop" ends the run there (its checkpoints stay as they were), policy "skip"
+    drops that step's update, up to max_skips times in a run (PaLM, Chowdhery et al. 2022, section 5.1,
+    skipped batches around spikes). A loss above spike_factor times the running median of the last
+    `window` steps is reported as a spike (0 turns that off). Its state goes into checkpoints, so a
+    resumed run counts skips and spikes as the uninterrupted one would."""
+    policy: str = "stop"
+    max_skips: int = 10
+    spike_factor: float = 0.0
+    window: int = 50
+    skipped: int = 0
+    recent: list = field(default_factory=list)
+
+    def check(self, step, loss, grad_norm, last_good, log=print):
+        """The verdict on step `step` (1-based): "step" (update), "spike" (update, but the loss jumped) or
+        "skip" (drop this update); raises DivergenceError when the policy says stop."""
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            what = f"step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}"
+            if self.policy == "skip" and self.skipped < self.max_skips:
+                self.skipped += 1
+                log(f"warning: {what} is not finite: update skipped ({self.skipped} of at most {self.max_skips})")
+                return "skip"
+            raise DivergenceError(f"{what} is not finite{f' after {self.skipped} skipped updates' if self.skipped else ''}: "
+                                  f"stopped before stepping or saving; the last good checkpoint is {last_good or 'none yet'}; "
+                                  "lower lr, or set divergence=skip")
+        verdict = "step"
+        if self.spike_factor > 0 and len(self.recent) >= min(self.window, 10):
+            median = statistics.median(self.recent)
+            if loss > self.spike_factor * median:
+                log(f"warning: step {step}: loss spike {loss:.4f}, {loss / median:.1f}x the running median {median:.4f}")
+                verdict = "spike"
+        self.recent = (self.recent + [loss])[-self.window:]
+        return verdict
+
+    def state_dict(self):
+        return {"skipped": self.skipped, "recent": list(self.recent)}
+
+    def load_state_dict(self, state):
+        self.skipped, self.recent = state["skipped"], list(state["recent"])
 

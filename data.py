@@ -236,6 +236,16 @@ def _source_files(source):
 
 
 def _iter_file(path, text_field):
+    """The documents of one file. A file that is not UTF-8 text (a binary given by mistake) or a JSON line
+    that does not parse is a DataError naming the file and line, not a traceback from deep inside."""
+    try:
+        yield from _read_file(path, text_field)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); is it a binary file? give text, "
+                        ".jsonl or .parquet files") from None
+
+
+def _read_file(path, text_field):
     if path.endswith(".txt"):  # the whole file is one document
         with open(path, encoding="utf-8") as f:
             yield f.read()
@@ -243,13 +253,24 @@ def _iter_file(path, text_field):
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
-                    obj = json.loads(line)
-                    if text_field not in obj:
-                        raise _missing_column(f"{path} line {lineno}", text_field, list(obj))
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path} line {lineno} is not valid JSON ({e.msg} at column {e.colno}): "
+                                        "fix or remove that line") from None
+                    if not isinstance(obj, dict) or text_field not in obj:
+                        raise _missing_column(f"{path} line {lineno}", text_field, list(obj) if isinstance(obj, dict) else [])
+                    if not isinstance(obj[text_field], str):
+                        raise DataError(f"{path} line {lineno}: field {text_field!r} holds a {type(obj[text_field]).__name__}, "
+                                        "not text")
                     yield obj[text_field]
     else:  # parquet, read in record batches so large files stream
+        import pyarrow
         import pyarrow.parquet as pq
-        pf = pq.ParquetFile(path)
+        try:
+            pf = pq.ParquetFile(path)
+        except pyarrow.ArrowException as e:
+            raise DataError(f"{path} is not a readable parquet file ({str(e).splitlines()[0][:120]})") from None
         if text_field not in pf.schema_arrow.names:
             raise _missing_column(path, text_field, pf.schema_arrow.names)
         for batch in pf.iter_batches(columns=[text_field], batch_size=1024):

@@ -472,9 +472,12 @@ def print_shapes():
 
 
 def main(argv):
-    usage = "usage: python model.py shapes | export-hf CKPT DIR | import-hf DIR CKPT"
+    usage = "usage: python model.py shapes | export-hf CKPT DIR | import-hf DIR CKPT [--overwrite]"
+    overwrite = "--overwrite" in argv
+    argv = [a for a in argv if a != "--overwrite"]
     if not argv or argv[0] not in ("shapes", "export-hf", "import-hf"):
-        sys.exit(usage)
+        print(usage, file=sys.stderr)
+        sys.exit(2)
     cmd, args = argv[0], argv[1:]
     try:
         if cmd == "shapes":
@@ -486,10 +489,11 @@ def main(argv):
         elif cmd == "import-hf" and len(args) == 2:
             model, tokenizer = import_hf(args[0])
             lineage = Lineage(history=[{"op": "import-hf", "from": args[0]}])
-            save_checkpoint(make_checkpoint(model.state_dict(), model.config, tokenizer, lineage, step=0), args[1])
+            save_checkpoint(make_checkpoint(model.state_dict(), model.config, tokenizer, lineage, step=0), args[1], overwrite=overwrite)
             print(f"imported {args[0]} into {args[1]} ({model.num_params(True):,} non-embedding parameters)")
         else:
-            sys.exit(usage)
+            print(usage, file=sys.stderr)
+            sys.exit(2)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -29,16 +29,15 @@ import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
-import torch.distributed as dist
 
 import budget
 import data
 import grow
 import report
-from checkpoint import CheckpointError, Lineage, checkpoint_paths, load_checkpoint
-from common import ConfigError, configure
+from checkpoint import Lineage, claim_out_dir, load_checkpoint
+from common import ConfigError, cli_errors, configure, rank0_first, require, setup_distributed
 from model import Llama, ModelConfig, config_from_shape, model_from_checkpoint
-from train import TrainConfig, train
+from train import TrainConfig, check_train_config, train
 
 MODES = ("grow", "scratch", "fixed_data")
 
@@ -82,6 +81,10 @@ class Stage:
 def plan_series(cfg):
     """(stages, unique-token cap of fixed_data). Raises ConfigError for a series that cannot be grown or
     budgeted, so a mistake fails here, before hours of training."""
+    check_train_config(train_config(cfg), needs_budget=False)  # each stage's max_tokens comes from the plan
+    require(math.isfinite(cfg.tokens_per_param) and cfg.tokens_per_param > 0, "tokens_per_param", cfg.tokens_per_param, "a finite number > 0")
+    require(math.isfinite(cfg.grow_noise) and cfg.grow_noise >= 0, "grow_noise", cfg.grow_noise, "a finite number >= 0")
+    require(cfg.grow_warmup_steps >= 0, "grow_warmup_steps", cfg.grow_warmup_steps, "an integer >= 0")
     tokenizer = data.get_tokenizer(cfg.tokenizer)
     modes = cfg.series_mode.split("+")
     if not set(modes) <= set(MODES):
@@ -92,7 +95,16 @@ def plan_series(cfg):
         if unknown is None or unknown or "shape" not in st or "lr" not in st:
             raise ConfigError(f"stage {i + 1} {st}: a stage is dict(name=, shape=, lr=[, scratch_lr=, warmup_steps=])"
                               + (f"; unknown keys {sorted(unknown)}" if unknown else ""))
-        configs.append(config_from_shape(st["shape"], vocab_size=tokenizer.vocab_size, max_seq_len=cfg.seq_len))
+        for key in ("lr", "scratch_lr"):
+            value = st.get(key, st["lr"])
+            require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, f"stage {i + 1} {key}", value,
+                    "a finite number > 0")
+        warmup = st.get("warmup_steps", 0)
+        require(isinstance(warmup, int) and warmup >= 0, f"stage {i + 1} warmup_steps", warmup, "an integer >= 0")
+        try:
+            configs.append(config_from_shape(st["shape"], vocab_size=tokenizer.vocab_size, max_seq_len=cfg.seq_len))
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"stage {i + 1}: shape {st['shape']!r}: {e}") from None
         with torch.device("meta"):  # count parameters without allocating them
             sizes.append(Llama(configs[-1]).num_params(non_embedding=True))
     names = [st.get("name", st["shape"]) for st in cfg.stages]
@@ -154,8 +166,7 @@ def run_stage(cfg, runs, mode, stage, tokens, lr, model=None, lineage=None, step
     final = os.path.join(out_dir, "final.pt")
     run_cfg = replace(train_config(cfg), out_dir=out_dir, shape=stage.shape, lr=lr, max_tokens=tokens, max_steps=0,
                       data_step_offset=step_offset, max_unique_tokens=unique_cap,
-                      warmup_steps=cfg.warmup_steps if warmup is None else warmup,
-                      resume=cfg.resume and bool(checkpoint_paths(out_dir)))
+                      warmup_steps=cfg.warmup_steps if warmup is None else warmup)
     if not (cfg.resume and os.path.exists(final)):
         log(f"=== {mode} / {stage.name}: {tokens:,} tokens at lr {lr:g} ===")
         lineage = lineage or Lineage()
@@ -196,8 +207,23 @@ def grown_series(cfg, runs, stages, mode, unique_cap=0):
 
 
 def run_series(cfg):
-    """Run every mode of cfg.series_mode over cfg.stages, then write the report."""
+    """Run every mode of cfg.series_mode over cfg.stages, then write the report. The series holds its
+    out_dir's lock throughout, and a fresh start refuses a folder that holds a series (series.json)
+    unless --overwrite; --resume keeps every finished stage and resumes the one that was cut."""
     stages, cap = plan_series(cfg)
+    setup_distributed(cfg.device, cfg.dist_timeout)
+
+    lock = rank0_first(lambda: claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, results=("series.json",),
+                                             logs=("report.md", "series.png")), rank(), world_size())
+    try:
+        run_stages(cfg, stages, cap)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run_stages(cfg, stages, cap):
+    """The body of run_series."""
     modes = cfg.series_mode.split("+")
     summary = budget.summarize(budget.staged_budget([s.params for s in stages], cfg.tokens_per_param, [s.name for s in stages]))
     log(f"series of {len(stages)} stages, modes {modes}, {cfg.tokens_per_param:g} tokens per parameter: "
@@ -244,18 +270,12 @@ def log(*args):
 
 
 def main(argv):
-    try:
+    with cli_errors(data.DataError):
         cfg = configure(SeriesConfig, argv)
         if not cfg.stages:
             raise ConfigError("no stages: a series config sets stages = [dict(name=, shape=, lr=), ...]; "
                               "for one model run python train.py CONFIG")
         run_series(cfg)
-    except (ConfigError, CheckpointError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

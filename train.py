@@ -27,10 +27,11 @@ import torch.distributed as dist
 
 import budget
 import data
-from checkpoint import (CheckpointError, Lineage, checkpoint_paths, latest_checkpoint, load_checkpoint, make_checkpoint,
-                        prune_checkpoints, save_checkpoint)
-from common import (ConfigError, append_jsonl, autocast_for, configure, fmt_time, lr_at, make_optimizer, peak_flops_for, plot_losses,
-                    rng_state, set_rng_state, setup_distributed, start_metrics)
+from checkpoint import (CheckpointError, Lineage, checkpoint_paths, claim_out_dir, latest_checkpoint, load_checkpoint,
+                        make_checkpoint, prune_checkpoints, save_checkpoint)
+from common import (ConfigError, DivergenceGuard, append_jsonl, autocast_for, check_choice, check_device, cli_errors, configure,
+                    fmt_time, lr_at, make_optimizer, peak_flops_for, plot_losses, rank0_first, require, rng_state, set_rng_state,
+                    setup_distributed, start_metrics)
 from model import Llama, config_from_dict, config_from_shape
 
 # -----------------------------------------------------------------------------
@@ -81,10 +82,50 @@ class TrainConfig:
     eval_interval: int = 100
     eval_batches: int = 20
     ckpt_interval: int = 200
-    keep_last: int = 2  # periodic checkpoints kept (0: all)
+    keep_last: int = 2  # periodic checkpoints kept (0: all); a file goes only when that many newer ones verify
     peak_flops: float = 0.0  # per device, for MFU; 0: look up the GPU, measure the CPU
-    resume: bool = False
+    resume: bool = False  # continue from out_dir's newest good checkpoint (a fresh start if it has none yet)
+    overwrite: bool = False  # a fresh run may delete what an earlier run left in out_dir (otherwise refused)
     plot: bool = True
+    # divergence: a non-finite loss or gradient norm is never stepped on (common.DivergenceGuard)
+    divergence: str = "stop"  # "stop": end the run there; "skip": drop that update, at most max_skips times
+    max_skips: int = 10
+    spike_factor: float = 2.0  # report a loss above this multiple of the running median (0: off)
+    dist_timeout: int = 1800  # seconds a collective may wait for a stuck rank before the job ends
+
+
+def check_train_config(cfg, needs_budget=True):
+    """Every value in range before anything runs: one ConfigError line naming the key and the range.
+    needs_budget=False for a series' shared settings (each stage gets its own max_tokens)."""
+    for key in ("batch_size", "seq_len", "grad_accum", "log_interval", "eval_interval", "eval_batches", "ckpt_interval",
+                "dist_timeout"):
+        require(getattr(cfg, key) > 0, key, getattr(cfg, key), "a positive integer")
+    for key in ("max_steps", "max_tokens", "max_data_tokens", "max_unique_tokens", "data_step_offset", "warmup_steps",
+                "keep_last", "max_skips", "seed"):
+        require(getattr(cfg, key) >= 0, key, getattr(cfg, key), "an integer >= 0")
+    if needs_budget:
+        require(cfg.max_steps > 0 or cfg.max_tokens > 0, "max_steps", cfg.max_steps, "> 0, or set max_tokens: there is nothing to train")
+    finite = lambda x: math.isfinite(x)
+    require(finite(cfg.lr) and cfg.lr > 0, "lr", cfg.lr, "a finite number > 0")
+    require(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", cfg.min_lr_ratio, "in [0, 1]")
+    require(0 < cfg.decay_frac <= 1, "decay_frac", cfg.decay_frac, "in (0, 1]")
+    require(finite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "a finite number >= 0")
+    require(0 <= cfg.beta1 < 1, "beta1", cfg.beta1, "in [0, 1)")
+    require(0 <= cfg.beta2 < 1, "beta2", cfg.beta2, "in [0, 1)")
+    require(finite(cfg.grad_clip) and cfg.grad_clip >= 0, "grad_clip", cfg.grad_clip, "a finite number >= 0 (0: no clipping)")
+    require(finite(cfg.peak_flops) and cfg.peak_flops >= 0, "peak_flops", cfg.peak_flops, "a finite number >= 0")
+    require(cfg.spike_factor == 0 or (finite(cfg.spike_factor) and cfg.spike_factor > 1), "spike_factor", cfg.spike_factor,
+            "0 (off) or a finite number > 1")
+    check_choice("schedule", cfg.schedule, ("cosine", "wsd", "constant"))
+    check_choice("dtype", cfg.dtype, ("auto", "float32", "bfloat16"))
+    check_choice("compile", cfg.compile, ("auto", "true", "false"))
+    check_choice("tokenizer", cfg.tokenizer, ("bytes", "gpt2"))
+    check_choice("divergence", cfg.divergence, ("stop", "skip"))
+    check_device(cfg.device)
+    require(len(cfg.data) > 0, "data", cfg.data, "a non-empty list of sources")
+    require(all(isinstance(w, (int, float)) and finite(w) and w > 0 for w in cfg.data_weights), "data_weights", cfg.data_weights,
+            "finite numbers > 0, one per source")
+    require(bool(cfg.out_dir), "out_dir", cfg.out_dir, "a folder path")
 
 
 # -----------------------------------------------------------------------------
@@ -154,22 +195,33 @@ def validation_record(results, cfg, names, step, tokens, flops):
 # the model a run starts from
 
 
-def starting_model(cfg, tokenizer, model, lineage, log):
-    """(model, lineage, checkpoint to resume or None). In order of precedence: --resume's newest readable
-    checkpoint; the model handed in (a grown series stage); cfg.init_from's weights; a fresh cfg.shape."""
+def starting_model(cfg, tokenizer, model, lineage, resuming, log):
+    """(model, lineage, path and checkpoint to resume or None). In order of precedence: the newest
+    checkpoint in out_dir that verifies (when resuming); the model handed in (a grown series stage);
+    cfg.init_from's weights; a fresh cfg.shape. A resumed checkpoint must hold the model this run would
+    build (not another shape's, or another run's file): it is refused otherwise."""
     tok = {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size}
-    resume_ckpt = latest_checkpoint(cfg.out_dir, tok, log)[1] if cfg.resume else None
+    resume_path, resume_ckpt = latest_checkpoint(cfg.out_dir, tok, log) if resuming else (None, None)
     init = None
-    if resume_ckpt is not None:
-        model_config, lineage = config_from_dict(resume_ckpt["model_config"]), Lineage.before(resume_ckpt)
-    elif model is not None:
+    if model is not None:
         model_config = model.config
-    elif cfg.init_from:
+    elif cfg.init_from and resume_ckpt is None:
         init = load_checkpoint(cfg.init_from, tokenizer=tok)
         model_config = config_from_dict(init["model_config"])
         lineage = replace(Lineage.after(init), stage=None).then({"op": "init_from", "path": cfg.init_from})
+    elif cfg.init_from:  # resuming a run that started from init_from: the run's own record says which
+        model_config = config_from_dict(resume_ckpt["model_config"])
+        if resume_ckpt.get("train_config", {}).get("init_from") != cfg.init_from:
+            raise ConfigError(f"--resume: {resume_path} was not started from init_from={cfg.init_from}: restore the run's "
+                              "init_from, or choose a new out_dir")
     else:
         model_config = config_from_shape(cfg.shape, vocab_size=tokenizer.vocab_size, max_seq_len=cfg.seq_len)
+    if resume_ckpt is not None:
+        differ = sorted(k for k, v in asdict(model_config).items() if resume_ckpt["model_config"].get(k) != v)
+        if differ:
+            raise ConfigError(f"--resume: {resume_path} holds another model than this run builds ({', '.join(differ)} differ): "
+                              "restore the run's shape and settings, or choose a new out_dir")
+        lineage = Lineage.before(resume_ckpt)
     if model_config.vocab_size != tokenizer.vocab_size:
         raise ConfigError(f"the model's vocab_size {model_config.vocab_size} differs from tokenizer {tokenizer.name}'s {tokenizer.vocab_size}")
     if cfg.seq_len > model_config.max_seq_len:
@@ -178,8 +230,12 @@ def starting_model(cfg, tokenizer, model, lineage, log):
         model = Llama(model_config)  # initialized from torch's global RNG, seeded by the caller
     for state in (init, resume_ckpt):
         if state is not None:
-            model.load_state_dict(state["model"])
-    return model, lineage, resume_ckpt
+            try:
+                model.load_state_dict(state["model"])
+            except RuntimeError as e:
+                raise CheckpointError(f"{resume_path or cfg.init_from}: its weights do not fit its model_config "
+                                      f"({str(e).splitlines()[-1].strip()[:160]})") from None
+    return model, lineage, resume_path, resume_ckpt
 
 
 def wrap_model(model, use_compile, world, device, local_rank):
@@ -210,9 +266,9 @@ def training_stream(cfg, dirs, rank, world, resume_ckpt):
 # one optimizer step, one checkpoint
 
 
-def train_step(model, optimizer, loader, step, cfg, ctx, world, device):
-    """Forward and backward over grad_accum micro-batches, clip, and step AdamW. Returns the summed
-    micro-batch loss (a device tensor: no sync here) and the gradient norm before clipping."""
+def forward_backward(model, loader, step, cfg, ctx, world, device):
+    """Forward and backward over grad_accum micro-batches, then clip. Returns the mean micro-batch loss
+    and the gradient norm before clipping (device tensors: no sync here). The caller steps AdamW."""
     loss_sum = torch.zeros((), device=device)
     for micro in range(cfg.grad_accum):
         x, y = loader.get_batch(cfg.data_step_offset + step, micro)
@@ -224,24 +280,24 @@ def train_step(model, optimizer, loader, step, cfg, ctx, world, device):
         # each micro-batch is a mean over its tokens: divide so the step's gradient is the mean over all
         (loss / cfg.grad_accum).backward()
         loss_sum += loss.detach()
-    # a compiled or DDP-wrapped model's parameters are the raw model's own tensors
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm
+    # a compiled or DDP-wrapped model's parameters are the raw model's own tensors; with clipping off the
+    # norm is still wanted (divergence check, logs): an infinite max_norm scales by exactly 1
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    return loss_sum / cfg.grad_accum, grad_norm
 
 
-def save_train_checkpoint(cfg, model, optimizer, loader, tokenizer, lineage, step, tokens_per_step, val):
+def save_train_checkpoint(cfg, model, optimizer, loader, tokenizer, lineage, step, tokens_per_step, val, guard, log):
     """Write out_dir/ckpt_STEP.pt (checkpoint.py's schema plus what --resume needs) and prune old ones."""
     n_params = model.num_params(non_embedding=True)
     tokens = step * tokens_per_step
     data_step = cfg.data_step_offset + step
     ckpt = make_checkpoint(model.state_dict(), model.config, tokenizer, lineage, run_flops=budget.flops(n_params, tokens),
                            tokens=tokens, step=step, val=val, train_config=asdict(cfg), optimizer=optimizer.state_dict(),
-                           rng=rng_state(), data_state={**loader.state_dict(), "step": data_step, "epochs": loader.epochs(data_step)})
+                           rng=rng_state(), data_state={**loader.state_dict(), "step": data_step, "epochs": loader.epochs(data_step)},
+                           guard=guard.state_dict())
     path = os.path.join(cfg.out_dir, f"ckpt_{step:07d}.pt")
     save_checkpoint(ckpt, path)
-    prune_checkpoints(cfg.out_dir, cfg.keep_last)
+    prune_checkpoints(cfg.out_dir, cfg.keep_last, log)
     return path
 
 
@@ -263,23 +319,39 @@ def publish_final(out_dir, last_ckpt):
 def train(cfg, model=None, lineage=None, log=print):
     """Train one model as cfg says and return the path of its final checkpoint. `model` (a grown series
     stage) replaces building cfg.shape; `lineage` (checkpoint.Lineage: the series stage, the FLOPs spent
-    before, the history) goes into every checkpoint, so a series member carries its whole line."""
-    rank, local_rank, world, device = setup_distributed(cfg.device)
+    before, the history) goes into every checkpoint, so a series member carries its whole line.
+    The run holds out_dir's lock (checkpoint.RunLock) from start to end: one live run per folder."""
+    check_train_config(cfg)
+    rank, local_rank, world, device = setup_distributed(cfg.device, cfg.dist_timeout)
+    resuming = cfg.resume and bool(checkpoint_paths(cfg.out_dir))  # --resume with nothing saved yet starts fresh
+
+    # one live run per out_dir, never over another run's files; an error on rank 0 stops every rank
+    lock = rank0_first(lambda: claim_out_dir(cfg.out_dir, resuming, cfg.overwrite), rank, world)
+    try:
+        return train_run(cfg, model, lineage or Lineage(), log if rank == 0 else (lambda *a, **k: None), resuming,
+                         rank, local_rank, world, device)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train_run(cfg, model, lineage, log, resuming, rank, local_rank, world, device):
+    """train()'s body, in a claimed out_dir: set up, then the loop."""
     master = rank == 0
-    log = log if master else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)
-    os.makedirs(cfg.out_dir, exist_ok=True)
     ctx, dtype_name = autocast_for(device, cfg.dtype)
     tokenizer = data.get_tokenizer(cfg.tokenizer)
     dirs, names = prepare_data(cfg, rank, world)
 
-    # the model (fresh, handed in, init_from or resumed), AdamW, and on resume the RNG states
-    model, lineage, resume_ckpt = starting_model(cfg, tokenizer, model, lineage or Lineage(), log)
+    # the model (fresh, handed in, init_from or resumed), AdamW, and on resume the RNG and guard states
+    model, lineage, resume_path, resume_ckpt = starting_model(cfg, tokenizer, model, lineage, resuming, log)
     raw_model = model.to(device)  # what is saved: never the compiled or DDP-wrapped module (nanoGPT issue 325)
     optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device, cfg.decay_embeddings)
+    guard = DivergenceGuard(cfg.divergence, cfg.max_skips, cfg.spike_factor)
     if resume_ckpt is not None:
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         set_rng_state(resume_ckpt["rng"])
+        guard.load_state_dict(resume_ckpt.get("guard", guard.state_dict()))
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
     model = wrap_model(model, use_compile, world, device, local_rank)
 
@@ -314,7 +386,8 @@ def train(cfg, model=None, lineage=None, log=print):
     # the loop: one optimizer step per iteration; log, evaluate and save on their intervals
     model.train()
     val = resume_ckpt["val"] if resume_ckpt is not None else None
-    last_ckpt = None
+    last_ckpt = None  # written by this run
+    last_good = resume_path  # named when the run stops on divergence
     t_start, t_window, tokens_window = time.perf_counter(), time.perf_counter(), 0
     if start_step == 0 and max_steps > 0:
         val = validate(0)  # the starting point: for a grown model, the loss it inherits
@@ -323,16 +396,25 @@ def train(cfg, model=None, lineage=None, log=print):
         lr = lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_frac)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, grad_norm = train_step(model, optimizer, loader, step, cfg, ctx, world, device)
+        loss, grad_norm = forward_backward(model, loader, step, cfg, ctx, world, device)
         done, last = step + 1, step + 1 == max_steps
         tokens_window += tokens_per_step
 
-        # log: the one device sync per log line is .item() on the loss
+        # never step on a non-finite loss or gradient: one host sync per step buys that guarantee; the
+        # gradient norm is the same on every rank (DDP all-reduced the gradients), the loss is averaged
+        if world > 1:
+            dist.all_reduce(loss)
+            loss = loss / world
+        train_loss, norm = torch.stack([loss, grad_norm.to(loss.dtype)]).tolist()
+        verdict = guard.check(done, train_loss, norm, last_good, log)
+        if verdict != "skip":
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if verdict != "step" and master:
+            append_jsonl(metrics_path, {"step": done, "event": verdict, "loss": train_loss, "grad_norm": norm})
+
+        # log
         if done % cfg.log_interval == 0 or last or done == 1:
-            train_loss = loss_sum / cfg.grad_accum
-            if world > 1:
-                dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
-            train_loss = train_loss.item()
             now = time.perf_counter()
             tok_s = tokens_window / (now - t_window)
             mfu = flops_per_token * tok_s / (peak * world) if peak else None
@@ -342,7 +424,7 @@ def train(cfg, model=None, lineage=None, log=print):
             if master:
                 append_jsonl(metrics_path, {"step": done, "tokens": done * tokens_per_step, "flops": flops_at(done),
                                             "loss": train_loss, "lr": lr, "tok_s": tok_s, "mfu": mfu,
-                                            "grad_norm": grad_norm.item() if grad_norm is not None else None, "epochs": epochs})
+                                            "grad_norm": norm, "epochs": epochs})
             log(f"step {done:>6}/{max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
                 f"mfu {f'{100 * mfu:.1f}%' if mfu is not None else 'unknown'} | epoch {max(epochs.values()):.2f} | "
                 f"{fmt_time(elapsed)} elapsed | eta {fmt_time(eta)}")
@@ -353,12 +435,13 @@ def train(cfg, model=None, lineage=None, log=print):
             val = validate(done)
         if done % cfg.ckpt_interval == 0 or last:
             if master:
-                last_ckpt = save_train_checkpoint(cfg, raw_model, optimizer, loader, tokenizer, lineage, done, tokens_per_step, val)
+                last_ckpt = last_good = save_train_checkpoint(cfg, raw_model, optimizer, loader, tokenizer, lineage, done,
+                                                              tokens_per_step, val, guard, log)
             if world > 1:
                 dist.barrier()
 
     # the result: final.pt and the loss curve
-    if not master or max_steps == 0:
+    if not master:
         return None
     final = publish_final(cfg.out_dir, last_ckpt)
     if cfg.plot:
@@ -371,7 +454,7 @@ def train(cfg, model=None, lineage=None, log=print):
 
 
 def main(argv):
-    try:
+    with cli_errors(data.DataError):
         # a config with `stages` is a staged series, which series.py runs (series.py builds on this file,
         # so it is imported here, not at the top: `python train.py configs/series_cpu.py` keeps working)
         import series
@@ -380,12 +463,6 @@ def main(argv):
             series.run_series(cfg)
         else:
             train(series.train_config(cfg))
-    except (ConfigError, CheckpointError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
