@@ -49,6 +49,8 @@ def _parse_value(text, typ):
         return text
     if typ is bool and text.lower() in ("true", "false"):
         return text.lower() == "true"
+    if typ is float and text.strip().lower() in ("inf", "-inf", "nan", "+inf"):
+        return float(text)  # so the range check, not the type check, names what is wrong with it
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):

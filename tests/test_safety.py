@@ -283,3 +283,19 @@ def test_bad_files_are_one_line(tmp_path, data_dir, capsys):
     for src, says in ((binary, "not UTF-8 text"), (broken, "line 2 is not valid JSON")):
         code, err = run_main(args(tmp_path / "r", str(tmp_path / "cache"), max_steps=5, data=f"['{src}']"), capsys)
         assert code == 2 and one_error_line(err) and says in err, err
+
+
+def test_a_series_is_not_restarted_over_an_old_one(tmp_path, capsys):
+    import series
+    out = tmp_path / "series"
+    out.mkdir()
+    (out / "series.json").write_text('{"runs": []}')
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        series.main(["configs/series_cpu.py", f"--out_dir={out}"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and one_error_line(err) and "--resume" in err, err
+    assert (out / "series.json").read_text() == '{"runs": []}'
+    with pytest.raises(SystemExit) as e:  # the series' own values are range-checked too
+        series.main(["configs/series_cpu.py", f"--out_dir={tmp_path / 'other'}", "--grow_noise=inf"])
+    assert e.value.code == 2 and "grow_noise" in capsys.readouterr().err
