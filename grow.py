@@ -86,14 +86,14 @@ import argparse
 import copy
 import math
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
 from checkpoint import CheckpointError, Lineage, load_checkpoint, make_checkpoint, save_checkpoint
-from model import (Llama, ModelConfig, config_from_dict, config_from_shape,
-                   model_from_checkpoint, rope_cos_sin)
+from model import Llama, ModelConfig, config_from_dict, config_from_shape, rope_cos_sin
 
 WIDTHS = ("fpi", "aki")
 DEPTHS = ("zero", "stack", "dus")
@@ -125,8 +125,9 @@ def check_growth(src, tgt, width, depth, noise, dus_overlap):
     if width not in WIDTHS or depth not in DEPTHS:
         raise ValueError(f"width must be one of {WIDTHS} and depth one of {DEPTHS}, "
                          f"got width={width!r} depth={depth!r}")
-    if not noise >= 0:
-        raise ValueError(f"noise must be >= 0 (a relative std), got {noise}")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not (math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"noise must be a finite number >= 0 (a relative std, e.g. 1e-3; 0 for exact copies), "
+                         f"got {noise!r}")
     for name in ("vocab_size", "head_dim", "rope_theta", "tie_embeddings"):
         if getattr(src, name) != getattr(tgt, name):
             have, want = getattr(src, name), getattr(tgt, name)
@@ -234,34 +235,55 @@ def width_maps(src, tgt, gen):
 
 
 def noise_pairs(cols, n_old):
-    """Zero-sum noise (N) over copies without scattering into columns: the columns whose source column has
-    k > 1 copies, in groups, each paired with the next copy of its group, cyclically. Column c gets
-    y[ia[c]] - y[ib[c]] for y with n + 1 columns, the last one zero (ia = ib = n where not copied):
-    around each cycle the differences sum to zero."""
+    """Zero-sum noise (N) over the copies of each source column, as (noisy, nxt): noisy holds the output
+    columns whose source column has k > 1 copies, grouped by source column, and nxt[t] the position in
+    noisy of the next copy of the same group, cyclically. Column noisy[t] gets y[t] - y[nxt[t]]: around
+    each cycle the differences sum to zero. Depends on the unit map only, so Noise computes it once per map."""
     noisy = (torch.bincount(cols, minlength=n_old)[cols] > 1).nonzero()[:, 0]
     noisy = noisy[torch.argsort(cols[noisy], stable=True)]  # grouped by source column
-    g, t, n = cols[noisy], torch.arange(len(noisy)), len(noisy)
+    g, t = cols[noisy], torch.arange(len(noisy))
     last = torch.searchsorted(g, g, right=True) - 1
-    ia, ib = torch.full_like(cols, n), torch.full_like(cols, n)
-    ia[noisy], ib[noisy] = t, torch.where(t == last, torch.searchsorted(g, g), t + 1)
-    return ia, ib, n
+    return noisy, torch.where(t == last, torch.searchsorted(g, g), t + 1)
+
+
+class Noise:
+    """N for one growth: the relative std, the one seeded stream every matrix draws from in turn, and what
+    matrices share, computed once: the pairing of each unit map (many matrices read the same map) and the
+    std of each source matrix (depth zero's new layers reuse their source layer's)."""
+
+    def __init__(self, scale, gen):
+        self.scale, self.gen, self._pairs, self._stds = scale, gen, {}, {}
+
+    def pairs(self, cols, n_old):
+        key = (id(cols), n_old)  # the maps live as long as the growth; the value keeps cols alive, so ids stay unique
+        if key not in self._pairs:
+            self._pairs[key] = (cols, noise_pairs(cols, n_old))
+        return self._pairs[key][1]
+
+    def std(self, W):
+        """std of y: the difference of two draws has std sqrt(2) times it, scale * std(W)."""
+        if id(W) not in self._stds:
+            self._stds[id(W)] = (W, self.scale * float(W.std()) / math.sqrt(2))
+        return self._stds[id(W)][1]
 
 
 @torch.no_grad()
-def expand_(out, W, rows=None, cols=None, row_scale=None, col_scale=None, noise=0.0, gen=None, alt=None, alt_rows=None,
+def expand_(out, W, rows=None, cols=None, row_scale=None, col_scale=None, noise=None, alt=None, alt_rows=None,
             zero=False):
     """out[i, c] = W[rows[i], cols[c]] * row_scale[i] * col_scale[c], written in row chunks straight into
     `out` (no full-size temporary). alt/alt_rows (AKI): rows where alt_rows is True are read from alt.
-    zero: start from zeros instead of W. noise > 0: add noise of std noise*std(W) on the columns whose
-    source column is copied k > 1 times, summing to zero over the copies (in every row): N."""
+    zero: start from zeros instead of W. noise (a Noise with scale > 0): add noise of std scale*std(W) on
+    the columns whose source column is copied k > 1 times, summing to zero over the copies (in every row): N."""
     n_rows, n_old = out.shape[0], W.shape[1]
     rows = torch.arange(n_rows) if rows is None else rows
     cols = torch.arange(n_old) if cols is None else cols
-    ia, ib, n_noisy = noise_pairs(cols, n_old) if noise > 0 else (None, None, 0)
-    std = noise * float(W.std()) / math.sqrt(2) if n_noisy else 0.0  # a difference of two draws: std * sqrt(2)
+    noisy, nxt = noise.pairs(cols, n_old) if noise is not None and noise.scale > 0 else (None, None)
+    n_noisy = 0 if noisy is None else len(noisy)
+    std = noise.std(W) if n_noisy else 0.0
     zdtype = out.dtype if out.dtype in (torch.float32, torch.float64) else torch.float32
     dev = out.device
     rows, cols = rows.to(dev), cols.to(dev)
+    noisy_dev = noisy.to(dev) if n_noisy else None
     row_scale = None if row_scale is None else row_scale.to(dev, out.dtype)
     col_scale = None if col_scale is None else col_scale.to(dev, out.dtype)
     step = max(1, CHUNK // max(out.shape[1], n_old))
@@ -282,12 +304,13 @@ def expand_(out, W, rows=None, cols=None, row_scale=None, col_scale=None, noise=
             if col_scale is not None:
                 chunk *= col_scale
         if n_noisy:
-            y = torch.randn(i1 - i0, n_noisy + 1, generator=gen, dtype=zdtype)  # CPU generator: same on any device
-            y[:, n_noisy] = 0
-            y *= std
-            z = y.index_select(1, ia)
-            z -= y.index_select(1, ib)
-            chunk += z.to(dev, out.dtype)
+            # n_noisy + 1 draws per row, the last unused: the random stream (and so every grown weight for a
+            # seed) stays what it was when the noise was scattered over all columns through a zero column
+            # a CPU generator: the same draws on any device
+            y = torch.randn(i1 - i0, n_noisy + 1, generator=noise.gen, dtype=zdtype)
+            y = y[:, :n_noisy] * std
+            y -= y.index_select(1, nxt)  # y[t] - y[nxt[t]]: only the copied columns, no full-width temporaries
+            chunk.index_add_(1, noisy_dev, y.to(dev, out.dtype))
 
 
 # -----------------------------------------------------------------------------
@@ -295,24 +318,24 @@ def expand_(out, W, rows=None, cols=None, row_scale=None, col_scale=None, noise=
 
 
 @torch.no_grad()
-def widen_block(dst, src_layers, s, maps, width, noise, gen, gain):
+def widen_block(dst, src_layers, s, maps, width, noise, gain):
     """Fill block dst with old layer s widened (fpi or aki; for aki the new units read layer s+1)."""
     b = src_layers[s]
     up = src_layers[min(s + 1, len(src_layers) - 1)] if width == "aki" else None
     r, rs = maps.residual, maps.residual_scale
-    reader = dict(cols=r, col_scale=rs, noise=noise, gen=gen)  # R3: columns read the stream; N on copied dims
+    reader = dict(cols=r, col_scale=rs, noise=noise)  # R3: columns read the stream; N on copied dims
     for name, rows, new in (("q_proj", maps.q_rows, maps.q_new), ("k_proj", maps.kv_rows, maps.kv_new),
                             ("v_proj", maps.kv_rows, maps.kv_new)):  # H1, H2: rows copied per head
         expand_(getattr(dst.self_attn, name).weight, getattr(b.self_attn, name).weight, rows=rows, **reader,
                 alt=getattr(up.self_attn, name).weight if up else None, alt_rows=new)
     # o_proj and down_proj: rows write the stream (R1), columns split over copied heads/neurons (H1)
     expand_(dst.self_attn.o_proj.weight, b.self_attn.o_proj.weight, rows=r, row_scale=rs, cols=maps.q_rows,
-            col_scale=maps.q_div, noise=noise, gen=gen)
+            col_scale=maps.q_div, noise=noise)
     for name in ("gate_proj", "up_proj"):  # H1: rows copied
         expand_(getattr(dst.mlp, name).weight, getattr(b.mlp, name).weight, rows=maps.ffn, **reader,
                 alt=getattr(up.mlp, name).weight if up else None, alt_rows=maps.ffn_new)
     expand_(dst.mlp.down_proj.weight, b.mlp.down_proj.weight, rows=r, row_scale=rs, cols=maps.ffn,
-            col_scale=maps.ffn_div, noise=noise, gen=gen)
+            col_scale=maps.ffn_div, noise=noise)
     for name in ("input_layernorm", "post_attention_layernorm"):  # R2: gain times sqrt(d/D)
         getattr(dst, name).weight.copy_(getattr(b, name).weight[r.to(dst.input_layernorm.weight.device)] * gain)
 
@@ -327,8 +350,11 @@ def grow_with_maps(model, target_config, width="fpi", depth="zero", seed=0, nois
     cfg = replace(target_config, norm_eps=src.norm_eps * src.d_model / target_config.d_model)
     plan = depth_plan(src.n_layers, cfg.n_layers, depth, dus_overlap)
     ref = model.embed_tokens.weight
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
     gen = torch.Generator().manual_seed(seed)  # one stream: the maps first, then the noise of every matrix
     maps = width_maps(src, cfg, gen)
+    noise = Noise(noise, gen)
     with torch.device("meta"):  # no memory and no init for the target: every tensor is filled below
         new = Llama(cfg)
     new = new.to(dtype=ref.dtype).to_empty(device=ref.device)
@@ -343,7 +369,7 @@ def grow_with_maps(model, target_config, width="fpi", depth="zero", seed=0, nois
     expand_(new.embed_tokens.weight, ref, cols=maps.residual, col_scale=maps.residual_scale)
     if not cfg.tie_embeddings:
         expand_(new.lm_head.weight, model.lm_head.weight, cols=maps.residual, col_scale=maps.residual_scale,
-                noise=noise, gen=gen)
+                noise=noise)
     new.norm.weight.copy_(model.norm.weight[r] * gain)
 
     # width: every old layer once, into the first target layer that copies it (same random stream
@@ -351,7 +377,7 @@ def grow_with_maps(model, target_config, width="fpi", depth="zero", seed=0, nois
     primary = {}
     for t, (s, zero_out) in enumerate(plan):
         if s not in primary and not zero_out:
-            widen_block(new.layers[t], model.layers, s, maps, width, noise, gen, gain)
+            widen_block(new.layers[t], model.layers, s, maps, width, noise, gain)
             primary[s] = t
     for t, (s, zero_out) in enumerate(plan):
         if primary[s] == t:
@@ -361,9 +387,9 @@ def grow_with_maps(model, target_config, width="fpi", depth="zero", seed=0, nois
         if zero_out:  # Z: the block outputs zero, plus zero-sum noise (N) on duplicated heads/neurons
             b = model.layers[s]
             expand_(new.layers[t].self_attn.o_proj.weight, b.self_attn.o_proj.weight, rows=maps.residual,
-                    cols=maps.q_rows, noise=noise, gen=gen, zero=True)
+                    cols=maps.q_rows, noise=noise, zero=True)
             expand_(new.layers[t].mlp.down_proj.weight, b.mlp.down_proj.weight, rows=maps.residual, cols=maps.ffn,
-                    noise=noise, gen=gen, zero=True)
+                    noise=noise, zero=True)
     new.train(model.training)
     return new, maps, plan
 
@@ -392,24 +418,128 @@ def is_function_preserving(width, depth, n_old, n_new):
     return width == "fpi" and (depth == "zero" or n_old == n_new)
 
 
+def first_non_finite(named):
+    """The name of the first (name, tensor) whose tensor holds a NaN or an inf, or None. By min and max
+    (a NaN propagates through both, an inf is one of them): one pass and no temporary, where isfinite
+    builds several full-size ones and is 20x slower."""
+    seen = set()
+    for name, t in named:
+        if id(t) in seen or t.numel() == 0:  # a tied matrix appears under two names
+            continue
+        seen.add(id(t))
+        if not all(math.isfinite(v.item()) for v in torch.aminmax(t.detach())):
+            return name
+    return None
+
+
+def checkpoint_config(ckpt):
+    """The ModelConfig of a loaded checkpoint, or CheckpointError (one line) naming the field that is not
+    of its type (a str "64" where an int belongs), unknown, or out of range."""
+    d = ckpt.get("model_config")
+    if not isinstance(d, dict):
+        raise CheckpointError(f"the checkpoint's model_config is a {type(d).__name__}, not a dict of ModelConfig "
+                              "fields: it was not written by nanogrow")
+    for f in fields(ModelConfig):
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        if f.type is bool:
+            ok = isinstance(v, bool)
+        elif f.type is int:
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        else:  # float: an int is fine (a config read from JSON), nan and inf are not
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not ok:
+            raise CheckpointError(f"the checkpoint's model_config has {f.name}={v!r}, not a finite "
+                                  f"{f.type.__name__}: the file was edited or written by something else; "
+                                  "fix that field or re-save the model")
+    try:
+        return config_from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint has an unusable model_config: {e}") from None
+
+
+def source_model(ckpt):
+    """The Llama a loaded checkpoint describes, its parameters the checkpoint's own tensors: built on the
+    meta device and loaded with assign=True, so there is no random init and no second copy of the source
+    (peak memory while growing: source + target). float32 on the CPU, as model_from_checkpoint builds it,
+    so the growth is the same. CheckpointError (one line, naming the tensor) for weights that do not fit
+    the config: a missing or extra key, another shape, not a float tensor, a NaN or an inf."""
+    config = checkpoint_config(ckpt)
+    state = ckpt.get("model")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"the checkpoint's weights ('model') are a {type(state).__name__}, not a state dict")
+    with torch.device("meta"):
+        model = Llama(config)
+    want = model.state_dict()
+    missing, extra = [k for k in want if k not in state], [k for k in state if k not in want]
+    if missing or extra:
+        hint = ("; it was saved from a compiled or DDP-wrapped model: strip the '_orig_mod.'/'module.' prefixes"
+                if any(str(k).startswith(("_orig_mod.", "module.")) for k in extra) else "")
+        few = [f"{keys[:3]}{' ...' if len(keys) > 3 else ''}" for keys in (missing, extra)]
+        raise CheckpointError(f"the checkpoint's weights do not fit its model_config: missing {few[0]}, unexpected "
+                              f"{few[1]}{hint or '; the weights and the config come from different models'}")
+    sizes = ", ".join(f"{k}={getattr(config, k)}" for k in ("vocab_size", "d_model", "n_layers", "n_heads",
+                                                                "n_kv_heads", "head_dim", "ffn_dim"))
+    for k, meta in want.items():
+        v = state[k]
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            what = f"a {v.dtype} tensor" if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
+            raise CheckpointError(f"the checkpoint's weight {k} is {what}, not a floating-point tensor")
+        if v.shape != meta.shape:
+            raise CheckpointError(f"the checkpoint's weight {k} has shape {tuple(v.shape)} but its model_config "
+                                  f"({sizes}) gives {tuple(meta.shape)}: the weights and the config come from "
+                                  "different models")
+    bad = first_non_finite((k, state[k]) for k in want)
+    if bad:
+        raise CheckpointError(f"the checkpoint's weight {bad} holds NaN or inf (the run diverged before it was saved): "
+                              "grow an earlier checkpoint")
+    tensors = {k: state[k].to("cpu", torch.float32) for k in want}  # no copy when already float32 on the CPU
+    if config.tie_embeddings:
+        emb, head = tensors["embed_tokens.weight"], tensors["lm_head.weight"]
+        if head is not emb and not torch.equal(head, emb):
+            raise CheckpointError("the checkpoint's model_config has tie_embeddings=True but its lm_head.weight "
+                                  "differs from embed_tokens.weight: set tie_embeddings=false in its config, "
+                                  "or re-save the model")
+        tensors["lm_head.weight"] = emb
+    model.load_state_dict(tensors, assign=True)
+    if config.tie_embeddings:  # assign gives each module its own Parameter: tie them again
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope_cos, model.rope_sin = rope_cos_sin(config.head_dim, config.max_seq_len, config.rope_theta)
+    return model
+
+
 def grow_checkpoint(ckpt, target_config, **grow_kwargs):
     """(grown checkpoint, gap). The lineage goes on (Lineage.after: stage, flops, history), tokens carry
     over, a 'grow' record is appended to history, and there is no optimizer state (fresh AdamW after
     growth). The record holds the operator, the configs, the gap and
         unit_maps   {"residual", "ffn", "kv_heads", "q_heads"}: lists of ints, new index -> old index
         depth_plan  one {"from": old layer, "zero_out": bool} per new layer (zero_out: depth zero's Z)
-    The gap is measured on 2 x 64 seeded random tokens, in float64 unless the two models are too large
-    (> GAP_FLOAT64_MAX_PARAMS together), then in the model's dtype; the record says which. A float32
-    checkpoint evaluated in float64 shows the float32 rounding of its scaled copies (~1e-6), not 1e-15."""
-    model = model_from_checkpoint(ckpt)
+    The gap is measured on 2 x 64 seeded random tokens (fewer if either model's max_seq_len is shorter),
+    in float64 unless the two models are too large (> GAP_FLOAT64_MAX_PARAMS together), then in the
+    model's dtype; the record says which. A float32 checkpoint evaluated in float64 shows the float32
+    rounding of its scaled copies (~1e-6), not 1e-15. Raises CheckpointError for weights that do not fit
+    their config, ValueError for a bad target or arguments, and ValueError rather than return a grown
+    model with a NaN or inf in its weights or its gap."""
+    model = source_model(ckpt)
     new, maps, plan = grow_with_maps(model, target_config, **grow_kwargs)
+    noise = grow_kwargs.get("noise", 1e-3)
+    bad = first_non_finite(new.state_dict().items())
+    if bad:
+        raise ValueError(f"the grown weight {bad} holds NaN or inf (noise={noise:g} times the weights' std "
+                         "overflowed?): nothing written; use a small noise such as 1e-3")
     gen = torch.Generator().manual_seed(grow_kwargs.get("seed", 0))
-    idx = torch.randint(0, model.config.vocab_size, (2, min(64, model.config.max_seq_len)), generator=gen)
+    # RoPE has no learned positions, so max_seq_len may change; the gap runs on a length both models take
+    seq = min(64, model.config.max_seq_len, new.config.max_seq_len)
+    idx = torch.randint(0, model.config.vocab_size, (2, seq), generator=gen)
     big = model.num_params(False) + new.num_params(False) > GAP_FLOAT64_MAX_PARAMS
     gap_dtype = next(model.parameters()).dtype if big else torch.float64
     gap = function_gap(model, new, idx, dtype=gap_dtype)
+    if not math.isfinite(gap):
+        raise ValueError(f"the function gap of the grown model is {gap} ({str(gap_dtype).removeprefix('torch.')} "
+                         "logits overflow): nothing written; check the source checkpoint's weights and the noise")
     record = dict(op="grow", width=grow_kwargs.get("width", "fpi"), depth=grow_kwargs.get("depth", "zero"),
-                  seed=grow_kwargs.get("seed", 0), noise=grow_kwargs.get("noise", 1e-3),
+                  seed=grow_kwargs.get("seed", 0), noise=noise,
                   dus_overlap=grow_kwargs.get("dus_overlap"), **{"from": asdict(model.config)}, to=asdict(new.config),
                   gap=gap, gap_dtype=str(gap_dtype).removeprefix("torch."), unit_maps=maps.as_lists(),
                   depth_plan=[{"from": s, "zero_out": z} for s, z in plan])
@@ -422,22 +552,50 @@ def grow_checkpoint(ckpt, target_config, **grow_kwargs):
 # command line
 
 
+def parse_value(key, text, kind):
+    """One --to value, strictly: an int is digits, a float finite, a bool true or false (any case).
+    Anything else is an error, never a silent default (int("3.0"), "ture" -> False)."""
+    if kind is bool:
+        if text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        raise ValueError(f"bad --to value {key}={text}: {key} is true or false")
+    if kind is int:
+        if re.fullmatch(r"[+-]?[0-9]+", text):
+            return int(text)
+        raise ValueError(f"bad --to value {key}={text}: {key} is a whole number")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"bad --to value {key}={text}: {key} is a finite number")
+    return value
+
+
 def parse_target(spec, src):
     """--to: a shape name (model.SHAPES), or field=value overrides of the source config, or both
-    ('cpu-2,max_seq_len=512')."""
+    ('cpu-2,max_seq_len=512'). ValueError (one line) for an unknown shape or field, a value not of its
+    field's type, a field given twice, or norm_eps (it follows from the source, R2)."""
     parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"--to {spec!r} names no shape and no field: give e.g. cpu-2 or d_model=96,n_layers=4")
     base = asdict(src)
-    if parts and "=" not in parts[0]:
+    if "=" not in parts[0]:
         base = asdict(config_from_shape(parts.pop(0)))
     types = {f.name: f.type for f in fields(ModelConfig)}
+    seen = set()
     for p in parts:
-        key, _, value = p.partition("=")
-        if key not in types or not value:
-            raise ValueError(f"bad --to item {p!r}: give a shape name or field=value, a field of {', '.join(types)}")
-        try:
-            base[key] = value.lower() in ("1", "true", "yes") if types[key] is bool else types[key](value)
-        except ValueError:
-            raise ValueError(f"bad --to value {p!r}: {key} is a {types[key].__name__}") from None
+        key, eq, value = (x.strip() for x in p.partition("="))
+        if not eq or key not in types or not value:
+            raise ValueError(f"bad --to item {p!r}: give a shape name first, then field=value with a field of "
+                             f"{', '.join(types)}")
+        if key == "norm_eps":
+            raise ValueError("--to norm_eps is not used: the grown model's eps is the source's times d/D (rule R2); "
+                             "leave norm_eps out of --to")
+        if key in seen:
+            raise ValueError(f"--to gives {key} twice: give each field once")
+        seen.add(key)
+        base[key] = parse_value(key, value, types[key])
     return ModelConfig(**base)
 
 
@@ -594,37 +752,80 @@ def draw_explain(src, cfg, maps, plan, title, path):
     plt.close(fig)
 
 
+def check_out(path, overwrite):
+    """--out, before any work: a file the user has is never replaced unasked, and a path that cannot be
+    written fails now rather than after the growth."""
+    if os.path.isdir(path):
+        raise ValueError(f"--out {path} is a folder: give the path of the checkpoint file to write")
+    if os.path.lexists(path) and not overwrite:
+        raise ValueError(f"--out {path} exists: choose another path, or pass --overwrite to replace it")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # save_checkpoint makes the missing folders under the nearest existing one
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise OSError(f"cannot write {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK):
+        raise OSError(f"cannot write {path}: {folder} is not writable (read-only, or another user's)")
+
+
+def write_checkpoint(ckpt, path):
+    """save_checkpoint, with a failed write as one OSError line. torch.save reports a write that failed
+    inside its zip writer (a full disk) as a RuntimeError; save_checkpoint leaves no partial file."""
+    try:
+        save_checkpoint(ckpt, path)
+    except RuntimeError as e:
+        first_line = (str(e).strip().splitlines() or [""])[0][:160]
+        raise OSError(f"cannot write {path} (is the disk full?): {first_line}") from None
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def fail(e):
+    """A bad input's answer: one line on stderr saying what was wrong and what to do, exit code 2."""
+    print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Grow a nanogrow checkpoint (bert2BERT width, zero/stack/DUS depth).")
     p.add_argument("ckpt", nargs="?", help="the checkpoint to grow (not with --explain)")
-    p.add_argument("--to", help="a shape name (e.g. cpu-2, paper-2B) or d_model=..,n_layers=..,...")
+    p.add_argument("--to", help="a shape name (e.g. cpu-2, paper-2B) or d_model=..,n_layers=..,...; "
+                   "booleans are true/false, and norm_eps follows from the source")
     p.add_argument("--width", default="fpi", choices=WIDTHS)
     p.add_argument("--depth", default="zero", choices=DEPTHS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise", type=float, default=None,
-                   help="relative std of the zero-sum symmetry-breaking noise (default 1e-3; 0 with --explain)")
+                   help="relative std of the zero-sum symmetry-breaking noise, finite and >= 0 "
+                   "(default 1e-3; 0 with --explain)")
     p.add_argument("--dus_overlap", type=int, default=None, help="SOLAR's m (layers dropped from each copy)")
-    p.add_argument("--out")
+    p.add_argument("--out", help="the grown checkpoint; an existing file is kept unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--explain", action="store_true", help="print and draw a worked example (width 4 -> 6, 3 -> 5 "
                    "layers) with --width/--depth/--seed/--noise; needs no checkpoint")
     p.add_argument("--explain_png", default="docs/growth_explain.png", help="where --explain draws the maps")
     args = p.parse_args(argv)
     if args.explain:
-        explain(args.width, args.depth, args.seed, args.noise or 0.0, args.explain_png)
+        try:
+            explain(args.width, args.depth, args.seed, args.noise or 0.0, args.explain_png)
+        except (ValueError, OSError) as e:
+            fail(e)
         return
     if not (args.ckpt and args.to and args.out):
         p.error("give a checkpoint, --to and --out (or --explain for a worked example)")
     noise = 1e-3 if args.noise is None else args.noise
     try:
+        if not os.path.isfile(args.ckpt):  # the input first; then --out, before the (long) load and growth
+            raise CheckpointError(f"no checkpoint at {args.ckpt}")
+        check_out(args.out, args.overwrite)
         ckpt = load_checkpoint(args.ckpt)
-        old = config_from_dict(ckpt["model_config"])
+        old = checkpoint_config(ckpt)
         target = parse_target(args.to, old)
         new_ckpt, gap = grow_checkpoint(ckpt, target, width=args.width, depth=args.depth, seed=args.seed,
                                         noise=noise, dus_overlap=args.dus_overlap)
-        save_checkpoint(new_ckpt, args.out)
+        del ckpt  # the source's tensors: only the grown model is held while writing
+        write_checkpoint(new_ckpt, args.out)
     except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
     new = config_from_dict(new_ckpt["model_config"])
     for label, c in (("source", old), ("grown", new)):
         ne, tot = param_counts(c)

@@ -67,8 +67,26 @@ def load_questions(source, limit=0):
     return out
 
 
+def load_answers(path):
+    """The rows of an answers.jsonl to grade (as generate_answers writes them); a malformed line or a row without
+    the columns grading reads is one error naming the file and the row."""
+    rows = posttrain.read_jsonl(path)
+    for i, r in enumerate(rows):
+        missing = [c for c in ("prompt_id", "category", "turns", "answers") if c not in r]
+        if missing:
+            raise JudgeError(f"{path} row {i}: no column {', '.join(map(repr, missing))} (columns found: {', '.join(r) or 'none'}); "
+                             "expected the rows of answers.jsonl that judge.py CKPT writes")
+        for c in ("turns", "answers"):
+            if not isinstance(r[c], list) or not r[c] or not all(isinstance(t, str) for t in r[c]):
+                raise JudgeError(f"{path} row {i}: column {c!r} must be a non-empty list of strings, got {str(r[c])[:80]!r}")
+    if not rows:
+        raise JudgeError(f"{path} holds no answers")
+    return rows
+
+
 def generate_answers(model, tokenizer, questions, max_new_tokens=512, seed=0):
-    """Each question with `answers`: one per turn, each turn seeing the earlier turns and answers."""
+    """Each question with `answers`: one per turn, each turn seeing the earlier turns and answers (posttrain.reply:
+    a conversation longer than the model's context keeps its newest turn, and notes what it dropped or capped)."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     out = []
     for q in questions:
@@ -221,10 +239,16 @@ def main(argv):
     p.add_argument("--judge_timeout", type=float, default=120.0)
     args = p.parse_args(argv)
     try:
+        for key, ok, valid in (("limit", args.limit >= 0, ">= 0 (0: all)"), ("max_new_tokens", args.max_new_tokens >= 1, ">= 1"),
+                               ("judge_attempts", args.judge_attempts >= 1, ">= 1"),
+                               ("judge_backoff", 0 <= args.judge_backoff < float("inf"), ">= 0"),
+                               ("judge_timeout", 0 < args.judge_timeout < float("inf"), "> 0")):
+            if not ok:
+                raise JudgeError(f"--{key} must be {valid}, got {getattr(args, key)!r}")
+        posttrain.check_config(posttrain.PostTrainConfig(device=args.device), "chat")  # --device as chat takes it
         if args.answers:
             out = args.out or os.path.dirname(os.path.abspath(args.answers))
-            with open(args.answers, encoding="utf-8") as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+            rows = load_answers(args.answers)
         elif args.ckpt:
             out = args.out or os.path.join("out", "mtbench")
             model, tok = posttrain.load_chat_model(args.ckpt, args.device)

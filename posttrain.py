@@ -49,10 +49,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import DataError, get_tokenizer
-from checkpoint import (CheckpointError, Lineage, checkpoint_paths, latest_checkpoint, load_checkpoint, make_checkpoint,
-                        prune_checkpoints, save_checkpoint)
-from common import (ConfigError, append_jsonl, autocast_for, configure, fmt_time, lr_at, make_optimizer, plot_losses, rng_state,
-                    set_rng_state, setup_distributed, start_metrics)
+from checkpoint import (CheckpointError, Lineage, checkpoint_paths, claim_out_dir, latest_checkpoint, load_checkpoint,
+                        make_checkpoint, prune_checkpoints, save_checkpoint)
+from common import (ConfigError, DivergenceGuard, append_jsonl, autocast_for, cli_errors, configure, fmt_time, lr_at,
+                    make_optimizer, plot_losses, rank0_first, rng_state, set_rng_state, setup_distributed, start_metrics)
 from model import IGNORE_INDEX, model_from_checkpoint
 
 COMMANDS = ("sft", "dpo", "chat")
@@ -60,6 +60,15 @@ COMMANDS = ("sft", "dpo", "chat")
 DEFAULT_DATA = {"sft": ("hf:HuggingFaceH4/ultrachat_200k", "train_sft", "test_sft", ["messages"]),
                 "dpo": ("hf:HuggingFaceH4/ultrafeedback_binarized", "train_prefs", "test_prefs", ["chosen", "rejected"])}
 PAPER_LR = {"sft": 3e-5, "dpo": 5e-7}  # Yano et al. 2025, section 4.1: the same for every member of the series
+# Each preference loss has its own beta when --beta is not given. DPO: 0.01, the paper's configs (SimPO's DPO
+# baseline on the Base models; the Tanuki-8B/8x8B report used 0.01 to 0.1). SimPO (Meng et al. 2024): beta 2.0 and
+# gamma / beta 0.5 on Llama-3-Base, 0.5 also the ratio its authors suggest starting from (princeton-nlp/SimPO
+# README.md, "Hyperparameter tuning", and training_configs/llama-3-8b-base-simpo.yaml). simpo_loss takes the absolute
+# margin gamma, -log sigmoid(beta * (c - r) - gamma), as TRL's CPOTrainer with loss_type="simpo" takes simpo_gamma
+# (huggingface/trl trl/experimental/cpo/cpo_trainer.py; with cpo_alpha=0.0, no NLL term, as here), so the default
+# gamma is 0.5 * beta: 1.0 at beta 2.0. TRL's CPOConfig defaults (beta 0.1, simpo_gamma 0.5) are CPO's, not SimPO's.
+DEFAULT_BETA = {"dpo": 0.01, "simpo": 2.0}
+SIMPO_GAMMA_BETA_RATIO = 0.5
 
 
 class PostTrainError(Exception):
@@ -76,8 +85,8 @@ class PostTrainConfig:
     eval_examples: int = 200  # cap on evaluation examples (0: all)
     eval_interval: int = 0  # steps between evaluations (0: only at the end)
     max_examples: int = 0  # cap on training examples (0: all)
-    max_len: int = 1024  # tokens per conversation (prompt + answers); longer ones are cut
-    max_prompt_len: int = 512  # DPO: a prompt longer than this keeps its end when the pair does not fit
+    max_len: int = 1024  # tokens per conversation (prompt + answers), at most the model's max_seq_len; longer ones are cut
+    max_prompt_len: int = 512  # DPO: a prompt longer than this keeps its end when the pair does not fit (below max_len)
     # SFT: "assistant" (answers + their <|end|>, as TRL's assistant_only_loss) or "all" (the zephyr recipe, Tunstall et al. 2023)
     loss_on: str = "assistant"
     # optimization: examples per step = batch_size * grad_accum * world size
@@ -95,8 +104,8 @@ class PostTrainConfig:
     grad_clip: float = 1.0
     # preference optimization
     loss: str = "dpo"  # "dpo" (Rafailov et al. 2023) or "simpo" (Meng et al. 2024: no reference model)
-    beta: float = 0.01  # DPO: 0.01 in the paper's configs (Tanuki's report: 0.01 to 0.1); SimPO: about 2.0
-    gamma: float = 1.0  # SimPO's target reward margin
+    beta: float = None  # None: the loss's own default (DEFAULT_BETA: DPO 0.01, SimPO 2.0); a given value wins
+    gamma: float = None  # SimPO's target reward margin (absolute, as TRL's simpo_gamma); None: SIMPO_GAMMA_BETA_RATIO * beta
     ref: str = ""  # the frozen reference; "" is CKPT itself (with LoRA: the base with adapters disabled)
     ref_mode: str = "precompute"  # "precompute" (once, before training, then freed) or "live" (every step)
     # LoRA (Hu et al. 2022): 0 is full fine-tuning
@@ -112,9 +121,15 @@ class PostTrainConfig:
     seed: int = 1337
     log_interval: int = 10
     ckpt_interval: int = 0  # steps between resumable saves of OUT/ckpt_STEP.pt (0: only final.pt at the end)
-    keep_last: int = 2  # periodic checkpoints kept (0: all)
-    resume: bool = False  # continue from the newest readable OUT/ckpt_STEP.pt, exactly
+    keep_last: int = 2  # periodic checkpoints kept (0: all); a file goes only when that many newer ones verify
+    resume: bool = False  # continue from the newest OUT/ckpt_STEP.pt that verifies, exactly (fresh if there is none)
+    overwrite: bool = False  # a fresh run may delete what an earlier run left in OUT (otherwise refused)
     plot: bool = True
+    # divergence, as train.py: a non-finite loss or gradient norm is never stepped on (common.DivergenceGuard)
+    divergence: str = "stop"  # "stop" or "skip" (drop that update, at most max_skips times)
+    max_skips: int = 10
+    spike_factor: float = 2.0  # report a loss above this multiple of the running median (0: off)
+    dist_timeout: int = 1800  # seconds a collective may wait for a stuck rank
     # chat
     prompt: str = ""  # one answer to this, then exit; empty: interactive
     system: str = ""
@@ -151,9 +166,37 @@ def render_chat(tokenizer, messages, add_generation_prompt=False):
 # data: rows in the Hugging Face schemas -> Example / PreferenceExample records -> padded micro-batches
 
 
+def read_jsonl(path):
+    """The rows of a JSONL file: one JSON object a line, blank lines skipped. A line that is not a JSON object, or
+    a file that is not UTF-8 text (a binary file given as JSONL), is one error naming the file and the line."""
+    if not os.path.isfile(path):
+        raise PostTrainError(f"no data file {path}")
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PostTrainError(f"{path} line {n} is not valid JSON ({e.msg} at column {e.colno}): "
+                                         "fix or remove that line (one JSON object a line)") from None
+                if not isinstance(row, dict):
+                    raise PostTrainError(f"{path} line {n} is a JSON {type(row).__name__}, not an object: "
+                                         "each line must be one row, {\"column\": value, ...}")
+                rows.append(row)
+    except UnicodeDecodeError as e:
+        raise PostTrainError(f"{path} is not UTF-8 text (byte {e.object[e.start:e.start + 1].hex()} at offset {e.start}): "
+                             "is it a binary file? pass a .jsonl text file or a .parquet file") from None
+    except OSError as e:
+        raise PostTrainError(f"cannot read {path} ({e.strerror or e})") from None
+    return rows
+
+
 def load_rows(source, split, columns, limit=0):
     """Rows (dicts) of 'hf:ID[:CONFIG]' (that split, through datasets) or a local .jsonl / .parquet file.
-    A missing column is one error naming it and the schema expected."""
+    A missing column is one error naming it and the schema expected (for a local file: the first row lacking it)."""
     if source.startswith("hf:"):
         from datasets import load_dataset
         dataset_id, _, config = source[3:].partition(":")
@@ -162,31 +205,32 @@ def load_rows(source, split, columns, limit=0):
         except Exception as e:
             raise PostTrainError(f"could not load {source} split {split!r} ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
                                  "offline, pass a local .jsonl or .parquet file in the same schema") from None
-        found = rows.column_names
+        found, where = rows.column_names, ""
         rows = rows.select(range(min(limit, len(rows)))) if limit else rows
-    elif source.endswith(".jsonl"):
-        if not os.path.isfile(source):
-            raise PostTrainError(f"no data file {source}")
-        with open(source, encoding="utf-8") as f:
+    elif source.endswith((".jsonl", ".parquet")):
+        if source.endswith(".jsonl"):
+            rows = read_jsonl(source)
+        else:
+            if not os.path.isfile(source):
+                raise PostTrainError(f"no data file {source}")
+            import pyarrow.parquet as pq
             try:
-                rows = [json.loads(line) for line in f if line.strip()]
-            except json.JSONDecodeError as e:
-                raise PostTrainError(f"{source}: a line is not JSON ({e})") from None
-        found = list(rows[0]) if rows else []
-    elif source.endswith(".parquet"):
-        if not os.path.isfile(source):
-            raise PostTrainError(f"no data file {source}")
-        import pyarrow.parquet as pq
-        rows = pq.read_table(source).to_pylist()
-        found = list(rows[0]) if rows else []
+                rows = pq.read_table(source).to_pylist()
+            except Exception as e:  # pyarrow's ArrowInvalid (not Parquet), OSError
+                raise PostTrainError(f"{source} is not a readable Parquet file ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        rows = rows[:limit] if limit else rows
+        # every row, not only the first: a row without a column would otherwise fail (or train) much later
+        bad = next((i for i, r in enumerate(rows) if any(c not in r for c in columns)), None)
+        found, where = (list(rows[bad]), f" row {bad}") if bad is not None else (list(rows[0]) if rows else [], "")
     else:
         raise PostTrainError(f"data {source!r}: use hf:ID[:CONFIG] or a .jsonl / .parquet file")
     missing = [c for c in columns if c not in found]
     if missing:
         schema = "HuggingFaceH4/ultrachat_200k" if "messages" in columns else "HuggingFaceH4/ultrafeedback_binarized"
-        raise PostTrainError(f"{source}: no column {', '.join(map(repr, missing))} (columns found: {', '.join(found) or 'none'}); "
+        raise PostTrainError(f"{source}{where}: no column {', '.join(map(repr, missing))} (columns found: {', '.join(found) or 'none'}); "
                              f"expected the {schema} schema")
-    return rows[:limit] if limit and isinstance(rows, list) else rows
+    return rows
 
 
 @dataclass
@@ -216,47 +260,90 @@ class PreferenceExample:
 
 def sft_example(tokenizer, messages, max_len, loss_on="assistant"):
     """The Example of a conversation, cut to max_len tokens."""
+    if not isinstance(messages, list):
+        raise PostTrainError(f"column 'messages' must be a list of {{'role', 'content'}} messages, got {type(messages).__name__}")
     ids, mask = render_chat(tokenizer, messages)
     if loss_on == "all":  # every token after the first, prompts too
         mask = [0] + [1] * (len(ids) - 1)
     return Example(ids[:max_len], mask[:max_len])
 
 
+def sequence_lengths(cmd, max_len, max_prompt_len, max_seq_len):
+    """(max_len, max_prompt_len, notes) that fit the model: max_len at most its max_seq_len (longer examples could
+    not run through it), and for DPO max_prompt_len below max_len, so that a prompt cut to it leaves room for the
+    response. A max_prompt_len that leaves none becomes half of max_len, the share of the paper's config (512 of
+    1024). notes: one line for each value changed."""
+    notes = []
+    if max_len > max_seq_len:
+        notes.append(f"max_len {max_len} is above the model's max_seq_len {max_seq_len}: using {max_seq_len}")
+        max_len = max_seq_len
+    if cmd == "dpo" and max_prompt_len >= max_len:
+        fitted = max(1, max_len // 2)
+        notes.append(f"max_prompt_len {max_prompt_len} leaves no room for the response within max_len {max_len}: using {fitted}")
+        max_prompt_len = fitted
+    return max_len, max_prompt_len, notes
+
+
+def _prompt_of(conv):  # a conversation's messages before its last, as comparable (role, content) pairs
+    return [(m.get("role"), m.get("content")) if isinstance(m, dict) else m for m in conv[:-1]]
+
+
 def dpo_example(tokenizer, row, max_len, max_prompt_len):
     """The PreferenceExample of a row, the masks on the completion only: the last (assistant) message and its
-    <|end|>. The prompt is chosen[:-1] (or the `prompt` string when that is empty). When a pair does not
-    fit, the prompt keeps its last max_prompt_len tokens, then the answers are cut."""
+    <|end|>. The prompt is chosen[:-1] (or the `prompt` string when that is empty), and rejected[:-1] must be the
+    same. When a pair does not fit, the prompt keeps its last max_prompt_len tokens, then the answers are cut to
+    the room left (TRL: to max_length - max_prompt_length, at most that), as TRL's DPOTrainer does with
+    truncation_mode="keep_end", the default of its DPOConfig
+    (huggingface/trl trl/trainer/dpo_trainer.py, _truncate_tokens, and trl/trainer/dpo_config.py, v0.11; through
+    v0.19 tokenize_row keeps a prompt's last max_prompt_length tokens too). max_prompt_len < max_len
+    (sequence_lengths), so every pair fits in max_len, which TRL does not check."""
+    if not 0 < max_prompt_len < max_len:
+        raise PostTrainError(f"max_prompt_len {max_prompt_len} must be at least 1 and below max_len {max_len}")
     chosen, rejected = row["chosen"], row["rejected"]
     for name, conv in (("chosen", chosen), ("rejected", rejected)):
         if not isinstance(conv, list) or not conv or not isinstance(conv[-1], dict) or conv[-1].get("role") != "assistant":
             raise PostTrainError(f"column {name!r} must be a list of messages ending with the assistant's answer, got {str(conv)[:80]!r}")
-    prompt_msgs = chosen[:-1] or [{"role": "user", "content": row.get("prompt", "")}]
+    prompt_c, prompt_r = _prompt_of(chosen), _prompt_of(rejected)
+    if prompt_c != prompt_r:  # a pair compares two answers to one prompt
+        at = next((k for k, (a, b) in enumerate(zip(prompt_c, prompt_r)) if a != b), min(len(prompt_c), len(prompt_r)))
+        raise PostTrainError(f"chosen and rejected have different prompts (message {at} differs; {len(prompt_c)} and "
+                             f"{len(prompt_r)} messages before the answers): a preference pair must share every message but the last")
+    prompt_msgs = chosen[:-1]
+    if not prompt_msgs:
+        if not isinstance(row.get("prompt"), str) or not row["prompt"]:
+            raise PostTrainError("chosen holds only the answer and there is no 'prompt' string column to take the prompt from")
+        prompt_msgs = [{"role": "user", "content": row["prompt"]}]
     prompt, _ = render_chat(tokenizer, prompt_msgs, add_generation_prompt=True)
     pair = []
     for answer in (chosen[-1], rejected[-1]):
         full, _ = render_chat(tokenizer, prompt_msgs + [answer])
         pair.append(full[len(prompt):])  # the answer and its <|end|>, by the prefix property of the template
     longest = max(len(c) for c in pair)
-    if len(prompt) + longest > max_len:
-        prompt = prompt[-max_prompt_len:] if len(prompt) > max_prompt_len else prompt
-    room = max_len - len(prompt)
+    if len(prompt) + longest > max_len and len(prompt) > max_prompt_len:
+        prompt = prompt[len(prompt) - max_prompt_len:]  # keep_end: the question is at the end of a long prompt
+    room = max_len - len(prompt)  # >= 1: len(prompt) <= max_prompt_len < max_len, or the pair fits untouched
     chosen_ex, rejected_ex = (Example(prompt + c[:room], [0] * len(prompt) + [1] * len(c[:room])) for c in pair)
     return PreferenceExample(chosen_ex, rejected_ex)
 
 
-def tokenize(cmd, tokenizer, rows, cfg, max_len):
+def tokenize(cmd, tokenizer, rows, cfg, max_len, max_prompt_len=None, source=""):
     """The command's examples (Example for sft, PreferenceExample for dpo), and how many rows were dropped for
-    having nothing to learn left after cutting."""
+    having nothing to learn left after cutting. A row that does not fit the schema is one error naming it."""
+    max_prompt_len = cfg.max_prompt_len if max_prompt_len is None else max_prompt_len
     out, dropped = [], 0
     for i, row in enumerate(rows):
         try:
             if cmd == "sft":
                 ex = sft_example(tokenizer, row["messages"], max_len, cfg.loss_on)
             else:
-                ex = dpo_example(tokenizer, row, max_len, cfg.max_prompt_len)
+                ex = dpo_example(tokenizer, row, max_len, max_prompt_len)
             keep = all(seq.mask[1:].any() for seq in ex.sequences())  # the first token is never a target
-        except (KeyError, TypeError, AttributeError) as e:
-            raise PostTrainError(f"row {i} does not fit the schema ({type(e).__name__}: {e})") from None
+        except KeyError as e:
+            raise PostTrainError(f"{source or 'data'} row {i}: no column {e} (columns found: {', '.join(map(str, row))})") from None
+        except (TypeError, AttributeError) as e:
+            raise PostTrainError(f"{source or 'data'} row {i} does not fit the schema ({type(e).__name__}: {e})") from None
+        except PostTrainError as e:
+            raise PostTrainError(f"{source or 'data'} row {i}: {e}") from None
         out += [ex] if keep else []
         dropped += not keep
     return out, dropped
@@ -336,7 +423,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 def simpo_loss(policy_chosen_mean_logps, policy_rejected_mean_logps, beta, gamma):
     """SimPO (Meng et al. 2024): -log sigmoid(beta * mean logp(chosen) - beta * mean logp(rejected)
-    - gamma), the log-probs averaged over the completion tokens (length-normalized); no reference model."""
+    - gamma), the log-probs averaged over the completion tokens (length-normalized); no reference model. gamma is
+    the absolute target reward margin: TRL's simpo_gamma, princeton-nlp/SimPO's gamma_beta_ratio * beta."""
     chosen, rejected = beta * policy_chosen_mean_logps, beta * policy_rejected_mean_logps
     losses = -F.logsigmoid(chosen - rejected - gamma)
     return losses.mean(), _reward_metrics(chosen.detach(), rejected.detach())
@@ -353,10 +441,18 @@ def preference_loss(sums, counts, cfg, reference):
     reference), else DPO against reference() -> (B, 2) reference log-probs, called only then (SimPO runs no
     reference, nor counts FLOPs for one). The one place the choice is made: training and evaluation use it."""
     B = len(sums) // 2
+    beta, gamma = preference_hparams(cfg.loss, cfg.beta, cfg.gamma)
     if cfg.loss == "simpo":
-        return simpo_loss(sums[:B] / counts[:B], sums[B:] / counts[B:], cfg.beta, cfg.gamma)
+        return simpo_loss(sums[:B] / counts[:B], sums[B:] / counts[B:], beta, gamma)
     ref = reference().to(sums.dtype)
-    return dpo_loss(sums[:B], sums[B:], ref[:, 0], ref[:, 1], cfg.beta)
+    return dpo_loss(sums[:B], sums[B:], ref[:, 0], ref[:, 1], beta)
+
+
+def preference_hparams(loss, beta=None, gamma=None):
+    """(beta, gamma) of the preference loss `loss`: the values given, else its own defaults (DEFAULT_BETA; SimPO's
+    gamma SIMPO_GAMMA_BETA_RATIO * beta, the paper's gamma/beta ratio). gamma is SimPO's only."""
+    beta = DEFAULT_BETA[loss] if beta is None else beta
+    return beta, (SIMPO_GAMMA_BETA_RATIO * beta if gamma is None else gamma) if loss == "simpo" else None
 
 
 def _no_sync(model, last):  # DDP all-reduces gradients only on the last micro-batch of a step
@@ -524,8 +620,60 @@ def adapters_disabled(model):
 # DPO share all of it; the pieces that are not post-training's own come from common.py and checkpoint.py.
 
 
+# the valid range of every numeric setting, checked up front (check_config): (test, the range in words)
+RANGES = {
+    "eval_examples": (lambda v: v >= 0, ">= 0 (0: all)"), "eval_interval": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    "max_examples": (lambda v: v >= 0, ">= 0 (0: all)"), "max_len": (lambda v: v >= 2, ">= 2 (a token and its target)"),
+    "max_prompt_len": (lambda v: v >= 1, ">= 1 (and below max_len)"),
+    "batch_size": (lambda v: v >= 1, ">= 1"), "grad_accum": (lambda v: v >= 1, ">= 1"),
+    "epochs": (lambda v: 0 < v < math.inf, "> 0"), "max_steps": (lambda v: v >= 0, ">= 0 (0: as many as epochs take)"),
+    "lr": (lambda v: 0 <= v < math.inf, "> 0 (or 0: the paper's)"), "warmup_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"), "weight_decay": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"), "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "grad_clip": (lambda v: 0 <= v < math.inf, ">= 0 (0: off)"),
+    "beta": (lambda v: v is None or 0 < v < math.inf, "> 0 (leave it out for the loss's default)"),
+    "gamma": (lambda v: v is None or 0 <= v < math.inf, ">= 0 (leave it out for 0.5 * beta)"),
+    "lora_rank": (lambda v: v >= 0, ">= 0 (0: full fine-tuning)"), "lora_alpha": (lambda v: 0 < v < math.inf, "> 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"), "pad_multiple": (lambda v: v >= 1, ">= 1"),
+    "seed": (lambda v: 0 <= v < 2 ** 64, "in [0, 2**64)"), "log_interval": (lambda v: v >= 1, ">= 1"),
+    "ckpt_interval": (lambda v: v >= 0, ">= 0 (0: only final.pt)"), "keep_last": (lambda v: v >= 0, ">= 0 (0: all)"),
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"), "temperature": (lambda v: 0 <= v < math.inf, ">= 0 (0: greedy)"),
+    "top_k": (lambda v: v >= 0, ">= 0 (0: no top-k)"), "max_skips": (lambda v: v >= 0, ">= 0"),
+    "spike_factor": (lambda v: v == 0 or 1 < v < math.inf, "0 (off) or > 1"), "dist_timeout": (lambda v: v >= 1, ">= 1"),
+}
+CHOICES = {"loss_on": ("assistant", "all"), "loss": ("dpo", "simpo"), "ref_mode": ("precompute", "live"),
+           "schedule": ("cosine", "wsd", "constant"), "dtype": ("auto", "float32", "bfloat16"), "divergence": ("stop", "skip")}
+
+
+def check_config(cfg, cmd=None):
+    """Every setting in its range, before anything is loaded: one ConfigError naming the first that is not, with
+    its valid range (a NaN fails every test)."""
+    for key, (ok, valid) in RANGES.items():
+        value = getattr(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{key} must be {valid}, got {value!r}")
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+    if cfg.lora_rank:
+        names = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+        if not names or any(t not in LORA_TARGETS for t in names):
+            raise ConfigError(f"lora_targets must be a comma-separated list of {','.join(LORA_TARGETS)}, got {cfg.lora_targets!r}")
+    if cmd in ("sft", "dpo") and cfg.device not in ("auto", "cpu", "cuda"):  # torchrun gives every rank its own GPU
+        raise ConfigError(f"device must be one of auto, cpu, cuda for {cmd} (under torchrun each rank takes its own GPU), got {cfg.device!r}")
+    if cfg.device != "auto":
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError:
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {cfg.device!r}, but no CUDA device is available here: use --device=cpu (or auto)")
+
+
 def resolve(cmd, cfg):
-    """Fill the per-command defaults and check the choices."""
+    """Check the settings (check_config) and fill the per-command defaults: the paper's data and learning rate,
+    and the preference loss's own beta (and SimPO's gamma) unless given."""
+    check_config(cfg, cmd)
     data, split, eval_split, columns = DEFAULT_DATA[cmd]
     cfg.out = cfg.out or os.path.join("out", cmd)
     cfg.lr = cfg.lr or PAPER_LR[cmd]
@@ -535,11 +683,9 @@ def resolve(cmd, cfg):
         cfg.split = split
     if cfg.eval_data == "":
         cfg.eval_data = cfg.data if cfg.data.startswith("hf:") else "none"
-    for key, allowed in (("loss_on", ("assistant", "all")), ("loss", ("dpo", "simpo")), ("ref_mode", ("precompute", "live"))):
-        if getattr(cfg, key) not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
-    if cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise ConfigError("batch_size and grad_accum must be at least 1")
+    if cmd == "dpo":
+        cfg.beta, gamma = preference_hparams(cfg.loss, cfg.beta, cfg.gamma)
+        cfg.gamma = gamma if cfg.loss == "simpo" else cfg.gamma
     return eval_split, columns
 
 
@@ -573,14 +719,18 @@ class Run:
     tokens: int = 0  # trained on so far, pads not counted
     flops: int = 0  # spent so far by this run, the reference's forwards included
     last_metrics: dict = field(default_factory=dict)  # the last logged step's, saved with every checkpoint
+    guard: DivergenceGuard = field(default_factory=DivergenceGuard)  # never step on a non-finite loss or gradient
+    last_good: str | None = None  # the newest checkpoint written or resumed from: named if the run diverges
 
 
-def load_examples(cmd, tokenizer, cfg, eval_split, columns, max_len, log):
+def load_examples(cmd, tokenizer, cfg, eval_split, columns, max_len, log, max_prompt_len=None):
     """(training examples, evaluation examples) of the command; raises when no training example is left."""
-    examples, dropped = tokenize(cmd, tokenizer, load_rows(cfg.data, cfg.split, columns, cfg.max_examples), cfg, max_len)
+    examples, dropped = tokenize(cmd, tokenizer, load_rows(cfg.data, cfg.split, columns, cfg.max_examples), cfg, max_len,
+                                 max_prompt_len, cfg.data)
     evals = []
     if cfg.eval_data != "none":
-        evals, _ = tokenize(cmd, tokenizer, load_rows(cfg.eval_data, eval_split, columns, cfg.eval_examples), cfg, max_len)
+        evals, _ = tokenize(cmd, tokenizer, load_rows(cfg.eval_data, eval_split, columns, cfg.eval_examples), cfg, max_len,
+                            max_prompt_len, cfg.eval_data)
     if not examples:
         raise PostTrainError(f"{cfg.data}: no usable examples (dropped {dropped} with nothing to learn within max_len={max_len})")
     log(f"{cmd}: {len(examples):,} examples from {cfg.data} ({cfg.split}), {dropped} dropped (nothing to learn within "
@@ -601,22 +751,36 @@ def resume_setup(run):
 def find_resume(run):
     """(path, checkpoint) that --resume continues from, or (None, None) on a fresh start."""
     cfg = run.cfg
-    if cfg.resume:
+    if cfg.resume and checkpoint_paths(cfg.out):  # --resume with nothing saved yet starts fresh
         path, ckpt = latest_checkpoint(cfg.out, run.source["tokenizer"], run.log, required_key="resume")
         changed = [k for k in run.setup if ckpt["resume"]["setup"].get(k) != run.setup[k]]
         if changed:
             raise ConfigError(f"--resume with a different setup ({', '.join(changed)} changed since {path}): "
                               "restore those settings, or start a new --out")
         return path, ckpt
-    if os.path.abspath(run.source_path) in map(os.path.abspath, checkpoint_paths(cfg.out)):
-        raise ConfigError(f"--out {cfg.out} holds {run.source_path}, whose periodic checkpoints a fresh run deletes: choose another --out")
     return None, None
 
 
-def setup_reference(run, resume):
+def load_reference(path, tokenizer, policy_config, max_len, device):
+    """The frozen --ref model, checked against the policy when it is loaded: the same tokenizer (name and size)
+    and vocab, since DPO compares the two models' log-probs of the same token ids, and a context (max_seq_len)
+    that covers max_len, or the reference would score cut sequences. Its width and depth may differ."""
+    ckpt = load_checkpoint(path, tokenizer=tokenizer)  # another tokenizer: CheckpointError naming both
+    ref = model_from_checkpoint(ckpt, device)
+    del ckpt
+    if ref.config.vocab_size != policy_config.vocab_size:
+        raise PostTrainError(f"--ref {path} has vocab_size {ref.config.vocab_size} but the policy {policy_config.vocab_size}: "
+                             "the reference must share the policy's tokenizer and vocab (use its SFT checkpoint)")
+    if ref.config.max_seq_len < max_len:
+        raise PostTrainError(f"--ref {path} has max_seq_len {ref.config.max_seq_len}, shorter than max_len {max_len}: pass "
+                             f"--max_len={ref.config.max_seq_len} or a reference with a context of at least {max_len} tokens")
+    return ref.eval().requires_grad_(False)
+
+
+def setup_reference(run, resume, ref_model=None):
     """DPO's frozen reference, set up before LoRA is added (so the starting model *is* the base): its log-probs
-    of every pair computed once (ref_mode "precompute"; a --ref model is freed on return), or a model kept to
-    run live every step. SFT and SimPO need none."""
+    of every pair computed once (ref_mode "precompute"; a --ref model, ref_model from load_reference, is freed on
+    return), or a model kept to run live every step. SFT and SimPO need none."""
     cfg = run.cfg
     if run.cmd != "dpo" or cfg.loss != "dpo":
         return
@@ -626,8 +790,8 @@ def setup_reference(run, resume):
         run.ref_table, run.ref_eval = (t if t is None else t.to(run.device) for t in resume["resume"]["reference"])
         return
     if cfg.ref:
-        frozen = model_from_checkpoint(load_checkpoint(cfg.ref, tokenizer=run.source["tokenizer"]), run.device)
-        frozen.eval().requires_grad_(False)
+        frozen = ref_model if ref_model is not None else load_reference(cfg.ref, run.source["tokenizer"], run.raw_model.config,
+                                                                         run.max_len, run.device)
     elif cfg.ref_mode == "precompute":  # read once, before training changes it
         frozen = run.raw_model
     elif not cfg.lora_rank:  # live: a copy, since the policy moves away from it
@@ -646,7 +810,7 @@ def start_run(cmd, ckpt_path, cfg, log=print):
     """Everything before the first step: the starting model, the examples, the resume checks, DPO's reference,
     LoRA, AdamW and what --resume restores. Returns (run, the step resumed at, or None on a fresh start)."""
     eval_split, columns = resolve(cmd, cfg)
-    rank, local_rank, world, device = setup_distributed(cfg.device)
+    rank, local_rank, world, device = setup_distributed(cfg.device, cfg.dist_timeout)
     log = log if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)  # LoRA's initialization and dropout masks
     ctx, dtype_name = autocast_for(device, cfg.dtype)
@@ -657,17 +821,24 @@ def start_run(cmd, ckpt_path, cfg, log=print):
     del source["model"]
     if tok.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{ckpt_path}: tokenizer {tok.name} has {tok.vocab_size} ids but the model only {model.config.vocab_size}")
-    max_len = min(cfg.max_len, model.config.max_seq_len)
-    examples, evals = load_examples(cmd, tok, cfg, eval_split, columns, max_len, log)
+    max_len, max_prompt_len, notes = sequence_lengths(cmd, cfg.max_len, cfg.max_prompt_len, model.config.max_seq_len)
+    for note in notes:
+        log(f"note: {note}")
+    # --ref is checked (tokenizer, vocab, context) as it is loaded, before the data is read
+    ref_model = (load_reference(cfg.ref, source["tokenizer"], model.config, max_len, device)
+                 if cmd == "dpo" and cfg.loss == "dpo" and cfg.ref else None)
+    examples, evals = load_examples(cmd, tok, cfg, eval_split, columns, max_len, log, max_prompt_len)
     per_step = cfg.batch_size * cfg.grad_accum * world
     run = Run(cmd=cmd, cfg=cfg, source_path=ckpt_path, source=source, raw_model=model, examples=examples, evals=evals,
               per_step=per_step, max_steps=cfg.max_steps or max(1, math.ceil(cfg.epochs * len(examples) / per_step)),
               pad_id=tok.special["<|pad|>"], max_len=max_len, n_params=model.num_params(non_embedding=True),
-              device=device, ctx=ctx, rank=rank, world=world, log=log)
+              device=device, ctx=ctx, rank=rank, world=world, log=log,
+              guard=DivergenceGuard(cfg.divergence, cfg.max_skips, cfg.spike_factor))
     # --resume: the newest readable periodic checkpoint, refused if anything that decides a step changed
     run.setup = resume_setup(run)
     resume_path, resume = find_resume(run)
-    setup_reference(run, resume)
+    setup_reference(run, resume, ref_model)
+    del ref_model  # precompute: freed now that the tables hold its log-probs (live: run.ref_model keeps it)
     if cfg.lora_rank:  # after the reference: the model it saw is the base the adapters sit on
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     run.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
@@ -676,13 +847,16 @@ def start_run(cmd, ckpt_path, cfg, log=print):
         run.optimizer.load_state_dict(resume["resume"]["optimizer"])
         set_rng_state(resume["resume"]["rng"])
         run.tokens, run.flops, run.last_metrics = resume["resume"]["tokens"], resume["resume"]["flops"], resume["metrics"]
+        run.guard.load_state_dict(resume["resume"].get("guard", run.guard.state_dict()))
+        run.last_good = resume_path
     run.model = torch.compile(model, dynamic=True) if cfg.compile else model
     if world > 1:
         run.model = nn.parallel.DistributedDataParallel(run.model, device_ids=[local_rank] if device.type == "cuda" else None)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"{run.n_params:,} non-embedding parameters, {n_trained:,} trained"
         f"{f' (LoRA r={cfg.lora_rank} on {cfg.lora_targets})' if cfg.lora_rank else ''} | {per_step} examples/step x {run.max_steps} steps "
-        f"| lr {cfg.lr:.1e} | {device.type} {dtype_name}{f' x{world} ranks' if world > 1 else ''}"
+        f"| lr {cfg.lr:.1e}{f' | {cfg.loss} beta {cfg.beta:g}' + (f' gamma {cfg.gamma:g}' if cfg.loss == 'simpo' else '') if cmd == 'dpo' else ''}"
+        f" | {device.type} {dtype_name}{f' x{world} ranks' if world > 1 else ''}"
         + (f" | resumed at step {resume['step']} from {resume_path}" if resume is not None else ""))
     return run, (resume["step"] if resume is not None else None)
 
@@ -755,7 +929,8 @@ def save(run, step, name, resumable=False):
     extra = {}
     if resumable:
         extra["resume"] = {"module": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(), "rng": rng_state(),
-                           "tokens": run.tokens, "flops": run.flops, "setup": run.setup, "reference": (run.ref_table, run.ref_eval)}
+                           "tokens": run.tokens, "flops": run.flops, "setup": run.setup, "reference": (run.ref_table, run.ref_eval),
+                           "guard": run.guard.state_dict()}
     ckpt = make_checkpoint(merged_state_dict(run.raw_model), run.raw_model.config, run.source["tokenizer"],
                            Lineage.after(run.source).then(history_record(run, step)), run_flops=run.flops,
                            tokens=run.source.get("tokens", 0), step=step, posttrain_config=asdict(run.cfg),
@@ -766,7 +941,25 @@ def save(run, step, name, resumable=False):
 
 
 def train(cmd, ckpt_path, cfg, log=print):
-    """SFT or DPO (cmd) of the checkpoint at ckpt_path as cfg says; returns the path of OUT/final.pt."""
+    """SFT or DPO (cmd) of the checkpoint at ckpt_path as cfg says; returns the path of OUT/final.pt. The run
+    holds OUT's lock from start to end (checkpoint.claim_out_dir: one live run per folder, and a fresh run
+    never deletes an earlier run's files unless --overwrite)."""
+    resolve(cmd, cfg)  # fills in cfg.out
+    rank, _, world, _ = setup_distributed(cfg.device, cfg.dist_timeout)
+    resuming = cfg.resume and bool(checkpoint_paths(cfg.out))
+    if not resuming and os.path.abspath(ckpt_path) in [os.path.abspath(p) for p in checkpoint_paths(cfg.out) +
+                                                        [os.path.join(cfg.out, "final.pt")]]:
+        raise ConfigError(f"--out {cfg.out} holds {ckpt_path}, the checkpoint this run starts from: choose another --out")
+    lock = rank0_first(lambda: claim_out_dir(cfg.out, resuming, cfg.overwrite), rank, world)
+    try:
+        return train_run(cmd, ckpt_path, cfg, log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train_run(cmd, ckpt_path, cfg, log):
+    """train()'s body, in a claimed OUT: set up, then the loop."""
     run, resumed_at = start_run(cmd, ckpt_path, cfg, log)
     start_step = resumed_at if resumed_at is not None else 0
     master = run.rank == 0
@@ -777,9 +970,8 @@ def train(cmd, ckpt_path, cfg, log=print):
     rng = np.random.default_rng(cfg.seed)
     epochs = math.ceil(run.max_steps * run.per_step / len(run.examples))
     order = np.concatenate([rng.permutation(len(run.examples)) for _ in range(epochs)])
-    os.makedirs(cfg.out, exist_ok=True)
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    if master:  # fresh: the old run's metrics and checkpoints go; resumed: the steps about to be redone go
+    if master:  # resumed: the steps about to be redone go from the metrics
         start_metrics(cfg.out, resumed_at)
     run.model.train()  # the reference's precomputation left it in eval mode
     t_start = t_window = time.perf_counter()
@@ -793,10 +985,16 @@ def train(cmd, ckpt_path, cfg, log=print):
         mine = order[step * run.per_step:(step + 1) * run.per_step][run.rank::run.world].tolist()
         # forward and backward: the gradient of one large batch, however it is split into micro-batches and ranks
         loss, extra, step_tokens = forward_backward(run, mine)
-        # clip the norm over every trained weight (logged: a spike shows here first), then update
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else None
-        run.optimizer.step()
+        # clip the norm over every trained weight (an infinite max_norm when clipping is off: the norm is wanted)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf).item()
+        # never step on a non-finite loss or gradient (common.DivergenceGuard); then update
+        loss = float(loss)  # already the whole step's on every rank (all-reduced): every rank reaches the same verdict
+        verdict = run.guard.check(step + 1, loss, grad_norm, run.last_good, run.log)
+        if verdict != "skip":
+            run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)  # free the gradients before the next step's activations
+        if verdict != "step" and master:
+            append_jsonl(metrics_path, {"step": step + 1, "event": verdict, "loss": loss, "grad_norm": grad_norm})
         # the cost: 6 N per trained token (LoRA: 4 N, the frozen base needs no weight gradients)
         run.tokens += step_tokens  # real tokens, pads not counted
         run.flops += (4 if cfg.lora_rank else 6) * run.n_params * step_tokens
@@ -807,7 +1005,7 @@ def train(cmd, ckpt_path, cfg, log=print):
             elapsed, dt = now - t_start, now - t_window
             run.last_metrics = {"step": done, "examples": done * run.per_step, "tokens": run.tokens, "loss": loss, "lr": lr,
                                 "ex_s": ex_window / dt, "tok_s": tok_window / dt, "elapsed": elapsed,
-                                "grad_norm": grad_norm.item() if grad_norm is not None else None, **extra}
+                                "grad_norm": grad_norm, **extra}
             if master:  # one writer of metrics.jsonl
                 append_jsonl(metrics_path, run.last_metrics)
             pref = f" | margin {extra['rewards/margins']:.4f} | acc {extra['rewards/accuracy']:.2f}" if extra else ""
@@ -823,8 +1021,8 @@ def train(cmd, ckpt_path, cfg, log=print):
             run.log(f"step {done:>5} | val loss {val_loss:.4f}" + "".join(f" | {k} {v:.4f}" for k, v in val_metrics.items()))
         # a resumable checkpoint every ckpt_interval steps (final.pt covers the last), only the newest keep_last kept
         if master and cfg.ckpt_interval and done % cfg.ckpt_interval == 0 and done < run.max_steps:
-            save(run, done, f"ckpt_{done:07d}.pt", resumable=True)
-            prune_checkpoints(cfg.out, cfg.keep_last)
+            run.last_good = save(run, done, f"ckpt_{done:07d}.pt", resumable=True)
+            prune_checkpoints(cfg.out, cfg.keep_last, run.log)
     # the result: final.pt (a plain Llama, LoRA merged) and the loss plot
     final = None
     if master:
@@ -851,14 +1049,59 @@ def unused_ids(tokenizer, vocab_size):
     return (~used).nonzero().flatten()
 
 
+def fit_prompt(tokenizer, messages, max_seq_len, max_new_tokens):
+    """(prompt ids, max_new_tokens, note) for generating the next answer to `messages` within the model's context:
+    the one place chat (reply) and judge.py fit a conversation. The prompt may take the context less a reserve for
+    the answer, min(max_new_tokens, max_seq_len // 2), so a large max_new_tokens cannot push the question out.
+    Past that budget the oldest history goes first (a whole exchange: a user turn and its answers), then the system
+    prompt; the newest message always stays, and if even it alone is too long it keeps its end (the template's
+    tokens around it intact). max_new_tokens is then capped to the room left. note: "" when nothing was dropped
+    or capped, else one line saying what was."""
+    render = lambda msgs: render_chat(tokenizer, msgs, add_generation_prompt=True)[0]
+    ids = render(messages)
+    if len(ids) + max_new_tokens <= max_seq_len:
+        return ids, max_new_tokens, ""
+    total, budget = len(ids), max_seq_len - max(1, min(max_new_tokens, max_seq_len // 2))
+    system = list(messages[:1]) if messages and messages[0].get("role") == "system" else []
+    history, newest = list(messages[len(system):-1]), list(messages[-1:])
+    done = []
+    dropped = 0
+    while len(ids) > budget and history:
+        k = 1  # the oldest exchange: its first message and the answers up to the next user turn
+        while k < len(history) and history[k].get("role") != "user":
+            k += 1
+        history, dropped = history[k:], dropped + k
+        ids = render(system + history + newest)
+    if dropped:
+        done.append(f"dropped the {dropped} oldest message{'s' * (dropped > 1)} of the history")
+    if len(ids) > budget and system:
+        system, ids = [], render(newest)
+        done.append("dropped the system prompt")
+    if len(ids) > budget:
+        keep = budget - 4  # [<|endoftext|>, <|role|>] + the end of the content + [<|end|>, <|assistant|>]
+        if keep < 1:
+            raise PostTrainError(f"the model's max_seq_len {max_seq_len} leaves no room for a prompt: use a model with a longer context")
+        ids = ids[:2] + ids[2:-2][-keep:] + ids[-2:]
+        done.append(f"the newest message alone does not fit, so only its last {keep} tokens are kept")
+    capped = min(max_new_tokens, max_seq_len - len(ids))
+    if capped < max_new_tokens:
+        done.append(f"max_new_tokens capped from {max_new_tokens} to {capped}")
+    return ids, capped, (f"the conversation ({total} tokens) and max_new_tokens={max_new_tokens} exceed the model's "
+                         f"max_seq_len {max_seq_len}: " + "; ".join(done))
+
+
+def _note(text):
+    print(f"note: {text}", file=sys.stderr)
+
+
 @torch.no_grad()
-def reply(model, tokenizer, messages, max_new_tokens=256, temperature=0.7, top_k=50, generator=None):
-    """The assistant's next answer to `messages`, with the training template; stops at <|end|>. A
-    conversation too long for the context loses its oldest tokens. Ids the tokenizer does not use are
-    never sampled."""
-    ids, _ = render_chat(tokenizer, messages, add_generation_prompt=True)
-    max_new_tokens = min(max_new_tokens, model.config.max_seq_len - 1)
-    ids = ids[-(model.config.max_seq_len - max_new_tokens):]
+def reply(model, tokenizer, messages, max_new_tokens=256, temperature=0.7, top_k=50, generator=None, log=_note):
+    """The assistant's next answer to `messages`, with the training template; stops at <|end|>. A conversation
+    too long for the context is fitted by fit_prompt (oldest history dropped first, max_new_tokens capped), and
+    log(note) says what it changed. Ids the tokenizer does not use are never sampled."""
+    ids, max_new_tokens, note = fit_prompt(tokenizer, messages, model.config.max_seq_len, max_new_tokens)
+    if note and log:
+        log(note)
     device = next(model.parameters()).device
     out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=temperature, top_k=top_k or None,
                          eos_id=tokenizer.special["<|end|>"], generator=generator,
@@ -926,19 +1169,15 @@ def parse_args(argv):
         i += 1
     if ckpt is None:
         raise PostTrainError(f"{argv[0]} needs a checkpoint; {usage}")
-    return argv[0], ckpt, configure(PostTrainConfig, args)
+    cfg = configure(PostTrainConfig, args)
+    check_config(cfg, argv[0])  # every range up front, before a checkpoint or the data is read
+    return argv[0], ckpt, cfg
 
 
 def main(argv):
-    try:
+    with cli_errors(DataError, PostTrainError):
         cmd, ckpt, cfg = parse_args(argv)
         chat(ckpt, cfg) if cmd == "chat" else train(cmd, ckpt, cfg)
-    except (ConfigError, CheckpointError, DataError, PostTrainError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

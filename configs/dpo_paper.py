@@ -4,15 +4,14 @@
 # post-training report, GENIAC Matsuo Lab LLM team 2024, used 0.01 to 0.1). The reference is the starting
 # (SFT) model unless --ref says otherwise; its log-probs are computed once.
 #   python posttrain.py dpo out/sft/S1/final.pt configs/dpo_paper.py --out=out/dpo/S1
-# SimPO instead:  --loss=simpo --beta=2.0 --gamma=1.0  (Meng et al. 2024: beta 2.0, gamma/beta 0.5 on Llama-3-Base;
+# SimPO instead:  --loss=simpo  (its own defaults, beta 2.0 and gamma 1.0: Meng et al. 2024, gamma/beta 0.5 on Llama-3-Base;
 #                  they tuned lr per model between 3e-7 and 1e-6)
 # LoRA (Hu et al. 2022) for cheap runs: --lora_rank=16 --lora_alpha=32 --lr=2e-6 (Tanuki's LoRA DPO used 2e-6, beta 0.1)
 data = "hf:HuggingFaceH4/ultrafeedback_binarized"
 split = "train_prefs"
 eval_examples = 500  # from test_prefs
 eval_interval = 100
-loss = "dpo"
-beta = 0.01
+loss = "dpo"  # beta is left to the loss's default (posttrain.DEFAULT_BETA: DPO 0.01), so --loss=simpo gets SimPO's
 ref_mode = "precompute"
 max_len = 1024
 max_prompt_len = 512  # SimPO: 1800 of 2048; the same share of the paper's 1024 would leave answers little room

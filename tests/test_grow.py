@@ -2,6 +2,7 @@
 embeddings, noise on and off), layer order of every depth operator, symmetry breaking, errors, the grow
 record (unit maps, depth plan) against the weights, the checkpoint schema, CLI and --explain."""
 
+import errno
 import json
 import math
 import os
@@ -17,9 +18,12 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from checkpoint import Lineage, make_checkpoint  # noqa: E402
-from grow import depth_plan, explain_growth, function_gap, grow, grow_checkpoint, main  # noqa: E402
-from model import Llama, ModelConfig, load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+import grow as growmod  # noqa: E402
+from checkpoint import CheckpointError, Lineage, make_checkpoint  # noqa: E402
+from grow import (Noise, depth_plan, expand_, explain_growth, function_gap, grow, grow_checkpoint, main,  # noqa: E402
+                  parse_target, source_model, unit_map)
+from model import (Llama, ModelConfig, config_from_shape, load_checkpoint, model_from_checkpoint,  # noqa: E402
+                   save_checkpoint)
 
 GAPS = {}  # largest gap seen per check, printed by test_zz_report (pytest -s)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -359,6 +363,235 @@ def test_explain(tmp_path, capsys):
     assert "not function preserving" in out and float(re.search(r"difference\| = (\S+)", out).group(1)) > 1e-3
     with pytest.raises(SystemExit):  # without --explain a checkpoint, --to and --out are needed
         main(["--to", "cpu-2"])
+
+
+# -----------------------------------------------------------------------------
+# bad inputs: one "error: ..." line on stderr, exit code 2, nothing written
+
+
+def cli_fails(capsys, argv, *words):
+    """main(argv) must exit 2 with a single 'error: ...' line on stderr that contains every one of words."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert all(w in err for w in words), (words, err)
+    return err
+
+
+def nothing_written(folder, name="out.pt"):
+    return not any(f.startswith(name) for f in os.listdir(folder))  # neither the file nor a temporary of it
+
+
+def raw_checkpoint(path, edit=None, config=None):
+    """A checkpoint file written with torch.save directly, so that it may be broken on purpose (save_checkpoint
+    would refuse some of these); edit(ckpt) breaks it."""
+    config = config or cfg(32, 2, 2, 64, 2, hd=16, vocab=320, seq=64)
+    ckpt = make_checkpoint(make_model(config, dtype=torch.float32).state_dict(), config,
+                           {"name": "bytes", "vocab_size": 320}, Lineage(STAGE, 1.0e12, []))
+    if edit:
+        edit(ckpt)
+    torch.save(ckpt, path)
+    return ckpt
+
+
+def test_noise_must_be_finite_and_nothing_non_finite_is_written(tmp_path, capsys, monkeypatch):
+    model = make_model(cfg(24, 3, 3, 40, 2), dtype=torch.float32)
+    for noise in (math.inf, math.nan, -1e-3, "1e-3", True):
+        with pytest.raises(ValueError, match="noise must be a finite number"):
+            grow(model, cfg(40, 5, 5, 70, 3), noise=noise)
+    src = raw_checkpoint(tmp_path / "a.pt")
+    tgt = cfg(48, 3, 3, 96, 3, hd=16, vocab=320, seq=64)
+    with pytest.raises(ValueError, match="noise"):
+        grow_checkpoint(src, tgt, noise=math.inf)
+    # finite noise whose product with the weights' std overflows: NaN weights, never returned
+    with pytest.raises(ValueError, match="NaN or inf"):
+        grow_checkpoint(src, tgt, noise=1e300)
+    a, out = str(tmp_path / "a.pt"), str(tmp_path / "out.pt")
+    cli_fails(capsys, [a, "--to", "d_model=48", "--out", out, "--noise", "inf"], "noise", "finite")
+    cli_fails(capsys, [a, "--to", "d_model=48", "--out", out, "--noise", "nan"], "noise")
+    cli_fails(capsys, [a, "--to", "d_model=48", "--out", out, "--noise", "1e300"], "NaN or inf")
+    cli_fails(capsys, ["--explain", "--noise", "inf", "--explain_png", str(tmp_path / "x.png")], "noise")
+    # a gap that is not a number (overflowing logits) is refused too
+    monkeypatch.setattr(growmod, "function_gap", lambda *a, **k: math.nan)
+    with pytest.raises(ValueError, match="gap"):
+        grow_checkpoint(src, tgt)
+    cli_fails(capsys, [a, "--to", "d_model=48", "--out", out], "gap", "nan")
+    assert nothing_written(tmp_path) and nothing_written(tmp_path, "x.png")
+
+
+def _set(key, value):
+    return lambda c: c["model"].__setitem__(key, value)
+
+
+def _cfg(key, value):
+    return lambda c: c["model_config"].__setitem__(key, value)
+
+
+BROKEN = [  # (edit, words the error line must hold)
+    (_set("norm.weight", torch.ones(40)), ["norm.weight", "(40,)", "(32,)"]),  # shape != config
+    (_set("layers.1.mlp.up_proj.weight", torch.ones(64, 48)), ["layers.1.mlp.up_proj.weight", "(64, 48)"]),
+    (lambda c: c["model"].pop("layers.0.self_attn.k_proj.weight"), ["missing", "layers.0.self_attn.k_proj.weight"]),
+    (_set("layers.2.mlp.up_proj.weight", torch.ones(64, 32)), ["unexpected", "layers.2.mlp.up_proj.weight"]),
+    (lambda c: c.__setitem__("model", {"_orig_mod." + k: v for k, v in c["model"].items()}), ["compiled"]),
+    (_set("norm.weight", torch.ones(32, dtype=torch.long)), ["norm.weight", "torch.int64"]),
+    (_set("norm.weight", torch.full((32,), math.nan)), ["norm.weight", "NaN or inf"]),
+    (_cfg("d_model", "32"), ["d_model='32'"]),  # a str where an int belongs
+    (_cfg("tie_embeddings", "yes"), ["tie_embeddings='yes'"]),
+    (_cfg("d_modle", 32), ["d_modle"]),  # an unknown field
+    (_cfg("n_heads", 3), ["n_heads=3 must be a multiple"]),
+    (_cfg("tie_embeddings", True), ["lm_head.weight differs"]),  # tied in the config, two matrices in the weights
+    (lambda c: c.__setitem__("model_config", [1, 2]), ["model_config is a list"]),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BROKEN)))
+def test_weights_that_do_not_fit_their_config(tmp_path, capsys, case):
+    edit, words = BROKEN[case]
+    ckpt = raw_checkpoint(tmp_path / "a.pt", edit)
+    with pytest.raises(CheckpointError):
+        grow_checkpoint(ckpt, cfg(48, 3, 3, 96, 3, hd=16, vocab=320, seq=64))
+    cli_fails(capsys, [str(tmp_path / "a.pt"), "--to", "d_model=48,n_heads=3,n_kv_heads=3", "--out",
+                       str(tmp_path / "out.pt")], *words)
+    assert nothing_written(tmp_path)
+
+
+def test_to_parses_every_value_strictly(tmp_path, capsys):
+    src = cfg(32, 2, 2, 64, 2, hd=16, vocab=320, seq=64)
+    assert parse_target("tie_embeddings=TRUE", src).tie_embeddings is True
+    assert parse_target("tie_embeddings=False", replace(src, tie_embeddings=True)).tie_embeddings is False
+    got = parse_target(" n_layers = 3 , rope_theta=1e4", src)
+    assert (got.n_layers, got.rope_theta) == (3, 1e4)
+    assert parse_target("cpu-2,max_seq_len=512", src) == replace(config_from_shape("cpu-2"), max_seq_len=512)
+    raw_checkpoint(tmp_path / "a.pt")
+    bad = [
+        ("tie_embeddings=ture", "true or false"),  # used to mean False, silently
+        ("tie_embeddings=1", "true or false"),
+        ("n_layers=3.0", "whole number"),
+        ("n_layers=three", "whole number"),
+        ("d_modle=64", "d_modle"),
+        ("rope_theta=nan", "finite number"),
+        ("norm_eps=1e-6", "norm_eps"),  # follows from the source (R2): it would be ignored
+        ("n_layers=3,n_layers=4", "twice"),
+        ("n_layers", "n_layers"),
+        ("d_model=", "d_model="),
+        (",", "names no shape"),
+        ("cpu-99", "unknown shape"),
+        ("d_model=48,cpu-2", "shape name first"),
+        ("head_dim=15", "head_dim=15 must be even"),
+    ]
+    for spec, words in bad:
+        cli_fails(capsys, [str(tmp_path / "a.pt"), "--to", spec, "--out", str(tmp_path / "out.pt")], words)
+    assert nothing_written(tmp_path)
+
+
+def test_max_seq_len_may_shrink_or_grow(tmp_path, capsys):
+    # RoPE has no learned positions: any max_seq_len is fine, and the gap runs on a length both models take
+    src = raw_checkpoint(tmp_path / "a.pt")  # max_seq_len 64
+    for seq in (16, 32, 256):
+        out = tmp_path / f"s{seq}.pt"
+        main([str(tmp_path / "a.pt"), "--to", f"d_model=48,n_heads=3,n_kv_heads=3,max_seq_len={seq}",
+              "--out", str(out)])
+        assert "function gap" in capsys.readouterr().out
+        grown = load_checkpoint(out)
+        assert grown["model_config"]["max_seq_len"] == seq and grown["history"][-1]["gap"] < 1e-4
+    new_ckpt, gap = grow_checkpoint(src, cfg(32, 2, 2, 64, 2, hd=16, vocab=320, seq=8), noise=0.0)
+    assert gap < 1e-4 and new_ckpt["model_config"]["max_seq_len"] == 8
+
+
+def test_the_source_is_held_once(tmp_path):
+    # the source model's parameters are the checkpoint's own tensors: no random init and no second copy
+    for tied in (False, True):
+        config = cfg(32, 2, 2, 64, 2, hd=16, vocab=320, seq=64, tied=tied)
+        save_checkpoint(make_checkpoint(make_model(config, dtype=torch.float32).state_dict(), config,
+                                        {"name": "bytes", "vocab_size": 320}, Lineage()), tmp_path / "a.pt")
+        ckpt = load_checkpoint(tmp_path / "a.pt")
+        model = source_model(ckpt)
+        for name, p in model.named_parameters(remove_duplicate=False):
+            assert p.data_ptr() == ckpt["model"][name].data_ptr(), name
+        assert (model.lm_head.weight is model.embed_tokens.weight) == tied
+        assert model.num_params(False) == model_from_checkpoint(ckpt).num_params(False)
+        assert torch.equal(model.rope_cos, model_from_checkpoint(ckpt).rope_cos)
+    # the same growth as from model_from_checkpoint's model, bit for bit, a bfloat16 checkpoint included
+    # (model_from_checkpoint builds float32 weights, and so does source_model)
+    for dtype in (torch.float32, torch.bfloat16):
+        config = cfg(32, 4, 2, 64, 2, hd=8, vocab=320, seq=64)
+        ckpt = make_checkpoint({k: v.to(dtype) for k, v in make_model(config).state_dict().items()}, config,
+                               {"name": "bytes", "vocab_size": 320}, Lineage())
+        tgt = cfg(48, 6, 3, 96, 3, hd=8, vocab=320, seq=64)
+        grown, _ = grow_checkpoint(ckpt, tgt, seed=4, noise=1e-2)
+        want = grow(model_from_checkpoint(ckpt), tgt, seed=4, noise=1e-2).state_dict()
+        assert grown["model"].keys() == want.keys()
+        assert all(v.dtype == torch.float32 and torch.equal(v, want[k]) for k, v in grown["model"].items())
+
+
+def test_noise_matches_the_scattered_formula(monkeypatch):
+    # N as first written: per row chunk draw y (rows, n + 1) with the last column zeroed, scale it, and add
+    # y[ia] - y[ib] to every column (ia = ib = the zero column where a column is not copied). expand_ now
+    # touches only the copied columns; the grown weights for a seed must stay the same, bit for bit.
+    monkeypatch.setattr(growmod, "CHUNK", 50)  # several row chunks: the stream is drawn chunk by chunk
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        gen = torch.Generator().manual_seed(0)
+        W = torch.randn(37, 10, generator=gen).to(dtype)
+        cols = unit_map(10, 23, gen)
+        out = torch.empty(37, 23, dtype=dtype)
+        expand_(out, W, cols=cols, noise=Noise(0.1, torch.Generator().manual_seed(1)))
+        copies = {j: [c for c in range(23) if cols[c] == j] for j in range(10)}
+        order = [c for j in range(10) if len(copies[j]) > 1 for c in copies[j]]  # grouped by source column
+        n = len(order)
+        ia, ib = [n] * 23, [n] * 23
+        for t, c in enumerate(order):
+            group = copies[int(cols[c])]
+            ia[c], ib[c] = t, order.index(group[(group.index(c) + 1) % len(group)])
+        gen, std = torch.Generator().manual_seed(1), 0.1 * float(W.std()) / math.sqrt(2)
+        zdtype = torch.float32 if dtype == torch.bfloat16 else dtype
+        want = W[:, cols].clone()
+        step = max(1, 50 // 23)
+        for i0 in range(0, 37, step):
+            y = torch.randn(min(step, 37 - i0), n + 1, generator=gen, dtype=zdtype)
+            y[:, n] = 0
+            y *= std
+            want[i0:i0 + step] += (y[:, ia] - y[:, ib]).to(dtype)
+        assert torch.equal(out, want), dtype
+        if dtype == torch.float64:  # zero-sum over the copies of each column, up to rounding
+            sums = torch.zeros(37, 10, dtype=dtype).index_add_(1, cols, out - W[:, cols])
+            assert 0 < (out - W[:, cols]).abs().max() and sums.abs().max() < 1e-15
+
+
+def test_noise_shares_pairing_and_std(monkeypatch):
+    # N's pairing depends only on the unit map and its std only on the source matrix: each computed once
+    calls = Counter()
+    pairs, std = growmod.noise_pairs, torch.Tensor.std
+    monkeypatch.setattr(growmod, "noise_pairs", lambda *a: calls.update(["pairs"]) or pairs(*a))
+    monkeypatch.setattr(torch.Tensor, "std", lambda self, *a, **k: calls.update(["std"]) or std(self, *a, **k))
+    model = make_model(cfg(24, 3, 3, 40, 3))
+    grow(model, cfg(40, 5, 5, 70, 6), depth="zero", noise=1e-3)  # 3 new layers reuse their sources' o/down
+    assert calls == {"pairs": 3, "std": 3 * 7 + 1}  # residual, query rows, FFN; 7 matrices a layer + lm_head
+
+
+def test_out_is_never_replaced_unasked(tmp_path, capsys, monkeypatch):
+    raw_checkpoint(tmp_path / "a.pt")
+    a, out = str(tmp_path / "a.pt"), tmp_path / "out.pt"
+    out.write_bytes(b"the user's own checkpoint")
+    cli_fails(capsys, [a, "--to", "d_model=48", "--out", str(out)], "exists", "--overwrite")
+    assert out.read_bytes() == b"the user's own checkpoint"
+    cli_fails(capsys, [a, "--to", "d_model=48", "--out", a], "exists")  # not over the source either
+    cli_fails(capsys, [a, "--to", "d_model=48", "--out", str(tmp_path)], "folder")
+    main([a, "--to", "d_model=48", "--out", str(out), "--overwrite"])
+    assert "wrote" in capsys.readouterr().out and load_checkpoint(out)["model_config"]["d_model"] == 48
+    # a failed write is one line too: a full disk (torch.save's zip writer raises RuntimeError), an OSError,
+    # and a folder that cannot be written, refused before the growth
+    new = tmp_path / "new.pt"
+    full_zip = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    for exc, words in ((full_zip, "disk full"), (OSError(errno.ENOSPC, "No space left on device"), "No space left")):
+        def failing_save(ckpt, path, exc=exc):
+            raise exc
+        monkeypatch.setattr(growmod, "save_checkpoint", failing_save)
+        cli_fails(capsys, [a, "--to", "d_model=48", "--out", str(new)], "cannot write", words)
+    monkeypatch.setattr(growmod.os, "access", lambda path, mode: False)
+    cli_fails(capsys, [a, "--to", "d_model=48", "--out", str(new)], "not writable")
+    assert not new.exists()
+
 
 
 def test_zz_report():

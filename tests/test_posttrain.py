@@ -2,7 +2,9 @@
 accumulation, padding invariance, DPO and SimPO against their closed forms and the one preference loss that
 picks between them, precomputed vs live reference log-probs, LoRA merging, a few DPO steps raising the
 margin, the CLI end to end (sft -> dpo -> chat), exact resume of a killed SFT / DPO (LoRA) run, chat never
-sampling unused ids, and the MT-Bench judge client against a local HTTP server. All on CPU with tiny models
+sampling unused ids, inputs that do not fit (long DPO prompts, a mismatched --ref, pairs with two prompts, SimPO's
+own defaults, conversations longer than the context, out-of-range settings, malformed data: one error line, exit 2),
+and the MT-Bench judge client against a local HTTP server. All on CPU with tiny models
 and the fixtures in tests/fixtures/posttrain/ (a few rows in the schemas of ultrachat_200k,
 ultrafeedback_binarized and mt_bench_prompts)."""
 
@@ -367,6 +369,191 @@ def test_chat_interactive(base_ckpt, monkeypatch, capsys):
     pt.main(["chat", base_ckpt, "--max_new_tokens=5", "--temperature=0", "--device=cpu"])
     out = capsys.readouterr().out
     assert out.count("assistant> ") == 2 and "/reset" in out.splitlines()[0]
+
+
+# -----------------------------------------------------------------------------
+# inputs that do not fit: lengths, the reference, preference pairs, SimPO's defaults, chat's context, the settings
+# and malformed data. Every input problem is one "error: ..." line on stderr and exit code 2.
+
+
+def one_line_error(argv, capsys, main=None):
+    """The stderr line of main(argv), which must exit with code 2 and print nothing else there."""
+    with pytest.raises(SystemExit) as e:
+        (main or pt.main)(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def save_tiny(path, vocab_size=320, max_seq_len=256, tokenizer=None):
+    torch.manual_seed(0)
+    m = Llama(ModelConfig(vocab_size=vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=max_seq_len))
+    save_checkpoint({"model": m.state_dict(), "model_config": asdict(m.config), "tokenizer": tokenizer or {"name": "bytes", "vocab_size": 320},
+                     "history": [{"op": "pretrain"}]}, str(path))
+    return str(path)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_dpo_prompt_longer_than_max_len_keeps_its_end(base_ckpt, tmp_path):
+    # the defaults (max_len 1024, max_prompt_len 512) on a 256-token model: both clamped, with a note each
+    assert pt.sequence_lengths("dpo", 1024, 512, 256)[:2] == (256, 128)
+    assert pt.sequence_lengths("dpo", 1024, 200, 256)[:2] == (256, 200) and pt.sequence_lengths("sft", 1024, 512, 256)[:2] == (256, 512)
+    assert pt.sequence_lengths("dpo", 256, 100, 256) == (256, 100, [])
+    assert len(pt.sequence_lengths("dpo", 1024, 512, 256)[2]) == 2
+    # a 300-token question (the old code cut nothing from a prompt under max_prompt_len, so the pair overflowed
+    # max_len and collate crashed): the prompt keeps its last max_prompt_len tokens, the question's end, as TRL
+    rows = pt.load_rows(DPO_DATA, "train_prefs", ["chosen", "rejected"])[:4]
+    for r in rows:
+        long = "lorem ipsum " * 25 + r["prompt"]
+        r["prompt"] = r["chosen"][0]["content"] = r["rejected"][0]["content"] = long
+        r["chosen"][-1]["content"] *= 6
+        r["rejected"][-1]["content"] *= 6
+    ex = pt.dpo_example(TOK, rows[0], 256, 128)
+    prompt_len = int((~ex.chosen.mask).sum())  # the mask is 0 exactly over the prompt
+    full_prompt = pt.render_chat(TOK, rows[0]["chosen"][:-1], add_generation_prompt=True)[0]
+    assert prompt_len == 128 and ex.chosen.ids[:128].tolist() == full_prompt[-128:]
+    assert len(ex.chosen.ids) <= 256 and len(ex.rejected.ids) <= 256 and ex.rejected.mask[1:].any()
+    notes = []
+    cfg = pt.configure(pt.PostTrainConfig, [f"--out={tmp_path / 'dpo'}", f"--data={write_jsonl(tmp_path / 'long.jsonl', rows)}",
+                                            "--batch_size=2", "--grad_accum=1", "--max_steps=1", "--plot=false", "--device=cpu"])
+    assert (cfg.max_len, cfg.max_prompt_len) == (1024, 512)  # the defaults
+    assert os.path.exists(pt.train("dpo", base_ckpt, cfg, log=notes.append))
+    assert any("max_prompt_len 512" in n and "using 128" in n for n in notes) and any("max_len 1024" in n for n in notes)
+
+
+def test_ref_is_checked_when_loaded(base_ckpt, tmp_path, capsys):
+    args = lambda ref: ["dpo", base_ckpt, f"--ref={ref}", f"--data={DPO_DATA}", f"--out={tmp_path / 'o'}", "--max_steps=1",
+                        "--batch_size=2", "--grad_accum=1", "--plot=false", "--device=cpu"]
+    short = save_tiny(tmp_path / "short.pt", max_seq_len=128)  # would score cut sequences: the old code cut them silently
+    err = one_line_error(args(short), capsys)
+    assert "max_seq_len 128, shorter than max_len 256" in err and "--max_len=128" in err
+    err = one_line_error(args(save_tiny(tmp_path / "wide.pt", vocab_size=384)), capsys)
+    assert "vocab_size 384" in err and "320" in err
+    err = one_line_error(args(save_tiny(tmp_path / "gpt2.pt", tokenizer={"name": "gpt2", "vocab_size": 50304})), capsys)
+    assert "tokenizer" in err and "gpt2" in err
+    assert not (tmp_path / "o" / "final.pt").exists()
+
+
+def test_preference_pair_with_different_prompts_is_refused(base_ckpt, tmp_path, capsys):
+    rows = pt.load_rows(DPO_DATA, "train_prefs", ["chosen", "rejected"])[:6]
+    rows[3]["rejected"][0]["content"] = "A question nobody asked."
+    err = one_line_error(["dpo", base_ckpt, f"--data={write_jsonl(tmp_path / 'p.jsonl', rows)}", f"--out={tmp_path / 'o'}",
+                          "--max_steps=1", "--plot=false", "--device=cpu"], capsys)
+    assert "row 3" in err and "different prompts" in err
+    # conversational rows: the whole message prefix must agree, an extra turn too
+    row = {"chosen": CONV, "rejected": CONV[:1] + CONV[3:]}
+    with pytest.raises(pt.PostTrainError, match="different prompts"):
+        pt.dpo_example(TOK, row, 256, 128)
+    pt.dpo_example(TOK, {"chosen": CONV, "rejected": CONV[:-1] + [{"role": "assistant", "content": "5."}]}, 256, 128)
+
+
+def test_simpo_has_its_own_defaults():
+    def resolved(*args):
+        cfg = pt.configure(pt.PostTrainConfig, list(args))
+        pt.resolve("dpo", cfg)
+        return cfg.beta, cfg.gamma
+    # SimPO (Meng et al. 2024): beta 2.0, gamma / beta 0.5 on Llama-3-Base, not DPO's beta 0.01
+    assert resolved("--loss=simpo") == (2.0, 1.0)
+    assert resolved("--loss=simpo", "--beta=2.5") == (2.5, 1.25)  # a given beta wins, the margin keeps the ratio
+    assert resolved("--loss=simpo", "--beta=2.5", "--gamma=0.3") == (2.5, 0.3)
+    assert resolved("--loss=simpo", "--gamma=0") == (2.0, 0.0)
+    assert resolved()[0] == 0.01 and resolved("--beta=0.1")[0] == 0.1
+    # an unresolved config gets the same defaults in preference_loss, and nanogrow's gamma is TRL's simpo_gamma:
+    # CPOTrainer(loss_type="simpo") computes -log sigmoid(beta * ((c - r) - simpo_gamma / beta))
+    torch.manual_seed(3)
+    sums, counts = -torch.rand(8, dtype=torch.float64) * 40, torch.randint(4, 30, (8,))
+    loss, _ = pt.preference_loss(sums, counts, pt.PostTrainConfig(loss="simpo"), lambda: pytest.fail("SimPO ran the reference"))
+    c, r = sums[:4] / counts[:4], sums[4:] / counts[4:]
+    trl = -torch.nn.functional.logsigmoid(2.0 * ((c - r) - 1.0 / 2.0)).mean()
+    assert torch.allclose(loss, trl, rtol=0, atol=1e-12)
+
+
+def test_chat_and_judge_keep_the_question_within_the_context(capsys):
+    sp = TOK.special
+    history = [{"role": "user", "content": f"old question {i}"} if i % 2 == 0 else {"role": "assistant", "content": "old answer " * 3}
+               for i in range(8)]  # 4 exchanges of 51 tokens
+    question = {"role": "user", "content": "What is 2 plus 3?"}
+    msgs = [{"role": "system", "content": "Be brief."}] + history + [question]
+    # the defaults on a 256-token model (max_new_tokens 256): the old code kept 1 prompt token, whatever was asked
+    ids, max_new, note = pt.fit_prompt(TOK, msgs, 256, 256)
+    q_ids = pt.render_chat(TOK, [question], add_generation_prompt=True)[0][1:]
+    assert ids[-len(q_ids):] == q_ids and ids[0] == TOK.eot_id and sp["<|system|>"] in ids  # the system prompt fits
+    assert len(ids) <= 128 and max_new == 256 - len(ids) and "dropped the" in note and "capped" in note
+    kept = TOK.decode(ids)
+    assert "old question 6" in kept and "old question 4" not in kept and "dropped the 6 oldest" in note  # whole exchanges, oldest first
+    assert pt.fit_prompt(TOK, [question], 256, 64) == (pt.render_chat(TOK, [question], add_generation_prompt=True)[0], 64, "")
+    # the newest message alone is too long: it keeps its end inside the template, and says so
+    huge = {"role": "user", "content": "x" * 500 + " What is 2 plus 3?"}
+    ids, max_new, note = pt.fit_prompt(TOK, [msgs[0], huge], 256, 256)
+    assert len(ids) == 128 and ids[:2] == [TOK.eot_id, sp["<|user|>"]] and ids[-2:] == [sp["<|end|>"], sp["<|assistant|>"]]
+    assert TOK.decode(ids[2:-2]).endswith("What is 2 plus 3?") and max_new == 128 and "last" in note and "system prompt" in note
+    # chat (reply) and judge.py generate from exactly that prompt, and print the note on stderr
+    model, seen = tiny().eval(), []
+    model.generate = lambda idx, n, **kw: (seen.append((idx[0].tolist(), n)), torch.cat([idx, torch.full((1, 1), sp["<|end|>"])], 1))[1]
+    pt.reply(model, TOK, msgs, max_new_tokens=256, temperature=0)
+    assert seen[-1] == pt.fit_prompt(TOK, msgs, 256, 256)[:2] and "note: " in capsys.readouterr().err
+    judge.generate_answers(model, TOK, judge.load_questions(MT_DATA)[:1], max_new_tokens=512)
+    first, second = seen[-2:]
+    assert TOK.decode(first[0]).endswith("Write a two-line poem about the sea.<|end|><|assistant|>") and first[1] == 256 - len(first[0])
+    assert "two-line poem" in TOK.decode(second[0]) and "Now make it rhyme." in TOK.decode(second[0])
+
+
+BAD_SETTINGS = [("eval_examples", "-1"), ("eval_interval", "-1"), ("max_examples", "-1"), ("max_len", "1"), ("max_prompt_len", "0"),
+                ("batch_size", "0"), ("grad_accum", "0"), ("epochs", "0"), ("max_steps", "-1"), ("lr", "-1e-5"), ("lr", "1e999"),
+                ("warmup_frac", "1.5"), ("min_lr_ratio", "-0.1"), ("weight_decay", "-1"), ("beta1", "1.0"), ("beta2", "-0.5"),
+                ("grad_clip", "-1"), ("beta", "0"), ("beta", "-2"), ("gamma", "-1"), ("lora_rank", "-1"), ("lora_alpha", "0"),
+                ("lora_dropout", "1.0"), ("pad_multiple", "0"), ("seed", "-1"), ("log_interval", "0"), ("ckpt_interval", "-1"),
+                ("keep_last", "-1"), ("max_new_tokens", "0"), ("temperature", "-1"), ("top_k", "-1"), ("loss_on", "prompt"),
+                ("loss", "ipo"), ("ref_mode", "sometimes"), ("schedule", "linear"), ("dtype", "fp16"), ("device", "tpu")]
+
+
+def test_settings_are_range_checked_up_front(tmp_path, capsys):
+    missing = str(tmp_path / "missing.pt")  # checked before the checkpoint is read: no checkpoint error
+    for key, value in BAD_SETTINGS:
+        err = one_line_error(["dpo", missing, f"--{key}={value}"], capsys)
+        assert err.startswith(f"error: {key} must be ") and ("got" in err), (key, err)
+    assert "[0, 1]" in one_line_error(["sft", missing, "--warmup_frac=2"], capsys)
+    assert "lora_targets" in one_line_error(["sft", missing, "--lora_rank=4", "--lora_targets=q,qq"], capsys)
+    err = one_line_error(["--max_new_tokens", "0", "--answers", str(tmp_path / "a.jsonl")], capsys, main=judge.main)
+    assert "--max_new_tokens must be >= 1" in err
+    # every numeric field of PostTrainConfig has a range, and the defaults are in it
+    numeric = {f.name for f in pt.fields(pt.PostTrainConfig) if f.type in (int, float)}
+    assert numeric == set(pt.RANGES) and set(pt.CHOICES) < {f.name for f in pt.fields(pt.PostTrainConfig)}
+    pt.check_config(pt.PostTrainConfig(device="cpu"), "dpo")
+
+
+def test_malformed_data_is_one_line(base_ckpt, tmp_path, capsys):
+    rows = pt.load_rows(DPO_DATA, "train_prefs", ["chosen", "rejected"])[:6]
+    lines = [json.dumps(r) for r in rows]
+    cases = []
+    (tmp_path / "broken.jsonl").write_text("\n".join(lines[:2] + [lines[2][:-7]] + lines[3:]) + "\n")  # line 3 cut short
+    cases.append(("broken.jsonl", ["broken.jsonl line 3 is not valid JSON"]))
+    (tmp_path / "binary.jsonl").write_bytes(bytes(range(256)) * 8)
+    cases.append(("binary.jsonl", ["binary.jsonl is not UTF-8 text", "binary"]))
+    (tmp_path / "array.jsonl").write_text("\n".join(lines[:1] + ["[1, 2]"]) + "\n")
+    cases.append(("array.jsonl", ["array.jsonl line 2 is a JSON list, not an object"]))
+    write_jsonl(tmp_path / "gap.jsonl", rows[:4] + [{k: v for k, v in rows[4].items() if k != "rejected"}] + rows[5:])
+    cases.append(("gap.jsonl", ["gap.jsonl row 4: no column 'rejected'", "ultrafeedback_binarized"]))
+    (tmp_path / "fake.parquet").write_bytes(b"PAR1 not really")
+    cases.append(("fake.parquet", ["fake.parquet is not a readable Parquet file"]))
+    write_jsonl(tmp_path / "string.jsonl", [{"messages": "Hi there"}])
+    for name, expected in cases:
+        err = one_line_error(["dpo", base_ckpt, f"--data={tmp_path / name}", f"--out={tmp_path / 'o'}", "--device=cpu"], capsys)
+        assert all(e in err for e in expected), err
+    err = one_line_error(["sft", base_ckpt, f"--data={tmp_path / 'string.jsonl'}", f"--out={tmp_path / 'o'}", "--device=cpu"], capsys)
+    assert "row 0" in err and "list" in err
+    # judge.py: answers to grade, questions to answer
+    err = one_line_error(["--answers", str(tmp_path / "broken.jsonl"), "--judge_url", "http://127.0.0.1:9/v1"], capsys, main=judge.main)
+    assert "broken.jsonl line 3 is not valid JSON" in err
+    write_jsonl(tmp_path / "answers.jsonl", [{"prompt_id": 1, "category": "math", "turns": ["What is 1+1?", "And 2+2?"]}])
+    err = one_line_error(["--answers", str(tmp_path / "answers.jsonl"), "--judge_url", "http://127.0.0.1:9/v1"], capsys, main=judge.main)
+    assert "row 0: no column 'answers'" in err
+    err = one_line_error([base_ckpt, "--questions", str(tmp_path / "binary.jsonl"), "--device=cpu"], capsys, main=judge.main)
+    assert "not UTF-8 text" in err
 
 
 # -----------------------------------------------------------------------------
