@@ -639,3 +639,44 @@ def test_judge_client_parsing_retries_and_scores(tmp_path, monkeypatch, capsys):
     assert summary["score"] == pytest.approx(s["score"]) and json.load(open(tmp_path / "scores.json"))["failed"] == 2
     printed = capsys.readouterr().out
     assert "MT-Bench" in printed and "math" in printed and len((tmp_path / "judgments.jsonl").read_text().splitlines()) == 8
+
+
+def test_divergence_and_relaunch_are_handled_as_in_pretraining(base_ckpt, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "sft"
+    common = ["sft", base_ckpt, "configs/sft_tiny.py", f"--out={out}", "--ckpt_interval=3", "--keep_last=0",
+              "--log_interval=1", "--plot=false", "--eval_data=none", "--lr=1e-4"]
+    pt.main(common + ["--max_steps=6"])
+    good = {p: open(p, "rb").read() for p in pt.checkpoint_paths(out) + [str(out / "final.pt")]}
+    # a relaunch without --resume is refused: the folder holds a run
+    err = one_line_error(common + ["--max_steps=6"], capsys)
+    assert "--resume" in err and "--overwrite" in err, err
+    assert {p: open(p, "rb").read() for p in good} == good
+    # the loop shape of train.py, the same guarantee: from the 5th step on the gradients turn NaN (as after
+    # an overflow); the run stops before stepping on them, names the last good checkpoint, and saves no NaN
+    calls, accumulate = [], pt.sft_accumulate
+
+    def poisoned(model, *a, **k):
+        loss, n = accumulate(model, *a, **k)
+        calls.append(1)
+        if len(calls) >= 5:
+            for p in model.parameters():
+                p.grad.fill_(float("nan"))
+        return loss, n
+
+    monkeypatch.setattr(pt, "sft_accumulate", poisoned)
+    err = one_line_error(common + ["--max_steps=12", "--overwrite"], capsys)
+    assert "step 5: " in err and "not finite" in err and "last good checkpoint is" in err and "ckpt_0000003.pt" in err, err
+    assert [os.path.basename(p) for p in pt.checkpoint_paths(out)] == ["ckpt_0000003.pt"]
+    assert all(torch.isfinite(t).all() for t in load_checkpoint(pt.checkpoint_paths(out)[0])["model"].values())
+    calls.clear()
+    err = one_line_error(common + ["--max_steps=12", "--overwrite", "--divergence=skip", "--max_skips=2"], capsys)
+    assert "after 2 skipped updates" in err, err
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl")) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows if r.get("event") == "skip"] == [5, 6]
+    monkeypatch.setattr(pt, "sft_accumulate", accumulate)
+    # --overwrite replaces the old run; --resume into a folder with nothing saved yet starts fresh
+    pt.main(common + ["--max_steps=3", "--overwrite"])
+    assert load_checkpoint(out / "final.pt")["step"] == 3
+    fresh = [a if not a.startswith("--out=") else f"--out={tmp_path / 'fresh'}" for a in common]
+    pt.main(fresh + ["--max_steps=3", "--resume"])
+    assert load_checkpoint(tmp_path / "fresh" / "final.pt")["step"] == 3
