@@ -92,8 +92,8 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
-from checkpoint import CheckpointError, Lineage, load_checkpoint, make_checkpoint, save_checkpoint
-from model import Llama, ModelConfig, config_from_dict, config_from_shape, rope_cos_sin
+from checkpoint import CheckpointError, Lineage, find_non_finite, load_checkpoint, make_checkpoint, save_checkpoint
+from model import Llama, ModelConfig, config_from_dict, config_from_shape, model_from_checkpoint, rope_cos_sin
 
 WIDTHS = ("fpi", "aki")
 DEPTHS = ("zero", "stack", "dus")
@@ -418,97 +418,6 @@ def is_function_preserving(width, depth, n_old, n_new):
     return width == "fpi" and (depth == "zero" or n_old == n_new)
 
 
-def first_non_finite(named):
-    """The name of the first (name, tensor) whose tensor holds a NaN or an inf, or None. By min and max
-    (a NaN propagates through both, an inf is one of them): one pass and no temporary, where isfinite
-    builds several full-size ones and is 20x slower."""
-    seen = set()
-    for name, t in named:
-        if id(t) in seen or t.numel() == 0:  # a tied matrix appears under two names
-            continue
-        seen.add(id(t))
-        if not all(math.isfinite(v.item()) for v in torch.aminmax(t.detach())):
-            return name
-    return None
-
-
-def checkpoint_config(ckpt):
-    """The ModelConfig of a loaded checkpoint, or CheckpointError (one line) naming the field that is not
-    of its type (a str "64" where an int belongs), unknown, or out of range."""
-    d = ckpt.get("model_config")
-    if not isinstance(d, dict):
-        raise CheckpointError(f"the checkpoint's model_config is a {type(d).__name__}, not a dict of ModelConfig "
-                              "fields: it was not written by nanogrow")
-    for f in fields(ModelConfig):
-        if f.name not in d:
-            continue
-        v = d[f.name]
-        if f.type is bool:
-            ok = isinstance(v, bool)
-        elif f.type is int:
-            ok = isinstance(v, int) and not isinstance(v, bool)
-        else:  # float: an int is fine (a config read from JSON), nan and inf are not
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        if not ok:
-            raise CheckpointError(f"the checkpoint's model_config has {f.name}={v!r}, not a finite "
-                                  f"{f.type.__name__}: the file was edited or written by something else; "
-                                  "fix that field or re-save the model")
-    try:
-        return config_from_dict(d)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"the checkpoint has an unusable model_config: {e}") from None
-
-
-def source_model(ckpt):
-    """The Llama a loaded checkpoint describes, its parameters the checkpoint's own tensors: built on the
-    meta device and loaded with assign=True, so there is no random init and no second copy of the source
-    (peak memory while growing: source + target). float32 on the CPU, as model_from_checkpoint builds it,
-    so the growth is the same. CheckpointError (one line, naming the tensor) for weights that do not fit
-    the config: a missing or extra key, another shape, not a float tensor, a NaN or an inf."""
-    config = checkpoint_config(ckpt)
-    state = ckpt.get("model")
-    if not isinstance(state, dict):
-        raise CheckpointError(f"the checkpoint's weights ('model') are a {type(state).__name__}, not a state dict")
-    with torch.device("meta"):
-        model = Llama(config)
-    want = model.state_dict()
-    missing, extra = [k for k in want if k not in state], [k for k in state if k not in want]
-    if missing or extra:
-        hint = ("; it was saved from a compiled or DDP-wrapped model: strip the '_orig_mod.'/'module.' prefixes"
-                if any(str(k).startswith(("_orig_mod.", "module.")) for k in extra) else "")
-        few = [f"{keys[:3]}{' ...' if len(keys) > 3 else ''}" for keys in (missing, extra)]
-        raise CheckpointError(f"the checkpoint's weights do not fit its model_config: missing {few[0]}, unexpected "
-                              f"{few[1]}{hint or '; the weights and the config come from different models'}")
-    sizes = ", ".join(f"{k}={getattr(config, k)}" for k in ("vocab_size", "d_model", "n_layers", "n_heads",
-                                                                "n_kv_heads", "head_dim", "ffn_dim"))
-    for k, meta in want.items():
-        v = state[k]
-        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
-            what = f"a {v.dtype} tensor" if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
-            raise CheckpointError(f"the checkpoint's weight {k} is {what}, not a floating-point tensor")
-        if v.shape != meta.shape:
-            raise CheckpointError(f"the checkpoint's weight {k} has shape {tuple(v.shape)} but its model_config "
-                                  f"({sizes}) gives {tuple(meta.shape)}: the weights and the config come from "
-                                  "different models")
-    bad = first_non_finite((k, state[k]) for k in want)
-    if bad:
-        raise CheckpointError(f"the checkpoint's weight {bad} holds NaN or inf (the run diverged before it was saved): "
-                              "grow an earlier checkpoint")
-    tensors = {k: state[k].to("cpu", torch.float32) for k in want}  # no copy when already float32 on the CPU
-    if config.tie_embeddings:
-        emb, head = tensors["embed_tokens.weight"], tensors["lm_head.weight"]
-        if head is not emb and not torch.equal(head, emb):
-            raise CheckpointError("the checkpoint's model_config has tie_embeddings=True but its lm_head.weight "
-                                  "differs from embed_tokens.weight: set tie_embeddings=false in its config, "
-                                  "or re-save the model")
-        tensors["lm_head.weight"] = emb
-    model.load_state_dict(tensors, assign=True)
-    if config.tie_embeddings:  # assign gives each module its own Parameter: tie them again
-        model.lm_head.weight = model.embed_tokens.weight
-    model.rope_cos, model.rope_sin = rope_cos_sin(config.head_dim, config.max_seq_len, config.rope_theta)
-    return model
-
-
 def grow_checkpoint(ckpt, target_config, **grow_kwargs):
     """(grown checkpoint, gap). The lineage goes on (Lineage.after: stage, flops, history), tokens carry
     over, a 'grow' record is appended to history, and there is no optimizer state (fresh AdamW after
@@ -521,10 +430,10 @@ def grow_checkpoint(ckpt, target_config, **grow_kwargs):
     rounding of its scaled copies (~1e-6), not 1e-15. Raises CheckpointError for weights that do not fit
     their config, ValueError for a bad target or arguments, and ValueError rather than return a grown
     model with a NaN or inf in its weights or its gap."""
-    model = source_model(ckpt)
+    model = model_from_checkpoint(ckpt)  # validated against its config; the source held once
     new, maps, plan = grow_with_maps(model, target_config, **grow_kwargs)
     noise = grow_kwargs.get("noise", 1e-3)
-    bad = first_non_finite(new.state_dict().items())
+    bad = find_non_finite(new.state_dict())
     if bad:
         raise ValueError(f"the grown weight {bad} holds NaN or inf (noise={noise:g} times the weights' std "
                          "overflowed?): nothing written; use a small noise such as 1e-3")
@@ -818,7 +727,7 @@ def main(argv=None):
             raise CheckpointError(f"no checkpoint at {args.ckpt}")
         check_out(args.out, args.overwrite)
         ckpt = load_checkpoint(args.ckpt)
-        old = checkpoint_config(ckpt)
+        old = config_from_dict(ckpt.get("model_config"))
         target = parse_target(args.to, old)
         new_ckpt, gap = grow_checkpoint(ckpt, target, width=args.width, depth=args.depth, seed=args.seed,
                                         noise=noise, dus_overlap=args.dus_overlap)

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import budget
-from checkpoint import CheckpointError, Lineage, load_checkpoint, make_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, Lineage, find_non_finite, load_checkpoint, make_checkpoint, save_checkpoint
 
 IGNORE_INDEX = -1  # targets equal to this are left out of the loss (padding, prompt tokens in SFT)
 
@@ -104,11 +104,25 @@ def config_from_shape(shape, **overrides):
 
 
 def config_from_dict(d):
-    """ModelConfig from a checkpoint's dict; an unknown field is an error that names it."""
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(d) - known)
+    """ModelConfig from a checkpoint's dict. ValueError naming the field for an unknown one, or one whose
+    value is not of its type (a str "64" where an int belongs, a NaN float): a file edited by hand or
+    written by something else fails here, not deep inside the model."""
+    if not isinstance(d, dict):
+        raise ValueError(f"model_config is a {type(d).__name__}, not a dict of ModelConfig fields")
+    known = {f.name: f.type for f in fields(ModelConfig)}
+    unknown = sorted(set(d) - set(known))
     if unknown:
         raise ValueError(f"unknown model_config field(s) {unknown}: this checkpoint was made by another version of nanogrow")
+    for name, value in d.items():
+        typ = known[name]
+        if typ is bool:
+            ok = isinstance(value, bool)
+        elif typ is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:  # float: an int is fine (a config read from JSON), NaN and inf are not
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok:
+            raise ValueError(f"model_config has {name}={value!r}, not a finite {typ.__name__}: fix that field or re-save the model")
     return ModelConfig(**d)
 
 
@@ -336,16 +350,53 @@ class Llama(nn.Module):
 
 
 def model_from_checkpoint(ckpt, device="cpu"):
-    """Build the Llama a checkpoint describes and load its weights (strictly)."""
+    """The Llama a loaded checkpoint describes, its weights checked against its model_config: CheckpointError
+    (one line, naming the tensor) for a missing or extra key, another shape, a tensor that is not floating
+    point, a NaN or an inf. The model is built on the meta device and loaded with assign=True, so there is
+    no random init and, for float32 weights on the CPU, no second copy: its parameters are the
+    checkpoint's own tensors (peak memory while growing: source + target)."""
     try:
-        config = config_from_dict(ckpt["model_config"])
+        config = config_from_dict(ckpt.get("model_config"))
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint has an unusable model_config: {e}") from None
-    model = Llama(config)
-    result = model.load_state_dict(ckpt["model"], strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"checkpoint weights do not fit its model_config (missing {result.missing_keys[:3]}, "
-                              f"unexpected {result.unexpected_keys[:3]}); was it saved from a compiled or DDP-wrapped model?")
+        raise CheckpointError(f"the checkpoint has an unusable model_config: {e}") from None
+    state = ckpt.get("model")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"the checkpoint's weights ('model') are a {type(state).__name__}, not a state dict")
+    with torch.device("meta"):
+        model = Llama(config)
+    want = model.state_dict()
+    missing, extra = [k for k in want if k not in state], [k for k in state if k not in want]
+    if missing or extra:
+        hint = ("; it was saved from a compiled or DDP-wrapped model: strip the '_orig_mod.'/'module.' prefixes"
+                if any(str(k).startswith(("_orig_mod.", "module.")) for k in extra) else "")
+        few = [f"{keys[:3]}{' ...' if len(keys) > 3 else ''}" for keys in (missing, extra)]
+        raise CheckpointError(f"the checkpoint's weights do not fit its model_config: missing {few[0]}, unexpected "
+                              f"{few[1]}{hint or '; the weights and the config come from different models'}")
+    sizes = ", ".join(f"{k}={getattr(config, k)}" for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+                                                            "head_dim", "ffn_dim"))
+    for k, meta in want.items():
+        v = state[k]
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            what = f"a {v.dtype} tensor" if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
+            raise CheckpointError(f"the checkpoint's weight {k} is {what}, not a floating-point tensor")
+        if v.shape != meta.shape:
+            raise CheckpointError(f"the checkpoint's weight {k} has shape {tuple(v.shape)} but its model_config ({sizes}) "
+                                  f"gives {tuple(meta.shape)}: the weights and the config come from different models")
+    bad = find_non_finite({k: state[k] for k in want})
+    if bad:
+        raise CheckpointError(f"the checkpoint's weight {bad} holds NaN or inf (the run diverged before it was saved): "
+                              "use an earlier checkpoint")
+    tensors = {k: state[k].to("cpu", torch.float32) for k in want}  # no copy when already float32 on the CPU
+    if config.tie_embeddings:
+        emb, head = tensors["embed_tokens.weight"], tensors["lm_head.weight"]
+        if head is not emb and not torch.equal(head, emb):
+            raise CheckpointError("the checkpoint's model_config has tie_embeddings=True but its lm_head.weight differs "
+                                  "from embed_tokens.weight: set tie_embeddings=false in its config, or re-save the model")
+        tensors["lm_head.weight"] = emb
+    model.load_state_dict(tensors, assign=True)
+    if config.tie_embeddings:  # assign gives each module its own Parameter: tie them again
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope_cos, model.rope_sin = rope_cos_sin(config.head_dim, config.max_seq_len, config.rope_theta)
     return model.to(device)
 
 

@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 import grow as growmod  # noqa: E402
 from checkpoint import CheckpointError, Lineage, make_checkpoint  # noqa: E402
 from grow import (Noise, depth_plan, expand_, explain_growth, function_gap, grow, grow_checkpoint, main,  # noqa: E402
-                  parse_target, source_model, unit_map)
+                  parse_target, unit_map)
 from model import (Llama, ModelConfig, config_from_shape, load_checkpoint, model_from_checkpoint,  # noqa: E402
                    save_checkpoint)
 
@@ -500,27 +500,30 @@ def test_max_seq_len_may_shrink_or_grow(tmp_path, capsys):
 
 
 def test_the_source_is_held_once(tmp_path):
-    # the source model's parameters are the checkpoint's own tensors: no random init and no second copy
+    # model_from_checkpoint's parameters are the checkpoint's own tensors: no random init, no second copy
     for tied in (False, True):
         config = cfg(32, 2, 2, 64, 2, hd=16, vocab=320, seq=64, tied=tied)
         save_checkpoint(make_checkpoint(make_model(config, dtype=torch.float32).state_dict(), config,
                                         {"name": "bytes", "vocab_size": 320}, Lineage()), tmp_path / "a.pt")
         ckpt = load_checkpoint(tmp_path / "a.pt")
-        model = source_model(ckpt)
+        model = model_from_checkpoint(ckpt)
         for name, p in model.named_parameters(remove_duplicate=False):
             assert p.data_ptr() == ckpt["model"][name].data_ptr(), name
         assert (model.lm_head.weight is model.embed_tokens.weight) == tied
-        assert model.num_params(False) == model_from_checkpoint(ckpt).num_params(False)
-        assert torch.equal(model.rope_cos, model_from_checkpoint(ckpt).rope_cos)
-    # the same growth as from model_from_checkpoint's model, bit for bit, a bfloat16 checkpoint included
-    # (model_from_checkpoint builds float32 weights, and so does source_model)
+        fresh = Llama(config)
+        assert model.num_params(False) == fresh.num_params(False)
+        assert torch.equal(model.rope_cos, fresh.rope_cos) and model.rope_cos.dtype == fresh.rope_cos.dtype
+    # the same growth as from a model built and loaded the plain way (a float32 copy), bit for bit, a
+    # bfloat16 checkpoint included
     for dtype in (torch.float32, torch.bfloat16):
         config = cfg(32, 4, 2, 64, 2, hd=8, vocab=320, seq=64)
         ckpt = make_checkpoint({k: v.to(dtype) for k, v in make_model(config).state_dict().items()}, config,
                                {"name": "bytes", "vocab_size": 320}, Lineage())
+        plain = Llama(config)
+        plain.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
         tgt = cfg(48, 6, 3, 96, 3, hd=8, vocab=320, seq=64)
         grown, _ = grow_checkpoint(ckpt, tgt, seed=4, noise=1e-2)
-        want = grow(model_from_checkpoint(ckpt), tgt, seed=4, noise=1e-2).state_dict()
+        want = grow(plain, tgt, seed=4, noise=1e-2).state_dict()
         assert grown["model"].keys() == want.keys()
         assert all(v.dtype == torch.float32 and torch.equal(v, want[k]) for k, v in grown["model"].items())
 
