@@ -169,6 +169,9 @@ def save_checkpoint(ckpt, path, overwrite=True):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except RuntimeError as e:  # torch.save's zip writer reports a failed write (a full disk) as a RuntimeError
+        first_line = (str(e).strip().splitlines() or [""])[0][:160]
+        raise OSError(errno.EIO, f"cannot write the checkpoint (is the disk full?): {first_line}", path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

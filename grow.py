@@ -678,13 +678,9 @@ def check_out(path, overwrite):
 
 
 def write_checkpoint(ckpt, path):
-    """save_checkpoint, with a failed write as one OSError line. torch.save reports a write that failed
-    inside its zip writer (a full disk) as a RuntimeError; save_checkpoint leaves no partial file."""
+    """save_checkpoint, with a failed write (a full disk, a read-only folder) as one line naming the file."""
     try:
         save_checkpoint(ckpt, path)
-    except RuntimeError as e:
-        first_line = (str(e).strip().splitlines() or [""])[0][:160]
-        raise OSError(f"cannot write {path} (is the disk full?): {first_line}") from None
     except OSError as e:
         raise OSError(f"cannot write {path}: {e.strerror or e}") from None
 

@@ -587,10 +587,12 @@ def test_out_is_never_replaced_unasked(tmp_path, capsys, monkeypatch):
     new = tmp_path / "new.pt"
     full_zip = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
     for exc, words in ((full_zip, "disk full"), (OSError(errno.ENOSPC, "No space left on device"), "No space left")):
-        def failing_save(ckpt, path, exc=exc):
+        def failing_save(obj, f, exc=exc):  # inside save_checkpoint, as the zip writer fails
             raise exc
-        monkeypatch.setattr(growmod, "save_checkpoint", failing_save)
+        monkeypatch.setattr(torch, "save", failing_save)
         cli_fails(capsys, [a, "--to", "d_model=48", "--out", str(new)], "cannot write", words)
+        assert not list(tmp_path.glob("new.pt*"))  # no partial or temporary file left behind
+    monkeypatch.undo()
     monkeypatch.setattr(growmod.os, "access", lambda path, mode: False)
     cli_fails(capsys, [a, "--to", "d_model=48", "--out", str(new)], "not writable")
     assert not new.exists()
