@@ -236,7 +236,9 @@ def test_data_errors_name_the_column(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "chat.parquet")
     assert pt.load_rows(str(tmp_path / "chat.parquet"), "train_sft", ["messages"], limit=5) == rows[:5]
     cmd, ckpt, cfg = pt.parse_args(["dpo", "x.pt", os.path.join(ROOT, "configs", "dpo_paper.py"), "--ref", "r.pt", "--lr", "1e-6", "--compile"])
-    assert (cmd, ckpt, cfg.ref, cfg.lr, cfg.beta, cfg.compile) == ("dpo", "x.pt", "r.pt", 1e-6, 0.01, True)
+    assert (cmd, ckpt, cfg.ref, cfg.lr, cfg.beta, cfg.compile) == ("dpo", "x.pt", "r.pt", 1e-6, None, True)
+    pt.resolve(cmd, cfg)  # beta left to the loss: DPO's 0.01 (with --loss=simpo it would be SimPO's 2.0)
+    assert cfg.beta == 0.01
     assert pt.parse_args(["sft", "x.pt", os.path.join(ROOT, "configs", "sft_paper.py")])[2].lr == 3e-5
     assert pt.parse_args(["dpo", "x.pt", os.path.join(ROOT, "configs", "dpo_paper.py")])[2].lr == 5e-7
 
