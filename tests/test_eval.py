@@ -152,7 +152,7 @@ def hf_reference(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     model = tiny_model(seed=3, max_seq_len=96)
     path = tmp_path_factory.mktemp("hf") / "hf"
-    export_hf(model, path, tokenizer={"name": "bytes", "vocab_size": V, "eot_id": TOK.eot_id})
+    export_hf(model, path, tokenizer=TOK)
     hf = transformers.LlamaForCausalLM.from_pretrained(path).double().eval()
 
     def logprobs(seq):
@@ -369,7 +369,7 @@ def test_loss_law_and_task_law_recover_known_parameters():
 def test_cli_checkpoint_and_hf_folder(tmp_path, prepared):
     model = tiny_model(seed=2, max_seq_len=96)
     save_ckpt(model, tmp_path / "m.pt")
-    export_hf(model, tmp_path / "hf", tokenizer={"name": "bytes", "vocab_size": V, "eot_id": TOK.eot_id})
+    export_hf(model, tmp_path / "hf", tokenizer=TOK)
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.Table.from_pylist(docs("arc_easy")), tmp_path / "arc.parquet")
@@ -389,6 +389,46 @@ def test_cli_checkpoint_and_hf_folder(tmp_path, prepared):
     bad = subprocess.run([sys.executable, "eval.py", str(tmp_path / "m.pt"), "--tasks", "nope"], cwd=ROOT, env=CLI_ENV,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown task(s) ['nope']" in bad.stderr
+
+
+def test_cli_samples_log_every_request(tmp_path, prepared):
+    # --samples: one JSON line per document (per window for valid) with its requests and their scores, as the
+    # harness's --log_samples; they agree with the scores of the table and with an in-process run
+    model = tiny_model(seed=2, max_seq_len=96)
+    save_ckpt(model, tmp_path / "m.pt")
+    out = subprocess.run([sys.executable, "eval.py", str(tmp_path / "m.pt"), "--tasks", "valid,arc_easy,lambada,wikitext",
+                          "--task_data", FIX, "--data_dir", prepared, "--limit", "3", "--device", "cpu",
+                          "--out", str(tmp_path / "r.json"), "--samples", str(tmp_path / "s.jsonl")],
+                         cwd=ROOT, env=CLI_ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.load(open(tmp_path / "r.json"))[str(tmp_path / "m.pt")]
+    records = [json.loads(line) for line in open(tmp_path / "s.jsonl", encoding="utf-8")]
+    assert {r["model"] for r in records} == {str(tmp_path / "m.pt")}
+    by_task = {t: [r for r in records if r["task"] == t] for t in res}
+    assert all([r["doc_id"] for r in by_task[t]] == list(range(3)) for t in res)
+    arc, in_process = by_task["arc_easy"], run("arc_easy", model)[1][:3]
+    for r, d, doc in zip(arc, in_process, docs("arc_easy")):
+        contexts, conts, gold, _ = ev.arc_doc(doc)
+        assert r["arguments"] == [[c, x] for c, x in zip(contexts, conts)] and len(r["greedy"]) == len(conts)
+        np.testing.assert_allclose(r["lls"], d["lls"], rtol=0, atol=1e-5)
+        assert r["gold"] == gold and r["pred"] == int(np.argmax(r["lls"])) and r["answer"] == conts[r["pred"]]
+        assert r["acc"] == (r["pred"] == gold) and r["acc_norm"] == (r["pred_norm"] == gold)
+    assert res["arc_easy"]["acc"]["value"] == pytest.approx(np.mean([r["acc"] for r in arc]))
+    lam = by_task["lambada"]
+    assert [r["arguments"] for r in lam] == [[list(ev.lambada_split(d["text"]))] for d in docs("lambada")[:3]]
+    assert res["lambada"]["acc"]["value"] == pytest.approx(np.mean([r["greedy"] for r in lam]))
+    assert math.log(res["lambada"]["perplexity"]["value"]) == pytest.approx(-np.mean([r["ll"] for r in lam]))
+    wiki = by_task["wikitext"]
+    assert all(r["windows"] >= 1 for r in wiki)
+    assert math.log(res["wikitext"]["word_perplexity"]["value"]) == pytest.approx(
+        sum(r["nll"] for r in wiki) / sum(r["words"] for r in wiki))
+    assert res["valid"]["loss"]["value"] == pytest.approx(sum(r["nll"] for r in by_task["valid"]) /
+                                                          sum(r["tokens"] for r in by_task["valid"]))
+    bad = subprocess.run([sys.executable, "eval.py", str(tmp_path / "m.pt"), "--tasks", "lambada", "--task_data", FIX,
+                          "--samples", str(tmp_path / "no" / "such" / "dir.jsonl")], cwd=ROOT, env=CLI_ENV,
+                         capture_output=True, text=True, timeout=120)
+    err = bad.stderr.strip()
+    assert bad.returncode == 2 and err.startswith("error: --samples") and "\n" not in err
 
 
 def write_series(run_dir, with_ckpts=False, root="grow"):

@@ -24,7 +24,7 @@ def random_config(rng):
     head_dim = rng.choice([8, 16])
     # transformers requires d_model % n_heads == 0; head_dim is still drawn on its own
     d_model = n_kv * group * rng.choice([8, 12, 16])
-    return ModelConfig(vocab_size=rng.choice([97, 128, 320]), d_model=d_model, n_layers=rng.choice([1, 2, 3]),
+    return ModelConfig(vocab_size=rng.choice([262, 300, 320]), d_model=d_model, n_layers=rng.choice([1, 2, 3]),
                        n_heads=n_kv * group, n_kv_heads=n_kv, head_dim=head_dim, ffn_dim=rng.choice([40, 96, 130]),
                        max_seq_len=64, rope_theta=rng.choice([10000.0, 500000.0]), norm_eps=rng.choice([1e-5, 1e-6]),
                        tie_embeddings=rng.random() < 0.5)

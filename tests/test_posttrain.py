@@ -73,7 +73,7 @@ def test_chat_template_prefix_and_mask():
             assert ids[:len(prompt)] == prompt and prompt[-1] == sp["<|assistant|>"]
     # the mask covers exactly the answers and their <|end|>
     assert TOK.decode([i for i, m in zip(ids, mask) if m]) == "Hello!<|end|>4.<|end|>"
-    # gpt2's layout (data.get_tokenizer; its BPE files need the network): the specials sit in the ids that padding
+    # gpt2's layout (data.get_tokenizer; its BPE files come from the network or NANOGROW_GPT2_BPE): the specials sit in the ids that padding
     # the vocab to 50304 adds, so the embedding does not grow
     g = Tokenizer("gpt2", 50304, 50257, {"<|endoftext|>": 50256, **{s: 50257 + i for i, s in enumerate(SPECIALS[1:])}})
     gids, _ = pt.render_chat(g, CONV, add_generation_prompt=True)
@@ -345,7 +345,7 @@ def test_chat_never_samples_unused_ids():
     """A barely trained model can prefer the vocab's padding ids (262..319 for bytes); chat must not show them."""
     model = tiny().eval()
     unused = list(range(TOK.n_base + len(TOK.special), 320))
-    assert pt.unused_ids(TOK, 320).tolist() == unused
+    assert TOK.unused_ids(320) == unused
     head = torch.nn.Linear(64, 320, bias=True)  # an lm_head that strongly prefers every unused id
     with torch.no_grad():
         head.weight.copy_(model.lm_head.weight)
