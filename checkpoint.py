@@ -45,9 +45,14 @@ import os
 import pickle
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 REQUIRED_KEYS = ("model", "model_config", "tokenizer")  # the least a readable checkpoint holds
+# Checkpoints written before nanogrow stored numpy's RNG state as plain lists hold it as a numpy array:
+# these globals rebuild such an array and nothing else (an array's items go through the same restricted
+# unpickler), so older runs still load and --resume (torch's weights_only docs allow-list them the same way).
+NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 class CheckpointError(Exception):
@@ -191,7 +196,8 @@ def load_checkpoint(path, map_location="cpu", tokenizer=None, mmap=False):
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
         first_line = (str(e).strip().splitlines() or [""])[0][:160]
         if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e):

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -318,3 +319,18 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, data_di
     monkeypatch.undo()
     assert [os.path.basename(p) for p in os.listdir(out) if p.startswith("ckpt_")] == ["ckpt_0000005.pt"]  # no temporary left
     assert load_checkpoint(os.path.join(out, "ckpt_0000005.pt"))["step"] == 5
+
+
+def test_a_checkpoint_from_before_the_checksums_still_resumes(tmp_path, data_dir, capsys):
+    # older nanogrow wrote numpy's RNG state as an array and no checksum: such a run must still resume
+    out = tmp_path / "run"
+    assert run_main(args(out, data_dir, max_steps=10, keep_last=1), capsys)[0] == 0
+    path = checkpoint_paths(out)[-1]
+    old = load_checkpoint(path)
+    kind, keys, pos, has_gauss, cached = old["rng"]["numpy"]
+    old["rng"]["numpy"] = (kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached)
+    torch.save(old, path)  # as the old save did: no "checksum" key
+    assert load_checkpoint(path)["step"] == 10
+    code, err = run_main(args(out, data_dir, max_steps=15, keep_last=1, resume=True), capsys)
+    assert code == 0, err
+    assert load_checkpoint(os.path.join(out, "final.pt"))["step"] == 15
