@@ -109,7 +109,7 @@ def test_bytes_tokenizer_loads_in_transformers_with_nanogrows_ids(tmp_path):
     assert len(hf) == 262 and hf.decode([104, 105, BYTES.special["<|user|>"], 121]) == "hi<|user|>y"
     # a copy re-saved by transformers is still recognized as nanogrow's bytes tokenizer
     hf.save_pretrained(tmp_path / "resaved")
-    assert data.tokenizer_from_hf(str(tmp_path / "resaved" / "tokenizer.json")) is BYTES
+    assert data.tokenizer_from_hf(str(tmp_path / "resaved" / "tokenizer.json")) == BYTES
 
 
 @pytest.mark.parametrize("name", ["bytes", "gpt2"])
