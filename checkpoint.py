@@ -20,8 +20,8 @@ Always present:
                    {"op": "sft", ...}; a grow record holds the unit maps and the depth plan (grow.py)
 
 By writer:
-    step, val, train_config, optimizer, rng, data_state     train.py: the run's place, its last validation
-                                                            record, and what an exact --resume needs
+    step, val, train_config, optimizer, rng, data_state,    train.py: the run's place, its last validation
+    guard                                                   record, and what an exact --resume needs
     posttrain_config, metrics, resume                       posttrain.py (resume: module, optimizer, rng, ...)
 
 Written by save_checkpoint:
@@ -32,7 +32,8 @@ where its model came from.
 
 What loading trusts: nothing in the file. torch.load runs with weights_only=True, whose unpickler builds
 only tensors and plain containers (dict, list, tuple, str, int, float, bool, None), so a crafted file
-cannot run code; every writer above stores only those types. The checksum then catches bytes changed
+cannot run code; every writer above stores only those types (older files' numpy RNG arrays are the
+one allow-listed exception: NUMPY_ARRAY_GLOBALS). The checksum then catches bytes changed
 on disk (a bad sector, a partial copy, an overwrite) that would otherwise load as silently wrong weights.
 """
 
