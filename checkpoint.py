@@ -316,12 +316,6 @@ class RunLock:
             fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
 
 def claim_out_dir(out_dir, resume, overwrite, results=("final.pt",), logs=("metrics.jsonl",)):
     """Take out_dir's RunLock and ready the folder; returns the lock, which the run releases at its end.

@@ -806,10 +806,10 @@ def setup_reference(run, resume, ref_model=None):
     run.flops += 2 * run.n_params * sum(len(p.chosen.ids) + len(p.rejected.ids) for p in run.examples + run.evals)  # forward only
 
 
-def start_run(cmd, ckpt_path, cfg, log=print):
-    """Everything before the first step: the starting model, the examples, the resume checks, DPO's reference,
-    LoRA, AdamW and what --resume restores. Returns (run, the step resumed at, or None on a fresh start)."""
-    eval_split, columns = resolve(cmd, cfg)
+def start_run(cmd, ckpt_path, cfg, eval_split, columns, log=print):
+    """Everything before the first step, for settings resolve() has filled in: the starting model, the examples,
+    the resume checks, DPO's reference, LoRA, AdamW and what --resume restores. Returns (run, the step resumed
+    at, or None on a fresh start)."""
     rank, local_rank, world, device = setup_distributed(cfg.device, cfg.dist_timeout)
     log = log if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)  # LoRA's initialization and dropout masks
@@ -944,7 +944,7 @@ def train(cmd, ckpt_path, cfg, log=print):
     """SFT or DPO (cmd) of the checkpoint at ckpt_path as cfg says; returns the path of OUT/final.pt. The run
     holds OUT's lock from start to end (checkpoint.claim_out_dir: one live run per folder, and a fresh run
     never deletes an earlier run's files unless --overwrite)."""
-    resolve(cmd, cfg)  # fills in cfg.out
+    eval_split, columns = resolve(cmd, cfg)  # checks the settings, fills in cfg.out and the command's defaults
     rank, _, world, _ = setup_distributed(cfg.device, cfg.dist_timeout)
     resuming = cfg.resume and bool(checkpoint_paths(cfg.out))
     if not resuming and os.path.abspath(ckpt_path) in [os.path.abspath(p) for p in checkpoint_paths(cfg.out) +
@@ -952,15 +952,15 @@ def train(cmd, ckpt_path, cfg, log=print):
         raise ConfigError(f"--out {cfg.out} holds {ckpt_path}, the checkpoint this run starts from: choose another --out")
     lock = rank0_first(lambda: claim_out_dir(cfg.out, resuming, cfg.overwrite), rank, world)
     try:
-        return train_run(cmd, ckpt_path, cfg, log)
+        return train_run(cmd, ckpt_path, cfg, eval_split, columns, log)
     finally:
         if lock is not None:
             lock.release()
 
 
-def train_run(cmd, ckpt_path, cfg, log):
+def train_run(cmd, ckpt_path, cfg, eval_split, columns, log):
     """train()'s body, in a claimed OUT: set up, then the loop."""
-    run, resumed_at = start_run(cmd, ckpt_path, cfg, log)
+    run, resumed_at = start_run(cmd, ckpt_path, cfg, eval_split, columns, log)
     start_step = resumed_at if resumed_at is not None else 0
     master = run.rank == 0
     trainable = [p for p in run.raw_model.parameters() if p.requires_grad]
