@@ -2,12 +2,12 @@
 #   python reproduce.py configs/reproduce_cpu.py --docs_dir=docs
 # The main series is the CPU demo's (configs/series_cpu.py: cpu-1 .. cpu-4, 5 tokens per parameter, per-stage
 # learning rates 3e-3 .. 1.5e-3) on the embedded corpus minus its held-out tenth; beside it Table 4's one-rate
-# series, the tokens-per-parameter study (20 with three members, 40 with two), SFT + DPO of every member, and
+# series, the tokens-per-parameter study (the first two members at 20 and 40), SFT + DPO of every member, and
 # the held-out multiple-choice tasks.
 out_dir = "out/reproduce"
 series = "configs/series_cpu.py"
 tokens_per_param = 5
-tpp_study = [[20, 3], [40, 2]]
+tpp_study = [[20, 2], [40, 2]]  # the 0.1M -> 0.2M step at 4x and 8x the tokens
 heldout_every = 10
 sft_steps = 120
 sft_lr = 3e-4

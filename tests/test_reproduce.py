@@ -76,8 +76,8 @@ def fake_grid(tmp_path, grown, scratch, fixed_lr):
              for part in ("main", "fixed_lr") for r in series[part]["runs"]}
     post = {f"{mode}/s{i}": {"sft_loss": 2.0, "dpo_loss": 0.6, "dpo_accuracy": 0.6 if mode == "grow" else 0.5, "dpo_margin": 0.1}
             for mode in ("grow", "scratch") for i in range(1, len(grown))}
-    return {"series": series, "tasks": tasks, "posttrain": post, "data": {"continuation": 100, "doc_name": 100},
-            "times": {"main": 60.0, "total": 100.0}}
+    return {"series": series, "tasks": tasks, "posttrain": post, "data": {"continuation": 100, "doc_name": 100, "dpo_heldout": 96},
+            "times": {"main": 60.0, "total": 100.0}, "run_seconds": 90.0}
 
 
 def test_report_marks_each_claim_held_or_not(tmp_path):
