@@ -22,6 +22,8 @@ X is the non-embedding parameter count unless told otherwise (the CLI says which
 Usage:
   python budget.py --sizes 1B,2B,4B,8B --tokens_per_param 40 --gpus 8 --gpu H100 --mfu 0.4
   python budget.py configs/SERIES.py [--fixed_data] [--count total --vocab_size 50304]
+  python budget.py --memory --sizes paper-1B,paper-2B,paper-4B,paper-8B --gpus 8 --gpu H100   # memory per GPU
+  python budget.py --memory configs/SERIES.py                   # at the config's micro-batch, context, accumulation
 """
 import argparse
 import math
@@ -188,9 +190,12 @@ def peak_flops(gpu):
         return float(gpu)
     except (TypeError, ValueError):
         pass
+    return _by_gpu_name(PEAK_FLOPS, gpu)
+
+def _by_gpu_name(table, gpu):
     key = re.sub(r"[^A-Z0-9]", "", str(gpu).upper()).replace("NVIDIA", "")
-    hits = [k for k in PEAK_FLOPS if k in key]
-    return PEAK_FLOPS[max(hits, key=len)] if hits else None
+    hits = [k for k in table if k in key]
+    return table[max(hits, key=len)] if hits else None
 
 def gpu_hours(flops_, peak_flops_per_gpu, mfu):
     """GPU-hours to spend `flops_` at a model FLOPs utilization `mfu` of the peak (independent of the
@@ -208,6 +213,19 @@ def gpu_days(flops_, peak_flops_per_gpu, mfu):
 
 _SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "ffn_dim")
 
+def named_shape(shape, where, hint=""):
+    """A named shape's dict: the paper's Table 3 here, any other from model.SHAPES (which needs torch, so it
+    is imported only for them). ValueError naming `where` for an unknown name."""
+    known = PAPER_SHAPES
+    if shape not in PAPER_SHAPES:
+        try:
+            from model import SHAPES as known
+        except ImportError:
+            pass
+    if shape not in known:
+        raise ValueError(f"{where}: unknown shape {shape!r} (known: {', '.join(known)}){hint}")
+    return known[shape]
+
 def stage_params(stage, count="non-embedding", vocab_size=None, tied=False):
     """X for one config stage dict: `params` as given, or the closed form from a shape (a Table 3 name
     in `shape`, a dict in `shape`, or d_model/n_layers/n_heads/n_kv_heads/ffn_dim keys on the stage)."""
@@ -218,17 +236,7 @@ def stage_params(stage, count="non-embedding", vocab_size=None, tied=False):
         return parse_size(stage["params"])
     shape = stage.get("shape", stage)
     if isinstance(shape, str):
-        known = PAPER_SHAPES
-        if shape not in PAPER_SHAPES:
-            # the other named shapes live in model.py, which needs torch: import it only for them
-            try:
-                from model import SHAPES as known
-            except ImportError:
-                pass
-        if shape not in known:
-            raise ValueError(f"stage '{name}': unknown shape {shape!r} (known: {', '.join(known)}); "
-                             f"or give params= or d_model, n_layers, n_heads, n_kv_heads, ffn_dim")
-        shape = known[shape]
+        shape = named_shape(shape, f"stage '{name}'", "; or give params= or d_model, n_layers, n_heads, n_kv_heads, ffn_dim")
     missing = [k for k in _SHAPE_KEYS if k not in shape]
     if missing:
         raise ValueError(f"stage '{name}' has no params= and its shape lacks {', '.join(missing)}")
@@ -249,6 +257,126 @@ def load_config(path):
     except Exception as e:  # a typo in the config: one line naming the file, not a traceback
         raise ValueError(f"cannot execute config {path}: {type(e).__name__}: {e}")
     return {k: v for k, v in g.items() if not k.startswith("_")}
+
+# -----------------------------------------------------------------------------
+# Memory per GPU (--memory): weights, gradients, AdamW state and activations, under DDP and FSDP
+
+# GPU memory in GiB as sold; a name that says its size ("A100-SXM4-80GB") is taken at its word, and a bare
+# "A100" is the smaller part.
+GPU_MEMORY_GIB = {"A100": 40, "H100": 80, "H100NVL": 94, "H200": 141, "B200": 180, "L40S": 48, "L4": 24, "A10": 24}
+RESERVE = 0.1  # of a GPU's memory left for the CUDA context, NCCL's buffers and the allocator's fragmentation
+
+def gpu_memory(gpu):
+    """Bytes of memory of a GPU: a number of GiB ('80'), a name with its size ('A100 80GB'), or a name from
+    GPU_MEMORY_GIB (torch device names too). None when unknown."""
+    try:
+        return float(gpu) * 2**30
+    except (TypeError, ValueError):
+        pass
+    sized = re.search(r"(\d+)\s*GB", str(gpu).upper())
+    gib = int(sized.group(1)) if sized else _by_gpu_name(GPU_MEMORY_GIB, gpu)
+    return gib * 2**30 if gib else None
+
+# Precisions of a training step on a GPU, by how train.py runs it:
+#   "amp"      DDP: float32 weights under bf16 autocast
+#   "bf16"     FSDP: bf16 weights gathered for compute (MixedPrecisionPolicy), float32 shards, under autocast
+#   "float32"  the CPU
+PRECISIONS = ("amp", "bf16", "float32")
+
+def block_activation_bytes(d_model, n_heads, n_kv_heads, head_dim, ffn_dim, precision):
+    """Bytes one block of model.py's Llama keeps for backward, per token. Korthikanti et al. 2022 ("Reducing
+    Activation Recomputation in Large Transformer Models", section 4.1) count them for GPT as
+    s*b*h*(34 + 5*a*s/h) bytes per layer; redone here for this block (RMSNorm, RoPE, SwiGLU, SDPA's flash
+    attention, no dropout) by listing what autograd saves:
+
+      each of the 2 RMSNorms: its input in float32 (for the square), input * rsqrt(mean square) (for the
+          gain), its output (read by the next matmuls), and rsqrt itself (one float)
+      attention: q and k after RoPE, v, and SDPA's output (o_proj reads a view of it): 2 dq + 2 dkv values,
+          dq = n_heads * head_dim, dkv = n_kv_heads * head_dim; and SDPA's logsumexp, n_heads floats.
+          RoPE keeps only its cos and sin tables, and flash attention never stores the T x T attention
+          matrix, so Korthikanti's 5as/h term (scores, softmax, its dropout mask) is gone
+      SwiGLU: gate(x), up(x), silu(gate(x)) and their product: 4 ffn values
+
+    Bytes per value depend on the precision:
+      float32  4 each:                                              24 d + 8 dq + 8 dkv + 16 ffn + 4 heads + 8
+      bf16     2 each, but a norm's float32 copy of its input (4 d): 16 d + 4 dq + 4 dkv +  8 ffn + 4 heads + 8
+      amp      the norms compute in float32 (their input and input * rsqrt: 8 d each), and every matmul that
+               reads a norm keeps its own bf16 cast of it (q, k, v after the first; gate, up after the second):
+                                                                    26 d + 4 dq + 4 dkv +  8 ffn + 4 heads + 8
+               plus block_fixed_bytes, whatever the number of tokens
+    tests/test_fsdp.py checks each line against the bytes torch saves (saved_tensors_hooks) on a small model."""
+    dq, dkv = n_heads * head_dim, n_kv_heads * head_dim
+    small = 4 * n_heads + 2 * 4  # logsumexp, and the two rsqrt, in float32
+    if precision == "float32":
+        return 24 * d_model + 4 * (2 * dq + 2 * dkv + 4 * ffn_dim) + small
+    if precision == "bf16":
+        return 16 * d_model + 2 * (2 * dq + 2 * dkv + 4 * ffn_dim) + small
+    if precision == "amp":
+        return 26 * d_model + 2 * (2 * dq + 2 * dkv + 4 * ffn_dim) + small
+    raise ValueError(f"unknown precision {precision!r}: one of {', '.join(PRECISIONS)}")
+
+def block_fixed_bytes(matmul_params, seq_len, head_dim, precision):
+    """Bytes a block keeps for backward whatever the batch: under amp, autocast's bf16 copy of each of its weight
+    matrices, and of RoPE's cos and sin for q and for k (4 tables of seq_len x head_dim)."""
+    return 2 * matmul_params + 4 * seq_len * head_dim * 2 if precision == "amp" else 0
+
+def head_activation_bytes(d_model, vocab_size, precision):
+    """Bytes per token kept for backward outside the blocks: the final RMSNorm (as in a block, with one reader,
+    the lm_head), the float32 log-softmax of the logits (4 V), and the token ids and targets (int64)."""
+    norm = {"float32": 12 * d_model, "bf16": 8 * d_model, "amp": 10 * d_model}[precision] + 4
+    return norm + 4 * vocab_size + 16
+
+@dataclass
+class Memory:
+    weights: float      # bytes per GPU: the parameters (and under FSDP the gathered bf16 copies in flight)
+    grads: float
+    optimizer: float    # AdamW's two float32 moments
+    activations: float  # what backward needs, plus the loss's transient gradients
+
+    @property
+    def total(self):
+        return self.weights + self.grads + self.optimizer + self.activations
+
+def memory_per_gpu(shape, vocab_size, tied, micro_batch, seq_len, grad_accum, gpus, parallel, checkpointing):
+    """Bytes per GPU at the peak of a training step of train.py on CUDA, for a shape dict (d_model, n_layers,
+    n_heads, n_kv_heads, ffn_dim[, head_dim]):
+
+      ddp   every GPU holds the float32 weights (4 bytes per parameter), their gradients (4, as views into
+            DDP's buckets) and AdamW's two moments (8): 16 bytes per parameter
+      fsdp  the same 16 bytes divided over the GPUs (the float32 shards are AdamW's master weights), plus
+            the bf16 weights being used: the root group (embedding, final norm, lm_head: kept from forward
+            to backward) and two blocks (the one running and the next, prefetched); one block's unsharded
+            gradient in bf16 and float32 as it is reduce-scattered (after every micro-step, so accumulation
+            keeps the gradients sharded: train.forward_backward)
+
+    grad_accum changes none of it (DDP's unreduced gradients accumulate in its buckets; FSDP reduce-scatters
+    every micro-step): it is an argument so that a config's setting reads through unchanged.
+
+    Activations: n_layers blocks (block_activation_bytes), the head, and the loss's transient gradients
+    (those of the log-probabilities and the logits at the start of backward, about 10 bytes per vocab entry
+    in bf16, 8 in float32; an estimate: they are not saved tensors). With activation checkpointing a block
+    keeps only its input (the residual stream: float32 under amp, bf16 under FSDP) and one block's
+    activations are rebuilt at a time."""
+    d, L, H = shape["d_model"], shape["n_layers"], shape["n_heads"]
+    kv, f = shape.get("n_kv_heads") or H, shape["ffn_dim"]
+    hd = shape.get("head_dim") or d // H
+    X = llama_non_embedding_params(d, L, H, kv, f, hd)
+    P = X + embedding_params(vocab_size, d, tied)
+    block = (X - d) // L  # one block's parameters (X also holds the final norm's d)
+    root = P - L * block
+    tokens = micro_batch * seq_len
+    precision = "amp" if parallel == "ddp" else "bf16"
+    one_block = block_activation_bytes(d, H, kv, hd, f, precision) * tokens + block_fixed_bytes(block - 2 * d, seq_len, hd, precision)
+    head = head_activation_bytes(d, vocab_size, precision) * tokens + (2 * vocab_size * d if precision == "amp" else 0)
+    loss_transient = (8 if precision == "float32" else 10) * vocab_size * tokens
+    kept = L * (4 if precision == "amp" else 2) * d * tokens + one_block if checkpointing else L * one_block
+    activations = kept + head + loss_transient
+    if parallel == "ddp":
+        return Memory(4 * P, 4 * P, 8 * P, activations)
+    if parallel != "fsdp":
+        raise ValueError(f"unknown parallel {parallel!r}: ddp or fsdp")
+    grads = 4 * P / gpus + 6 * block
+    return Memory(4 * P / gpus + 2 * (root + 2 * block), grads, 8 * P / gpus, activations)
 
 # -----------------------------------------------------------------------------
 # CLI: print the table
@@ -279,6 +407,11 @@ def main(argv=None):
     p.add_argument("--count", choices=["non-embedding", "total"], default="non-embedding", help="what X counts")
     p.add_argument("--vocab_size", type=int, help="vocab size, for --count total")
     p.add_argument("--tied", action="store_true", help="tied embeddings, for --count total")
+    p.add_argument("--memory", action="store_true", help="per-GPU memory of training each member (needs shapes: "
+                   "--sizes paper-1B,... or a config), under DDP and FSDP, with and without activation checkpointing")
+    p.add_argument("--batch_size", type=int, help="--memory: micro-batch per GPU (default: the config's, else 8)")
+    p.add_argument("--seq_len", type=int, help="--memory: context (default: the config's, else 1024)")
+    p.add_argument("--grad_accum", type=int, help="--memory: micro-steps per step (default: the config's, else 1)")
     p.error = lambda msg: (print(f"error: {msg}", file=sys.stderr), sys.exit(2))  # one line, not usage + error
     args = p.parse_args(argv)
     try:
@@ -287,7 +420,81 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
+def memory_report(args):
+    """--memory: the per-GPU memory of every member (memory_per_gpu) under DDP and FSDP, with and without
+    activation checkpointing, at the config's micro-batch, context and accumulation, and whether it fits."""
+    if args.config and args.sizes:
+        raise ValueError("give either a config file or --sizes, not both")
+    cfg = load_config(args.config) if args.config else {}
+    if args.config:
+        if not isinstance(cfg.get("stages"), (list, tuple)) or not cfg["stages"]:
+            raise ValueError(f"{args.config} sets no `stages = [dict(name=..., shape=...), ...]`")
+        members = [(st.get("name", st.get("shape", "?")), st.get("shape", st)) for st in cfg["stages"]]
+    elif args.sizes:
+        members = [(name, name) for name in args.sizes.split(",")]
+    else:
+        raise ValueError("nothing to do: give a config file or --sizes paper-1B,paper-2B,paper-4B,paper-8B")
+    shapes = []
+    for name, shape in members:
+        if isinstance(shape, str):
+            shape = named_shape(shape, f"--memory: {name}", "; --memory needs model shapes: names such as paper-1B, or a config")
+        missing = [k for k in _SHAPE_KEYS if k not in shape]
+        if missing:
+            raise ValueError(f"--memory: member '{name}' has no shape with {', '.join(missing)}")
+        shapes.append((name, shape))
+
+    def setting(key, fallback):
+        value = getattr(args, key)
+        if value is None and args.config:
+            if key not in cfg:  # what train.py runs the config with (train.py needs torch: imported only here)
+                from train import TrainConfig
+                return getattr(TrainConfig, key)
+            value = cfg[key]
+        if value is None:
+            value = fallback
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        return value
+
+    micro, seq_len, accum = setting("batch_size", 8), setting("seq_len", 1024), setting("grad_accum", 1)
+    capacity = gpu_memory(args.gpu)
+    if capacity is None:
+        raise ValueError(f"unknown GPU memory for {args.gpu!r}: known {', '.join(GPU_MEMORY_GIB)}, or a name with its "
+                         "size (A100-80GB), or a number of GiB")
+    if args.gpus <= 0:
+        raise ValueError(f"need --gpus > 0 (got {args.gpus})")
+    usable = capacity * (1 - RESERVE)
+    chosen = (cfg.get("parallel", "ddp"), bool(cfg.get("activation_checkpointing", False))) if args.config else None
+    gib = lambda x: f"{x / 2**30:.1f}"
+    print(f"per-GPU memory of a training step, GiB: {args.gpus} x {args.gpu} ({capacity / 2**30:g} GiB; a plan fits in "
+          f"{usable / 2**30:.0f} GiB, {RESERVE:.0%} left for the CUDA context, NCCL and fragmentation)")
+    print(f"micro-batch {micro} x {seq_len} tokens, grad_accum {accum}; ddp: float32 weights under bf16 autocast; "
+          "fsdp: bf16 weights gathered from float32 shards, gradients reduced in float32")
+    hdr = ["member", "params", "parallel", "act. ckpt", "weights", "grads", "AdamW", "activations", "total", "fits"]
+    rows, misfits = [], []
+    for name, shape in shapes:
+        vocab = args.vocab_size or cfg.get("vocab_size") or shape.get("vocab_size") or 50304  # the paper's GPT-2 vocab (3.1)
+        tied = args.tied or bool(cfg.get("tie_embeddings", shape.get("tie_embeddings", False)))
+        P = llama_non_embedding_params(shape["d_model"], shape["n_layers"], shape["n_heads"], shape.get("n_kv_heads"),
+                                       shape["ffn_dim"], shape.get("head_dim")) + embedding_params(vocab, shape["d_model"], tied)
+        for parallel in ("ddp", "fsdp"):
+            for ckpt in (False, True):
+                m = memory_per_gpu(shape, vocab, tied, micro, seq_len, accum, args.gpus, parallel, ckpt)
+                mark = " *" if chosen == (parallel, ckpt) else ""
+                rows.append([name, _human(P), parallel, ("on" if ckpt else "off") + mark, gib(m.weights), gib(m.grads),
+                             gib(m.optimizer), gib(m.activations), gib(m.total), "yes" if m.total <= usable else "no"])
+                if mark and m.total > usable:
+                    misfits.append(name)
+    w = [max(len(r[i]) for r in [hdr] + rows) for i in range(len(hdr))]
+    for r in [hdr] + rows:
+        print("  ".join(c.ljust(w[i]) if i in (0, 2, 3) else c.rjust(w[i]) for i, c in enumerate(r)))
+    if chosen:
+        print(f"* the config's setting (parallel={chosen[0]}, activation_checkpointing={chosen[1]}): "
+              + (f"does not fit {', '.join(misfits)}" if misfits else "fits every member"))
+
 def run(args):
+    if args.memory:
+        return memory_report(args)
     cfg = {}
     if args.config and args.sizes:
         raise ValueError("give either a config file or --sizes, not both")

@@ -192,7 +192,7 @@ def load_checkpoint(path, map_location="cpu", tokenizer=None, mmap=False):
     """Load and validate a checkpoint: plain types only (never code from the file), the checksum verified.
     `tokenizer` (a name, or a dict with name and vocab_size) is what the caller's data uses; a checkpoint
     made with another raises CheckpointError. mmap=True maps the tensors from the file instead of
-    reading them into memory (for a file read only once, as in verification)."""
+    reading them into memory (verification; a large checkpoint that several ranks of one host read)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
@@ -270,13 +270,14 @@ def prune_checkpoints(out_dir, keep_last, log=print):
             log(f"warning: {path} does not verify (corrupt on disk?); keeping older checkpoints")
 
 
-def latest_checkpoint(out_dir, tokenizer, log=print, required_key=None):
+def latest_checkpoint(out_dir, tokenizer, log=print, required_key=None, mmap=False):
     """(path, checkpoint) of the newest readable ckpt_*.pt in out_dir, for --resume. A file cut short by a
     kill is skipped for the one before it (saves are atomic, so that one is whole): nothing is lost.
-    required_key: a key the caller's checkpoints always hold (posttrain.py's resume state)."""
+    required_key: a key the caller's checkpoints always hold (posttrain.py's resume state). mmap: map the
+    tensors from the file (the ranks of a host then share one copy of a large checkpoint in the page cache)."""
     for path in reversed(checkpoint_paths(out_dir)):
         try:
-            ckpt = load_checkpoint(path, tokenizer=tokenizer)
+            ckpt = load_checkpoint(path, tokenizer=tokenizer, mmap=mmap)
             if required_key and required_key not in ckpt:
                 raise CheckpointError(f"{path} has no {required_key!r}: it was not written by this kind of run")
             return path, ckpt

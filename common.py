@@ -13,6 +13,7 @@ import datetime
 import json
 import math
 import os
+import platform
 import random
 import runpy
 import statistics
@@ -122,9 +123,12 @@ def cli_errors(*user_errors):
     """A command's body: a problem the user can fix (ConfigError, DivergenceError, checkpoint.CheckpointError,
     and the caller's own `user_errors`) or a file the system refuses (a read-only folder, a full disk) ends
     it with one `error:` line and exit code 2, never a traceback; the process group is torn down however
-    the command ends."""
+    the command ends: after a command that ended well, once every rank is done (gloo can abort a process
+    whose peer closed its connections first)."""
     try:
         yield
+        if dist.is_initialized():
+            dist.barrier()
     except (ConfigError, DivergenceError, CheckpointError, *user_errors) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
@@ -150,7 +154,7 @@ def setup_distributed(device_pref="auto", timeout_s=1800):
     device = torch.device(device_pref, local_rank) if device_pref == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    if "RANK" in os.environ and not dist.is_initialized():  # a group of one too: FSDP needs one to run at all
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return rank, local_rank, world, device
 
@@ -250,12 +254,47 @@ def measure_matmul_peak(device, dtype=torch.float32, n=2048, rounds=5, seconds=0
     return best
 
 
+def cpu_matmul_peak():
+    """(the CPU's float32 matmul peak, where it is cached): measured once per machine (CPU model, torch
+    version and thread count) and kept in ~/.cache/nanogrow/cpu_peak.json ($XDG_CACHE_HOME honored), since
+    a peak measured at the start of each run is noise on a loaded machine (one here read 0.07 TFLOP/s
+    against 0.33 quiet) and every MFU is divided by it. Delete the file to measure again, when quiet."""
+    path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanogrow", "cpu_peak.json")
+    model_name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model_name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model_name)
+    except OSError:
+        pass
+    key = f"{model_name} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}  # absent or unreadable: measure
+    cache = cache if isinstance(cache, dict) else {}
+    peak = cache.get(key, {}).get("flops") if isinstance(cache.get(key), dict) else None
+    if isinstance(peak, float) and math.isfinite(peak) and peak > 0:
+        return peak, path
+    peak = measure_matmul_peak(torch.device("cpu"))
+    cache[key] = {"flops": peak, "measured": datetime.datetime.now().isoformat(timespec="seconds")}
+    try:  # atomically; a read-only home just means measuring again next time
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(f"{path}.tmp.{os.getpid()}", "w") as f:
+            json.dump(cache, f, indent=1)
+        os.replace(f"{path}.tmp.{os.getpid()}", path)
+    except OSError:
+        pass
+    return peak, path
+
+
 def peak_flops_for(cfg, device, dtype_name):
     """(peak FLOP/s per device, how it was found) for the MFU figure; (None, why) when unknown."""
     if cfg.peak_flops > 0:
         return cfg.peak_flops, "configured"
     if device.type == "cpu":
-        return measure_matmul_peak(device), "measured float32 matmul"
+        peak, path = cpu_matmul_peak()
+        return peak, f"float32 matmul, measured once: {path}"
     if dtype_name != "bfloat16":
         return None, "unknown for float32 on GPU: set peak_flops"
     name = torch.cuda.get_device_name(device)

@@ -4,6 +4,7 @@ grow.py: make a trained Llama wider and deeper, the step between the stages of t
 "copies the weights of linear layers to widen the hidden dims, and stacks trained layers upward").
 
     python grow.py out/cpu-1.pt --to cpu-2 --width fpi --depth zero --out out/cpu-2-init.pt
+    python grow.py out/cpu-4.pt --to cpu-4,moe_experts=8,moe_top_k=2 --out out/cpu-4-8x.pt   # upcycle (U)
     python grow.py --explain     # a worked example (width 4 -> 6, 3 -> 5 layers), printed and drawn
 
 Width first (every existing layer), then depth. Notation: the source has residual width d, FFN width
@@ -80,6 +81,22 @@ Depth (after width; L -> L'):
   * "dus" (SOLAR Depth Up-Scaling, Kim et al. 2024, arXiv 2312.15166): two copies of the L layers,
     the last m dropped from the first and the first m from the second, concatenated: layers
     0..L-m-1, m..L-1, L' = 2L - 2m (m from the target or --dus_overlap). Not function preserving.
+
+Mixture of experts (a target with moe_experts = E > 0, model.SparseMoE's Mixtral layout):
+  U   upcycling (Komatsuzaki et al. 2023, ICLR, "Sparse Upcycling"): from a dense source, every expert of
+      a layer is a copy of its (widened) MLP and the router is new (random, std ROUTER_STD). The block gives
+          sum_{e in top-k(x)} w_e(x) MLP_e(x),   w_e = p_e / sum_{e' in top-k(x)} p_e'   so  sum_e w_e = 1,
+      and with MLP_e = MLP for every e that is MLP(x) * sum_e w_e = MLP(x), whatever the router picks:
+      the upcycled model computes the dense function (up to the rounding of the sum of the w's).
+      The width rules hold for each expert as for the MLP (H1, R1, R3), with its own noise draws (N):
+      where neurons or residual dims are copied, the experts then differ in their weights and agree in
+      their function. At the same width there are no copies to hide noise in, and the experts start
+      identical: routing breaks the symmetry, since each expert is trained on the tokens routed to it with
+      their weights, so the experts' gradients differ from the first step (tests/test_moe.py checks).
+      Depth zero's new layers zero every expert's down_proj (Z: a weighted sum of zeros is zero).
+      A mixture of experts grows into one with the same E and k: every expert is widened with the same
+      maps, and the router reads the stream (R3, with N). Another E or k would change which experts a
+      token reaches, so it is refused.
 """
 
 import argparse
@@ -99,6 +116,7 @@ WIDTHS = ("fpi", "aki")
 DEPTHS = ("zero", "stack", "dus")
 CHUNK = 1 << 21  # elements per row chunk when filling a matrix: small temporaries (8 MB in fp32) that malloc reuses
 GAP_FLOAT64_MAX_PARAMS = 500_000_000  # grow_checkpoint measures the gap in float64 below this (both models)
+ROUTER_STD = 0.02  # an upcycled router's init: Llama._init_weights' std (transformers' initializer_range too)
 
 # -----------------------------------------------------------------------------
 # checks and plans
@@ -132,6 +150,10 @@ def check_growth(src, tgt, width, depth, noise, dus_overlap):
         if getattr(src, name) != getattr(tgt, name):
             have, want = getattr(src, name), getattr(tgt, name)
             raise ValueError(f"growth keeps {name} fixed ({have}) but the target has {want}: set {name}={have} in the target")
+    if src.moe_experts and (tgt.moe_experts, tgt.moe_top_k) != (src.moe_experts, src.moe_top_k):  # U
+        raise ValueError(f"a mixture of experts grows only into one with the same moe_experts={src.moe_experts} and "
+                         f"moe_top_k={src.moe_top_k} (other experts or another k would change which experts a token "
+                         f"reaches), but the target has {tgt.moe_experts} and {tgt.moe_top_k}: set those in the target")
     for name in ("d_model", "ffn_dim", "n_heads", "n_kv_heads", "n_layers"):
         if getattr(tgt, name) < getattr(src, name):
             raise ValueError(f"target {name}={getattr(tgt, name)} is smaller than the source's {getattr(src, name)}: "
@@ -331,11 +353,22 @@ def widen_block(dst, src_layers, s, maps, width, noise, gain):
     # o_proj and down_proj: rows write the stream (R1), columns split over copied heads/neurons (H1)
     expand_(dst.self_attn.o_proj.weight, b.self_attn.o_proj.weight, rows=r, row_scale=rs, cols=maps.q_rows,
             col_scale=maps.q_div, noise=noise)
-    for name in ("gate_proj", "up_proj"):  # H1: rows copied
-        expand_(getattr(dst.mlp, name).weight, getattr(b.mlp, name).weight, rows=maps.ffn, **reader,
-                alt=getattr(up.mlp, name).weight if up else None, alt_rows=maps.ffn_new)
-    expand_(dst.mlp.down_proj.weight, b.mlp.down_proj.weight, rows=r, row_scale=rs, cols=maps.ffn,
-            col_scale=maps.ffn_div, noise=noise)
+    # the MLP, or each expert: U, a dense source's one MLP into every expert; an MoE source's expert e into e.
+    # Every expert draws its own noise N, so copies differ in their weights but not in their function.
+    src_ffns, up_ffns = b.ffns(), up.ffns() if up else None
+    for e, mlp in enumerate(dst.ffns()):
+        old, above = src_ffns[e % len(src_ffns)], up_ffns[e % len(up_ffns)] if up else None
+        for name in ("gate_proj", "up_proj"):  # H1: rows copied
+            expand_(getattr(mlp, name).weight, getattr(old, name).weight, rows=maps.ffn, **reader,
+                    alt=getattr(above, name).weight if above else None, alt_rows=maps.ffn_new)
+        expand_(mlp.down_proj.weight, old.down_proj.weight, rows=r, row_scale=rs, cols=maps.ffn,
+                col_scale=maps.ffn_div, noise=noise)
+    if dst.moe:
+        router = dst.block_sparse_moe.gate.weight
+        if b.moe:  # R3: the router reads the stream like q/k/v; N on copied dims
+            expand_(router, b.block_sparse_moe.gate.weight, **reader)
+        else:  # U: a new router, random as a fresh model's (std 0.02), so routing depends on the token at once
+            router.copy_(ROUTER_STD * torch.randn(router.shape, generator=noise.gen, dtype=torch.float64))
     for name in ("input_layernorm", "post_attention_layernorm"):  # R2: gain times sqrt(d/D)
         getattr(dst, name).weight.copy_(getattr(b, name).weight[r.to(dst.input_layernorm.weight.device)] * gain)
 
@@ -388,8 +421,10 @@ def grow_with_maps(model, target_config, width="fpi", depth="zero", seed=0, nois
             b = model.layers[s]
             expand_(new.layers[t].self_attn.o_proj.weight, b.self_attn.o_proj.weight, rows=maps.residual,
                     cols=maps.q_rows, noise=noise, zero=True)
-            expand_(new.layers[t].mlp.down_proj.weight, b.mlp.down_proj.weight, rows=maps.residual, cols=maps.ffn,
-                    noise=noise, zero=True)
+            src_ffns = b.ffns()
+            for e, mlp in enumerate(new.layers[t].ffns()):  # every expert outputs zero: so does their weighted sum
+                expand_(mlp.down_proj.weight, src_ffns[e % len(src_ffns)].down_proj.weight, rows=maps.residual,
+                        cols=maps.ffn, noise=noise, zero=True)
     new.train(model.training)
     return new, maps, plan
 
@@ -509,9 +544,10 @@ def parse_target(spec, src):
 
 
 def param_counts(config):
+    """(non-embedding, total, active non-embedding) parameters of a config."""
     with torch.device("meta"):
         m = Llama(config)
-    return m.num_params(True), m.num_params(False)
+    return m.num_params(True), m.num_params(False), m.num_params(True, active=True)
 
 
 # --explain: a worked example small enough to read every map, printed, then drawn for a slide
@@ -694,7 +730,8 @@ def fail(e):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Grow a nanogrow checkpoint (bert2BERT width, zero/stack/DUS depth).")
     p.add_argument("ckpt", nargs="?", help="the checkpoint to grow (not with --explain)")
-    p.add_argument("--to", help="a shape name (e.g. cpu-2, paper-2B) or d_model=..,n_layers=..,...; "
+    p.add_argument("--to", help="a shape name (e.g. cpu-2, paper-2B) or d_model=..,n_layers=..,... or both "
+                   "(cpu-4,moe_experts=8,moe_top_k=2 upcycles into a mixture of experts); "
                    "booleans are true/false, and norm_eps follows from the source")
     p.add_argument("--width", default="fpi", choices=WIDTHS)
     p.add_argument("--depth", default="zero", choices=DEPTHS)
@@ -733,9 +770,11 @@ def main(argv=None):
         fail(e)
     new = config_from_dict(new_ckpt["model_config"])
     for label, c in (("source", old), ("grown", new)):
-        ne, tot = param_counts(c)
+        ne, tot, act = param_counts(c)
+        moe = f" experts={c.moe_experts} top_k={c.moe_top_k}" if c.moe_experts else ""
         print(f"{label:<7} d_model={c.d_model} ffn_dim={c.ffn_dim} n_layers={c.n_layers} "
-              f"heads={c.n_heads}/{c.n_kv_heads}: non-embedding {ne:,} total {tot:,} parameters")
+              f"heads={c.n_heads}/{c.n_kv_heads}{moe}: non-embedding {ne:,} (active per token {act:,}) "
+              f"total {tot:,} parameters")
     rec = new_ckpt["history"][-1]
     print(f"function gap: max |logit difference| = {gap:.3e} ({rec['gap_dtype']}, 2 random sequences)")
     if not is_function_preserving(args.width, args.depth, old.n_layers, new.n_layers):

@@ -9,6 +9,10 @@ context 1024"), and it is checked against transformers' LlamaForCausalLM in test
 parameter names follow transformers' (minus its "model." prefix) and RoPE uses its rotate-half
 layout, so `export_hf` is a renaming and nothing has to be permuted.
 
+With `moe_experts = E > 0` the MLP of every block is a sparse mixture of E SwiGLU experts behind a
+router, in Mixtral's layout (SparseMoE; checked against transformers' MixtralForCausalLM in
+tests/test_moe.py): the model grow.py upcycles a dense member into (Komatsuzaki et al. 2023).
+
 Also here: the named shapes (the paper's Table 3, the pu family of Hu et al. 2024's PassUntil study,
 small CPU shapes), parameter and FLOP counts, the KV-cached `generate`, building a model from a
 checkpoint, and the HF export/import. The checkpoint file itself (its keys, atomic saves,
@@ -18,6 +22,7 @@ validation) is checkpoint.py's. Run `python model.py shapes` to see every named 
 import json
 import math
 import os
+import re
 import struct
 import sys
 from dataclasses import dataclass, fields
@@ -49,6 +54,14 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5  # width growth (grow.py, fpi) rescales it with the residual width
     tie_embeddings: bool = False
+    # mixture of experts in Mixtral's layout (Jiang et al. 2024, "Mixtral of Experts", section 2.1): 0 is the
+    # dense Llama. With E > 0 every block's MLP is E SwiGLU experts of ffn_dim behind a linear router, and each
+    # token goes to its moe_top_k best experts (SparseMoE below).
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    # weight of the load-balancing loss in the training loss: Switch Transformer's alpha = 1e-2 (Fedus et al.
+    # 2022, section 2.2; OLMoE uses 0.01 too). transformers' MixtralConfig.router_aux_loss_coef defaults to 0.001.
+    moe_aux_coef: float = 0.01
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -60,6 +73,11 @@ class ModelConfig:
             problems.append(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             problems.append(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.moe_experts < 0 or (self.moe_experts and not 1 <= self.moe_top_k <= self.moe_experts):
+            problems.append(f"moe_experts={self.moe_experts} must be >= 0 (0: dense) and moe_top_k={self.moe_top_k} "
+                            "in [1, moe_experts]")
+        if not (math.isfinite(self.moe_aux_coef) and self.moe_aux_coef >= 0):
+            problems.append(f"moe_aux_coef={self.moe_aux_coef} must be a finite number >= 0")
         if problems:
             raise ValueError("bad ModelConfig: " + "; ".join(problems))
 
@@ -229,17 +247,87 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class SparseMoE(nn.Module):
+    """Mixtral's sparse mixture of experts (Jiang et al. 2024, section 2.1), in place of the MLP:
+
+        p = softmax(gate(x)) over the E experts    (float32 at least, as transformers' MixtralTopKRouter)
+        y = sum over the k largest p_e of  (p_e / sum of those k p's) * expert_e(x)
+
+    The router `gate` is a linear map without bias; the experts are ordinary SwiGLU MLPs. The chosen weights
+    are renormalized to sum to one, which is what makes upcycling exact (grow.py, rule U): k identical experts
+    give back the one MLP. Names follow transformers' Mixtral checkpoints (block_sparse_moe.gate, .experts.i),
+    so export_hf is a renaming (gate/up/down_proj <-> w1/w3/w2).
+
+    Dispatch, grouped by expert: the N*k (token, choice) pairs are sorted by expert, every expert runs once on
+    its contiguous slice (a loop over experts, none over tokens), and the outputs go back to (token, choice)
+    order by a permutation (index_copy: each slot written once, so no atomics and the same bits on every run,
+    which exact resume needs). An expert that gets no token still runs on its empty slice, so every parameter
+    is in the graph and receives a (zero) gradient: DDP needs no find_unused_parameters."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k = config.moe_top_k
+        self.gate = nn.Linear(config.d_model, config.moe_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(config) for _ in range(config.moe_experts))
+        self.routing = None  # set by every forward
+
+    def forward(self, x):
+        """x: (B, T, d). Keeps self.routing = (top-k choices per expert (E,), router probabilities summed over
+        the tokens (E,)) for the load-balancing loss, which Llama.forward gathers from every layer. (An attribute,
+        not an argument to append to: FSDP's hooks copy a block's arguments, and the copy would be appended to.)"""
+        B, T, d = x.shape
+        h = x.reshape(B * T, d)
+        logits = self.gate(h)
+        probs = F.softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
+        weights = weights / weights.sum(-1, keepdim=True)  # renormalized over the chosen experts: they sum to 1
+        # sort the (token, choice) pairs by expert; one host sync per layer for the slice sizes
+        flat = chosen.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=len(self.experts))
+        slices = h[order // self.top_k].split(counts.tolist())
+        ys = torch.cat([expert(part) for expert, part in zip(self.experts, slices)])
+        y = ys.new_empty(ys.shape).index_copy_(0, order, ys).view(B * T, self.top_k, d)
+        self.routing = (counts, probs.sum(0))
+        return (y * weights.unsqueeze(-1).to(y.dtype)).sum(1).view(B, T, d)
+
+
+def load_balancing_loss(routing, n_experts, n_tokens):
+    """The Switch/Mixtral auxiliary loss (Fedus et al. 2022, eq. 4-6), computed as transformers'
+    load_balancing_loss_func (models/mixtral/modeling_mixtral.py) does, pooled over the layers:
+
+        aux = E * sum_e f_e P_e,   f_e = (top-k choices of expert e) / (tokens * layers),
+                                   P_e = (router probability of e summed) / (tokens * layers)
+
+    f is counted (no gradient), P carries the gradient to the routers. Each token makes k choices, so
+    sum_e f_e = k; at perfect balance f_e = k/E and P_e = 1/E, and aux = E * E * (k/E) * (1/E) = k
+    (1 for top-1, Switch's value; 2 for Mixtral's top-2). routing: every layer's SparseMoE.routing;
+    n_tokens: tokens per layer."""
+    counts = sum(c for c, _ in routing)
+    probs = sum(p for _, p in routing)
+    rows = n_tokens * len(routing)
+    return n_experts * ((counts.to(probs.dtype) / rows) * (probs / rows)).sum()
+
+
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
-        self.mlp = MLP(config)
+        self.moe = config.moe_experts > 0
+        if self.moe:
+            self.block_sparse_moe = SparseMoE(config)
+        else:
+            self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, kv_cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + (self.block_sparse_moe if self.moe else self.mlp)(self.post_attention_layernorm(x))
+
+    def ffns(self):
+        """The block's SwiGLU MLPs: [its MLP], or its experts in order (what grow.py widens)."""
+        return list(self.block_sparse_moe.experts) if self.moe else [self.mlp]
 
 
 class Llama(nn.Module):
@@ -255,6 +343,7 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # derived from the config, never saved
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.aux_loss = self.expert_counts = None  # a mixture of experts' routing in the last forward (see forward)
         self.apply(self._init_weights)
         # GPT-2's scaled init: the two projections that write into the residual stream get
         # std 0.02 / sqrt(2 n_layers), so the stream's variance does not grow with depth
@@ -268,7 +357,11 @@ class Llama(nn.Module):
 
     def forward(self, idx, targets=None, kv_cache=None):
         """idx, targets: (B, T) token ids. Returns (logits (B, T, vocab), mean cross-entropy over the
-        targets that are not IGNORE_INDEX, or None without targets)."""
+        targets that are not IGNORE_INDEX, or None without targets).
+        A mixture of experts also sets self.aux_loss (the load-balancing loss of this call, detached) and
+        self.expert_counts ((n_layers, E) top-k choices per expert). In training mode its loss is the training
+        objective, cross-entropy + moe_aux_coef * aux_loss (what transformers' Mixtral returns with
+        output_router_logits); in eval mode it is the cross-entropy alone, so validation reports pure CE."""
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.max_seq_len:
@@ -280,11 +373,18 @@ class Llama(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         logits = self.lm_head(self.norm(x))
+        aux = None
+        if self.config.moe_experts:
+            routing = [block.block_sparse_moe.routing for block in self.layers]
+            aux = load_balancing_loss(routing, self.config.moe_experts, B * T)
+            self.aux_loss, self.expert_counts = aux.detach(), torch.stack([c for c, _ in routing])
         loss = None
         if targets is not None:
             # the loss is taken in float32 at least (bf16 logits lose too much in log_softmax), float64 stays
             logits_for_loss = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
             loss = F.cross_entropy(logits_for_loss.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+            if aux is not None and self.training:
+                loss = loss + self.config.moe_aux_coef * aux
         return logits, loss
 
     @torch.no_grad()
@@ -325,29 +425,44 @@ class Llama(nn.Module):
 
     # --- counts ---------------------------------------------------------------
 
-    def num_params(self, non_embedding=True):
+    def num_params(self, non_embedding=True, active=False):
         """Parameter count. non_embedding=True leaves out the token embedding and an untied lm_head:
-        that is the paper's model size X (section 2.1; the Table 3 shapes give 1.09B ... 8.03B)."""
+        that is the paper's model size X (section 2.1; the Table 3 shapes give 1.09B ... 8.03B).
+        active=True counts what one token uses: of a mixture of experts only moe_top_k experts per layer
+        (the routers all); the same as the total for a dense model."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied matrix once
         if non_embedding:
             n -= self.embed_tokens.weight.numel()
             if not self.config.tie_embeddings:
                 n -= self.lm_head.weight.numel()
+        if active and self.config.moe_experts:
+            idle = self.config.moe_experts - self.config.moe_top_k
+            n -= sum(idle * sum(p.numel() for p in block.ffns()[0].parameters()) for block in self.layers)
         return n
 
     def flops_per_token(self, seq_len=None, with_attention=True):
         """Training FLOPs per token (forward + backward). 6N for the matmul weights, N = non-embedding
         parameters + the lm_head (the embedding lookup is no matmul), plus 12 L h T for attention
-        scores and values (nanoGPT's MFU estimate). with_attention=False gives the paper's 6X."""
+        scores and values (nanoGPT's MFU estimate). with_attention=False gives the paper's 6X. A mixture
+        of experts counts its active parameters: the routers and top-k experts per layer."""
         c = self.config
         if not with_attention:
-            return 6 * self.num_params(non_embedding=True)
-        matmul_params = self.num_params(non_embedding=True) + c.vocab_size * c.d_model
+            return 6 * self.num_params(non_embedding=True, active=True)
+        matmul_params = self.num_params(non_embedding=True, active=True) + c.vocab_size * c.d_model
         return budget.flops_per_token(matmul_params, c.n_layers, c.n_heads * c.head_dim, seq_len or c.max_seq_len)
 
 
 # -----------------------------------------------------------------------------
 # from a checkpoint (checkpoint.py owns the file and its keys)
+
+
+def checkpoint_config(ckpt):
+    """The ModelConfig of a loaded checkpoint; CheckpointError (one line) when its model_config is unusable.
+    Fields that a checkpoint predates take their defaults (one written before moe_experts is dense)."""
+    try:
+        return config_from_dict(ckpt.get("model_config"))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint has an unusable model_config: {e}") from None
 
 
 def model_from_checkpoint(ckpt, device="cpu"):
@@ -356,10 +471,7 @@ def model_from_checkpoint(ckpt, device="cpu"):
     point, a NaN or an inf. The model is built on the meta device and loaded with assign=True, so there is
     no random init and, for float32 weights on the CPU, no second copy: its parameters are the
     checkpoint's own tensors (peak memory while growing: source + target)."""
-    try:
-        config = config_from_dict(ckpt.get("model_config"))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"the checkpoint has an unusable model_config: {e}") from None
+    config = checkpoint_config(ckpt)
     state = ckpt.get("model")
     if not isinstance(state, dict):
         raise CheckpointError(f"the checkpoint's weights ('model') are a {type(state).__name__}, not a state dict")
@@ -374,7 +486,7 @@ def model_from_checkpoint(ckpt, device="cpu"):
         raise CheckpointError(f"the checkpoint's weights do not fit its model_config: missing {few[0]}, unexpected "
                               f"{few[1]}{hint or '; the weights and the config come from different models'}")
     sizes = ", ".join(f"{k}={getattr(config, k)}" for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
-                                                            "head_dim", "ffn_dim"))
+                                                            "head_dim", "ffn_dim", "moe_experts"))
     for k, meta in want.items():
         v = state[k]
         if not isinstance(v, torch.Tensor) or not v.is_floating_point():
@@ -402,7 +514,8 @@ def model_from_checkpoint(ckpt, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# transformers' LlamaForCausalLM: export and import (the weights, config.json, generation_config.json, the tokenizer)
+# transformers' LlamaForCausalLM (MixtralForCausalLM for a mixture of experts): export and import (the weights,
+# config.json, generation_config.json, the tokenizer)
 # The safetensors format is a little-endian u64 header length, a JSON header and the raw bytes;
 # it is written and read here directly so that nanogrow needs no extra dependency for it.
 
@@ -442,18 +555,43 @@ def read_safetensors(path):
     return out
 
 
+# Mixtral's expert linears in transformers' checkpoints (what save_pretrained writes, in v5 as well, whose
+# conversion_mapping fuses them on load): w1 the gate, w3 the up and w2 the down projection
+HF_EXPERT_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
+def hf_name(name):
+    """A nanogrow parameter name as transformers' checkpoints spell it: 'model.' in front (lm_head aside), and
+    an expert's gate/up/down_proj as w1/w3/w2 (layers.0.block_sparse_moe.experts.3.w1.weight)."""
+    name = re.sub(r"(\.experts\.\d+\.)(gate_proj|up_proj|down_proj)\.", lambda m: m[1] + HF_EXPERT_NAMES[m[2]] + ".", name)
+    return name if name == "lm_head.weight" else "model." + name
+
+
+def from_hf_name(name):
+    """hf_name's inverse."""
+    back = {v: k for k, v in HF_EXPERT_NAMES.items()}
+    return re.sub(r"(\.experts\.\d+\.)(w1|w2|w3)\.", lambda m: m[1] + back[m[2]] + ".", str(name).removeprefix("model."))
+
+
 def hf_config(config, tok, chat=False):
-    """config.json of transformers' LlamaForCausalLM for this model and tokenizer (a data.Tokenizer)."""
+    """config.json of transformers' LlamaForCausalLM (MixtralForCausalLM for a mixture of experts) for this
+    model and tokenizer (a data.Tokenizer)."""
     ids = special_ids(tok, chat)
+    moe = {  # Mixtral: the experts and the router; full attention (no sliding window), no router jitter
+        "num_local_experts": config.moe_experts, "num_experts_per_tok": config.moe_top_k,
+        "router_aux_loss_coef": config.moe_aux_coef, "output_router_logits": False, "router_jitter_noise": 0.0,
+        "sliding_window": None,
+    }
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": ["MixtralForCausalLM" if config.moe_experts else "LlamaForCausalLM"],
+        "model_type": "mixtral" if config.moe_experts else "llama",
         "vocab_size": config.vocab_size, "hidden_size": config.d_model, "intermediate_size": config.ffn_dim,
         "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
         "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
         "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
         "tie_word_embeddings": config.tie_embeddings, "hidden_act": "silu",
-        "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+        **(moe if config.moe_experts else {"attention_bias": False, "mlp_bias": False}), "torch_dtype": "float32",
         **{f"{k}_token_id": i for k, i in ids.items()},
         "nanogrow_tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size},
     }
@@ -510,12 +648,9 @@ def export_hf(model, out_dir, tokenizer, chat=False):
     os.makedirs(out_dir, exist_ok=True)
     state = {}
     for name, t in model.state_dict().items():
-        if name == "lm_head.weight":
-            if model.config.tie_embeddings:
-                continue  # transformers re-ties it from embed_tokens
-            state[name] = t
-        else:
-            state["model." + name] = t
+        if name == "lm_head.weight" and model.config.tie_embeddings:
+            continue  # transformers re-ties it from embed_tokens
+        state[hf_name(name)] = t
     ids = special_ids(tok, chat)
     names = {i: s for s, i in tok.special.items()}
     special_map = {f"{k}_token": names[i] for k, i in ids.items()}
@@ -573,13 +708,17 @@ def hf_tokenizer(hf_dir, cfg):
 
 
 def import_hf(hf_dir):
-    """Read a Llama folder (config.json + model.safetensors or pytorch_model.bin, and its tokenizer) into
+    """Read a Llama or Mixtral folder (config.json + model.safetensors or pytorch_model.bin, and its tokenizer) into
     (Llama, tokenizer record {"name", "vocab_size"}). The weights are checked as a checkpoint's are
     (model_from_checkpoint); anything unusable is one CheckpointError."""
     hf_dir = os.fspath(hf_dir)
     cfg = _read_hf_json(os.path.join(hf_dir, "config.json"))
-    if cfg.get("model_type") != "llama":
-        raise CheckpointError(f"{hf_dir} holds a {cfg.get('model_type')!r} model; only Llama can be imported")
+    kind = cfg.get("model_type")
+    if kind not in ("llama", "mixtral"):
+        raise CheckpointError(f"{hf_dir} holds a {kind!r} model; only Llama and Mixtral can be imported")
+    if kind == "mixtral" and cfg.get("sliding_window") is not None:
+        raise CheckpointError(f"{hf_dir} uses sliding-window attention (sliding_window={cfg['sliding_window']}), which "
+                              "nanogrow's model does not have")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise CheckpointError(f"{hf_dir} uses RoPE scaling or biases, which nanogrow's Llama does not have")
@@ -592,8 +731,11 @@ def import_hf(hf_dir):
             max_seq_len=cfg.get("max_position_embeddings", 2048), norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+        if kind == "mixtral":  # absent keys take MixtralConfig's defaults, as transformers would
+            config.update(moe_experts=cfg.get("num_local_experts", 8), moe_top_k=cfg.get("num_experts_per_tok", 2),
+                          moe_aux_coef=cfg.get("router_aux_loss_coef", 0.001))
     except (KeyError, TypeError, ZeroDivisionError) as e:
-        raise CheckpointError(f"{hf_dir}/config.json lacks or garbles a Llama field ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{hf_dir}/config.json lacks or garbles a {kind} field ({type(e).__name__}: {e})") from None
     tok = hf_tokenizer(hf_dir, cfg)
     st_path, bin_path = os.path.join(hf_dir, "model.safetensors"), os.path.join(hf_dir, "pytorch_model.bin")
     try:
@@ -610,7 +752,7 @@ def import_hf(hf_dir):
     if not isinstance(hf_state, dict):
         raise CheckpointError(f"{hf_dir}: the weights file holds a {type(hf_state).__name__}, not a state dict")
     # older transformers saved RoPE's inverse frequencies; they follow from the config
-    state = {k.removeprefix("model."): v for k, v in hf_state.items() if not str(k).endswith("rotary_emb.inv_freq")}
+    state = {from_hf_name(k): v for k, v in hf_state.items() if not str(k).endswith("rotary_emb.inv_freq")}
     if config["tie_embeddings"] and "embed_tokens.weight" in state:
         state["lm_head.weight"] = state["embed_tokens.weight"]  # a saved copy of the tied head is dropped
     model = model_from_checkpoint({"model": state, "model_config": config})

@@ -10,7 +10,7 @@ report.py: what a finished model series gives (called by `python eval.py --repor
 
 RUN_DIR/series.json (written by series.py):
   {"config": {...}, "tokenizer": {"name", "vocab_size"},
-   "runs": [{"mode": "grow" | "scratch" | "fixed_data", "stage": "S2", "index": 1, "params": X (non-embedding),
+   "runs": [{"mode": "grow" | "scratch" | "fixed_data" | "branch", "stage": "S2", "index": 1, "params": X (non-embedding),
              "model_config": {...}, "tokens": T of this stage, "flops": cumulative 6XT over the stages that
              led to this model, "val_loss", "val_bpb" (or null), "ckpt": path, "metrics": path to metrics.jsonl}]}
 RUN_DIR/eval.json (written by eval.py --report --tasks): {ckpt as in series.json: {task: {metric: {"value", "stderr", "n"}}}}
@@ -30,7 +30,8 @@ class SeriesError(Exception):
 # -----------------------------------------------------------------------------
 # 1. The series report: Table 1 and Figure 2 of the paper from RUN_DIR/series.json
 
-METHODS = {"scratch": "From Scratch", "grow": "Grown", "fixed_data": "Grown w/ fixed data"}
+METHODS = {"scratch": "From Scratch", "grow": "Grown", "fixed_data": "Grown w/ fixed data",
+           "branch": "Continued from init_from"}  # branch: series.py's continuations of one checkpoint
 # (column, task, metric, scale): accuracies (scale 100) in %; acc_norm where the harness has it (the paper's
 # HellaSwag and OBQA figures match acc_norm, which for these tasks is the usual choice)
 REPORT_COLUMNS = [("Valid PPL", "valid", "perplexity", 1), ("WikiText PPL", "wikitext", "word_perplexity", 1),
@@ -119,7 +120,8 @@ def series_report(run_dir, task_results=None):
         rows.append(row)
     tok = series.get("tokenizer", {})
     out = [f"# Series report: {run_dir}", "",
-           f"Tokenizer {tok.get('name', '?')} (vocab {tok.get('vocab_size', '?')}). Params: non-embedding. FLOPs: 6·X·T, "
+           f"Tokenizer {tok.get('name', '?')} (vocab {tok.get('vocab_size', '?')}). Params: non-embedding (a mixture of "
+           "experts: active per token). FLOPs: 6·X·T, "
            "cumulative over the stages that led to the model (a scratch run's own). PPL = exp(val loss). "
            "Task accuracies in % (acc_norm for ARC, PIQA, OBQA, HellaSwag; acc for LAMBADA, WinoGrande).", "",
            markdown_table(header, rows), ""]
@@ -160,16 +162,23 @@ def read_curve(path):
 def plot_series(run_dir, out_png):
     """Figure 2: validation loss against cumulative FLOPs (log x), one line per run: grown runs solid in
     reds (their FLOPs start where the model they grew from stopped, so the chain reads left to right),
-    fixed-data runs dotted, scratch runs dashed in blues."""
+    fixed-data runs dotted, scratch runs dashed in blues; a branch series' runs in greens, from the init_from
+    run's curve (grey) when its metrics.jsonl is at hand."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure  # no pyplot: no global state, no display backend needed
 
-    runs = sorted(load_series(run_dir)["runs"], key=lambda r: r["index"])
+    series = load_series(run_dir)
+    runs = sorted(series["runs"], key=lambda r: r["index"])
     curves = {id(r): read_curve(os.path.join(run_dir, r["metrics"])) for r in runs}
     chain = series_chains(runs)["grow"]
     fig = Figure(figsize=(7.5, 4.8))
     ax = fig.subplots()
-    style = {"scratch": ("Blues", "--"), "grow": ("Reds", "-"), "fixed_data": ("Oranges", ":")}
+    style = {"scratch": ("Blues", "--"), "grow": ("Reds", "-"), "fixed_data": ("Oranges", ":"), "branch": ("Greens", "-")}
+    init = series["config"].get("init_from")
+    parent = os.path.join(os.path.dirname(init), "metrics.jsonl") if init else ""
+    if os.path.exists(parent) and read_curve(parent)[0]:  # branches: the run they all continue, in grey
+        x, y = zip(*read_curve(parent)[0])
+        ax.plot(x, y, color="0.5", label=f"{os.path.basename(os.path.dirname(init))} (init_from)")
     for mode, (cmap, ls) in style.items():
         chosen = [r for r in runs if r["mode"] == mode]
         colors = colormaps[cmap](np.linspace(0.5, 0.95, max(len(chosen), 1)))
@@ -187,7 +196,8 @@ def plot_series(run_dir, out_png):
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (cumulative over stages)")
     ax.set_ylabel("validation loss")
-    ax.set_title("Loss against compute: grown (solid) vs from scratch (dashed)")
+    ax.set_title("Continuations of one checkpoint at equal FLOPs" if any(r["mode"] == "branch" for r in runs)
+                 else "Loss against compute: grown (solid) vs from scratch (dashed)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

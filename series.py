@@ -18,6 +18,11 @@ grown series with unique data capped at the largest scratch run's ("fixed_data",
 the later stages read tokens again. series.json lists every finished run; report.py turns it into the
 paper's Table 1 (report.md) and Figure 2 (series.png).
 
+A stage with moe_experts > 0 is a mixture of experts (model.SparseMoE), upcycled from the stage before
+when grown (grow.py, rule U) and budgeted by its active parameters. series_mode "branch" continues one
+trained checkpoint (init_from) several ways at equal compute: every stage is grown from it into its own
+shape and trains for branch_flops (configs/series_moe_cpu.py: the demo's largest member, dense vs upcycled).
+
 A config file sets the fields of SeriesConfig: TrainConfig's (train.py), which every stage shares,
 plus the series' own below.
 """
@@ -36,15 +41,19 @@ import grow
 import report
 from checkpoint import Lineage, claim_out_dir, load_checkpoint
 from common import ConfigError, cli_errors, configure, rank0_first, require, setup_distributed
-from model import Llama, ModelConfig, config_from_shape, model_from_checkpoint
+from model import Llama, ModelConfig, checkpoint_config, config_from_shape, model_from_checkpoint
 from train import TrainConfig, check_train_config, train
 
-MODES = ("grow", "scratch", "fixed_data")
+MODES = ("grow", "scratch", "fixed_data", "branch")
+STAGE_KEYS = ("name", "shape", "lr", "scratch_lr", "warmup_steps", "moe_experts", "moe_top_k")
 
 
 @dataclass
 class SeriesConfig(TrainConfig):
-    stages: list = field(default_factory=list)  # [dict(name=, shape=, lr=[, scratch_lr=, warmup_steps=]), ...] smallest first
+    # [dict(name=, shape=, lr=[, scratch_lr=, warmup_steps=, moe_experts=, moe_top_k=]), ...] smallest first;
+    # moe_experts > 0 makes the member a mixture of experts (upcycled when grown: grow.py, U), sized and
+    # budgeted by its active parameters (6 X_active T)
+    stages: list = field(default_factory=list)
     series_mode: str = "grow+scratch"  # MODES joined by "+"
     tokens_per_param: float = 40.0  # scratch tokens per non-embedding parameter (2x Chinchilla, section 3.1)
     grow_width: str = "fpi"  # grow.WIDTHS
@@ -52,6 +61,9 @@ class SeriesConfig(TrainConfig):
     grow_noise: float = 1e-3  # symmetry-breaking noise that keeps the function (grow.py)
     grow_warmup_steps: int = 20  # warmup after growth: AdamW starts fresh (section 3.5)
     report: bool = True  # write report.md and series.png when the series is done
+    # series_mode "branch": every stage starts from init_from's model (grown into the stage's shape) and trains
+    # for this many FLOPs (6 X_active T), reading the data on from where init_from's run stopped
+    branch_flops: float = 0.0
 
 
 def train_config(cfg):
@@ -91,23 +103,28 @@ def plan_series(cfg):
         raise ConfigError(f"series_mode {cfg.series_mode!r}: use {', '.join(MODES)} joined by '+'")
     configs, sizes = [], []
     for i, st in enumerate(cfg.stages):
-        unknown = set(st) - {"name", "shape", "lr", "scratch_lr", "warmup_steps"} if isinstance(st, dict) else None
+        unknown = set(st) - set(STAGE_KEYS) if isinstance(st, dict) else None
         if unknown is None or unknown or "shape" not in st or "lr" not in st:
-            raise ConfigError(f"stage {i + 1} {st}: a stage is dict(name=, shape=, lr=[, scratch_lr=, warmup_steps=])"
-                              + (f"; unknown keys {sorted(unknown)}" if unknown else ""))
+            raise ConfigError(f"stage {i + 1} {st}: a stage is dict(name=, shape=, lr=[, scratch_lr=, warmup_steps=, "
+                              "moe_experts=, moe_top_k=])" + (f"; unknown keys {sorted(unknown)}" if unknown else ""))
         for key in ("lr", "scratch_lr"):
             value = st.get(key, st["lr"])
             require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, f"stage {i + 1} {key}", value,
                     "a finite number > 0")
         warmup = st.get("warmup_steps", 0)
         require(isinstance(warmup, int) and warmup >= 0, f"stage {i + 1} warmup_steps", warmup, "an integer >= 0")
+        moe = {k: st[k] for k in ("moe_experts", "moe_top_k") if k in st}
+        for key, value in moe.items():
+            require(isinstance(value, int) and not isinstance(value, bool), f"stage {i + 1} {key}", value, "an integer")
         try:
-            configs.append(config_from_shape(st["shape"], vocab_size=tokenizer.vocab_size, max_seq_len=cfg.seq_len))
+            configs.append(config_from_shape(st["shape"], vocab_size=tokenizer.vocab_size, max_seq_len=cfg.seq_len, **moe))
         except (KeyError, ValueError) as e:
             raise ConfigError(f"stage {i + 1}: shape {st['shape']!r}: {e}") from None
-        with torch.device("meta"):  # count parameters without allocating them
-            sizes.append(Llama(configs[-1]).num_params(non_embedding=True))
+        with torch.device("meta"):  # count parameters without allocating them; a mixture of experts by its active ones
+            sizes.append(Llama(configs[-1]).num_params(non_embedding=True, active=True))
     names = [st.get("name", st["shape"]) for st in cfg.stages]
+    if "branch" in modes:
+        return plan_branches(cfg, modes, configs, sizes, names), None
     try:
         if {"grow", "fixed_data"} & set(modes):
             for a, b in zip(configs, configs[1:]):
@@ -120,6 +137,25 @@ def plan_series(cfg):
                     st.get("warmup_steps"), b.scratch_tokens, b.staged_tokens, u.repeated > 0)
               for i, (st, b, u) in enumerate(zip(cfg.stages, budgets, data_use))]
     return stages, cap
+
+
+def plan_branches(cfg, modes, configs, sizes, names):
+    """series_mode "branch": the stages are continuations of one trained model (init_from), each grown from it
+    and trained for branch_flops: at equal compute, a model of X active parameters trains branch_flops / 6X
+    tokens (Komatsuzaki et al. 2023 compare an upcycled MoE with the dense model continued so)."""
+    require(modes == ["branch"], "series_mode", cfg.series_mode, "'branch' alone: branches all start from init_from")
+    require(os.path.isfile(cfg.init_from), "init_from", cfg.init_from, "an existing checkpoint, the one every branch starts "
+            "from: train that model first (for configs/series_moe_cpu.py, the CPU demo)")
+    require(math.isfinite(cfg.branch_flops) and cfg.branch_flops > 0, "branch_flops", cfg.branch_flops, "a finite number > 0")
+    start = checkpoint_config(load_checkpoint(cfg.init_from))
+    try:
+        for config in configs:
+            grow.check_growth(start, config, cfg.grow_width, cfg.grow_depth, cfg.grow_noise, None)
+    except ValueError as e:
+        raise ConfigError(f"stages: from init_from {cfg.init_from}: {e}") from None
+    tokens = [round(cfg.branch_flops / budget.flops(x, 1)) for x in sizes]
+    return [Stage(i, names[i], st["shape"], configs[i], sizes[i], st["lr"], st.get("scratch_lr", st["lr"]),
+                  st.get("warmup_steps"), t, t, False) for i, (st, t) in enumerate(zip(cfg.stages, tokens))]
 
 
 # -----------------------------------------------------------------------------
@@ -164,7 +200,8 @@ def run_stage(cfg, runs, mode, stage, tokens, lr, model=None, lineage=None, step
     is kept under --resume; a run cut short resumes from its newest checkpoint."""
     out_dir = os.path.join(cfg.out_dir, mode, stage.name)
     final = os.path.join(out_dir, "final.pt")
-    run_cfg = replace(train_config(cfg), out_dir=out_dir, shape=stage.shape, lr=lr, max_tokens=tokens, max_steps=0,
+    run_cfg = replace(train_config(cfg), out_dir=out_dir, shape=stage.shape, moe_experts=stage.config.moe_experts,
+                      moe_top_k=stage.config.moe_top_k, lr=lr, max_tokens=tokens, max_steps=0,
                       data_step_offset=step_offset, max_unique_tokens=unique_cap,
                       warmup_steps=cfg.warmup_steps if warmup is None else warmup)
     if not (cfg.resume and os.path.exists(final)):
@@ -206,6 +243,23 @@ def grown_series(cfg, runs, stages, mode, unique_cap=0):
                                  lineage=Lineage.after(grown), step_offset=offset, unique_cap=unique_cap, warmup=warmup)
 
 
+def branches(cfg, runs, stages):
+    """series_mode "branch": every stage grows init_from's model into its own shape (the same shape: unchanged;
+    moe_experts: upcycled, grow.py U), then trains for branch_flops at its learning rate, all reading the same
+    data from where init_from's run stopped."""
+    start = load_checkpoint(cfg.init_from)
+    offset = (start.get("data_state") or {}).get("step", 0)
+    for stage in stages:
+        grown, gap = grow.grow_checkpoint(start, stage.config, width=cfg.grow_width, depth=cfg.grow_depth,
+                                          seed=cfg.seed + stage.index, noise=cfg.grow_noise)
+        log(f"branch {stage.name}: grew {cfg.init_from} into {stage.shape}"
+            + (f" with {stage.config.moe_experts} experts, top-{stage.config.moe_top_k}" if stage.config.moe_experts else "")
+            + f": max |logit gap| {gap:.2e}")
+        warmup = stage.warmup_steps if stage.warmup_steps is not None else cfg.grow_warmup_steps
+        run_stage(cfg, runs, "branch", stage, stage.staged_tokens, stage.lr, model=model_from_checkpoint(grown),
+                  lineage=Lineage.after(grown), step_offset=offset, warmup=warmup)
+
+
 def run_series(cfg):
     """Run every mode of cfg.series_mode over cfg.stages, then write the report. The series holds its
     out_dir's lock throughout, and a fresh start refuses a folder that holds a series (series.json)
@@ -225,6 +279,14 @@ def run_series(cfg):
 def run_stages(cfg, stages, cap):
     """The body of run_series."""
     modes = cfg.series_mode.split("+")
+    if modes == ["branch"]:
+        log(f"{len(stages)} branches from {cfg.init_from}, {cfg.branch_flops:.3g} FLOPs each: "
+            + ", ".join(f"{s.name} X_active={s.params:,} {s.staged_tokens:,} tokens" for s in stages))
+        runs = []
+        branches(cfg, runs, stages)
+        if rank() == 0 and cfg.report:
+            write_report(cfg.out_dir)
+        return
     summary = budget.summarize(budget.staged_budget([s.params for s in stages], cfg.tokens_per_param, [s.name for s in stages]))
     log(f"series of {len(stages)} stages, modes {modes}, {cfg.tokens_per_param:g} tokens per parameter: "
         + ", ".join(f"{s.name} X={s.params:,} scratch {s.scratch_tokens:,} / staged {s.staged_tokens:,} tokens" for s in stages)

@@ -2,13 +2,21 @@
 # parameter): 1B from scratch, bert2BERT to 2B, 4B, 8B, each trained on what is left of its scratch
 # budget (section 2.2), plus the scratch baselines at 3e-4 as in the paper (section 3.2).
 #   python budget.py configs/series_paper.py --gpus 8 --gpu H100 --mfu 0.4    # what it costs
+#   python budget.py --memory configs/series_paper.py                        # what it needs per GPU
 #   torchrun --standalone --nproc_per_node=8 series.py configs/series_paper.py
 out_dir = "out/series_paper"
 tokenizer = "gpt2"
 data = ["hf:HuggingFaceFW/fineweb-edu:sample-10BT"]
 seq_len = 1024
 batch_size = 8
-grad_accum = 8
+grad_accum = 8  # 8 x 1024 x 8 GPUs x 8 = 524,288 tokens per step
+# Memory (python budget.py --memory configs/series_paper.py, per H100 of 80 GiB): under DDP every GPU holds
+# 16 bytes per parameter, 135 GB for the 8B member before activations, so the 4B and 8B cannot run. FSDP
+# shards those 16 bytes over the 8 GPUs, and activation checkpointing keeps one block's activations at a
+# time: the 8B then needs 28.1 GiB (without checkpointing 78.0, over the 72 GiB a plan may use), the 1B
+# 10.2. Every stage shares these settings, so all run sharded and checkpointed.
+parallel = "fsdp"
+activation_checkpointing = True
 stages = [
     dict(name="1B", shape="paper-1B", lr=1.5e-3, scratch_lr=3e-4),
     dict(name="2B", shape="paper-2B", lr=1.1e-3, scratch_lr=3e-4),
