@@ -126,7 +126,7 @@ def series_report(run_dir, task_results=None):
            "Task accuracies in % (acc_norm for ARC, PIQA, OBQA, HellaSwag; acc for LAMBADA, WinoGrande).", "",
            markdown_table(header, rows), ""]
     grown, scratch = chains["grow"], chains["scratch"]
-    if len(grown) > 1 and scratch:
+    if len(grown) > 1 and len(scratch) == len(grown):  # every size trained alone too (not a grow-only series)
         g, s = grown[-1]["flops"], sum(r["flops"] for r in scratch)
         out.append(f"Series cost: grown {g:.3g} FLOPs (the largest grown model's cumulative FLOPs: the whole grown series) "
                    f"vs {s:.3g} FLOPs for training each size from scratch ({', '.join(r['stage'] for r in scratch)}): "
