@@ -300,6 +300,11 @@ def loss_law_prediction(chain, free_E=True):
     return pred, pred / last["val_loss"] - 1
 
 
+def studies(cfg):
+    """[(part, tokens per parameter)]: the main series and the tokens-per-parameter parts (series_runs' names)."""
+    return [("main", cfg.tokens_per_param)] + [(f"tpp{t:g}", t) for t, _ in cfg.tpp_study]
+
+
 def pct(x):
     return f"{100 * x:+.1f}%"
 
@@ -433,9 +438,8 @@ def write_report(cfg, results, out_dir):
               "parameter (fewer members, for time): grown − scratch validation loss at each size.", "",
               "| tokens/param | " + " | ".join(r["stage"] for r in grown[1:]) + " | series cost saved |",
               "|---|" + "---|" * len(grown[1:]) + "---|"]
-    studies = [("main", cfg.tokens_per_param)] + [(f"tpp{t:g}", t) for t, _ in cfg.tpp_study]
     held = []
-    for part, tpp in studies:
+    for part, tpp in studies(cfg):
         c = chains(results, part)
         gg, ss = by_index(c["grow"]), by_index(c["scratch"])
         cells = []
@@ -449,7 +453,7 @@ def write_report(cfg, results, out_dir):
         save = 1 - c["grow"][-1]["flops"] / sum(r["flops"] for r in c["scratch"])
         lines.append(f"| {tpp:g} | " + " | ".join(cells) + f" | {100 * save:.1f}% |")
     lines += ["", "Grown at or below scratch: " + "; ".join(
-        f"{tpp:g} tokens/param {verdict(all(ok for t, ok in held if t == tpp))}" for _, tpp in studies) + ".", "",
+        f"{tpp:g} tokens/param {verdict(all(ok for t, ok in held if t == tpp))}" for _, tpp in studies(cfg)) + ".", "",
         "![grown minus scratch against size](reproduction_tpp.png)", ""]
 
     # the loss law
@@ -458,7 +462,7 @@ def write_report(cfg, results, out_dir):
               "(report.fit_loss_law, E >= 0) and the pure power law A N^-alpha (least squares in log space).", "",
               "| series | chain | E + A N^-alpha | A N^-alpha | actual |", "|---|---|---|---|---|"]
     errors = []
-    for part, tpp in studies:
+    for part, tpp in studies(cfg):
         for mode in ("scratch", "grow"):
             chain = chains(results, part)[mode]
             if len(chain) < 3:
@@ -499,15 +503,11 @@ def plot_grid(cfg, results, out_dir):
     ax.set_ylim(top=1.1 * first)  # from the smallest member's final loss down: the first evaluations say little
     ax.set_xlabel("training FLOPs (cumulative over stages)")
     ax.set_ylabel("validation loss (nats per byte)")
-    ax.set_title("The grown series against scratch, one learning rate and fixed data")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "reproduction_series.png"), dpi=120)
+    finish(fig, ax, "The grown series against scratch, one learning rate and fixed data", os.path.join(out_dir, "reproduction_series.png"))
 
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.subplots()
-    for part, tpp in [("main", cfg.tokens_per_param)] + [(f"tpp{t:g}", t) for t, _ in cfg.tpp_study]:
+    for part, tpp in studies(cfg):
         c = chains(results, part)
         scratch = {r["index"]: r for r in c["scratch"]}
         pts = [(r["params"], 100 * (r["val_loss"] / scratch[r["index"]]["val_loss"] - 1)) for r in c["grow"] if r["index"] in scratch and r["index"] > 0]
@@ -517,11 +517,15 @@ def plot_grid(cfg, results, out_dir):
     ax.set_xscale("log")
     ax.set_xlabel("non-embedding parameters")
     ax.set_ylabel("grown − scratch validation loss (%)")
-    ax.set_title("Below zero the grown member wins")
+    finish(fig, ax, "Below zero the grown member wins", os.path.join(out_dir, "reproduction_tpp.png"))
+
+
+def finish(fig, ax, title, path):
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "reproduction_tpp.png"), dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 # -----------------------------------------------------------------------------
