@@ -198,25 +198,33 @@ def make_optimizer(model, lr, weight_decay, betas, device, decay_embeddings=Fals
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
 
 
-def lr_at(step, max_steps, lr, warmup_steps, schedule="cosine", min_lr_ratio=0.1, decay_frac=0.2):
+def lr_at(step, max_steps, lr, warmup_steps, schedule="cosine", min_lr_ratio=0.1, decay_frac=0.2, span=(0.0, 1.0)):
     """Learning rate for optimizer step `step` (0-based). Linear warmup over warmup_steps, then cosine
     to lr * min_lr_ratio at the last step, or WSD: constant, then linear decay over the last
     decay_frac of the steps. Progress is clamped to [0, 1] so no edge case (warmup >= max_steps, a
-    single step) divides by zero or goes negative."""
+    single step) divides by zero or goes negative.
+    span (start, end): the run covers only this part of the schedule, as one stage of a series that follows one
+    schedule over all its stages (series.py grow_schedule "continue"): its steps go from `start` to `end` of the
+    decay, and its warmup ramps to the value at `start`. (0, 1), the default, is a whole schedule."""
+    start, end = span
     min_lr = lr * min_lr_ratio
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
     if schedule == "constant":
-        return lr
-    if schedule == "cosine":
-        progress = (step - warmup_steps) / max(1, max_steps - 1 - warmup_steps)
-        progress = min(1.0, max(0.0, progress))
-        return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
-    if schedule == "wsd":
-        decay_steps = max(1, round(decay_frac * max_steps))
-        progress = min(1.0, max(0.0, (step + 1 - (max_steps - decay_steps)) / decay_steps))  # min_lr on the last step
-        return lr + (min_lr - lr) * progress
-    raise ConfigError(f"unknown schedule {schedule!r}: use cosine, wsd or constant")
+        at = lambda s: lr
+    elif schedule == "cosine":
+        def at(s):
+            progress = min(1.0, max(0.0, (s - warmup_steps) / max(1, max_steps - 1 - warmup_steps)))
+            return min_lr + 0.5 * (1 + math.cos(math.pi * (start + (end - start) * progress))) * (lr - min_lr)
+    elif schedule == "wsd":
+        def at(s):  # in steps of the whole schedule, of which this run is the part [start, end]
+            total = max_steps / max(end - start, 1e-12)
+            decay_steps = max(1, round(decay_frac * total))
+            progress = min(1.0, max(0.0, (start * total + s + 1 - (total - decay_steps)) / decay_steps))  # min_lr at the end
+            return lr + (min_lr - lr) * progress
+    else:
+        raise ConfigError(f"unknown schedule {schedule!r}: use cosine, wsd or constant")
+    if step < warmup_steps:
+        return at(-1) * (step + 1) / warmup_steps  # up to the value where the span starts (lr for a whole schedule)
+    return at(step)
 
 
 def rng_state():

@@ -5,6 +5,8 @@ grow.py: make a trained Llama wider and deeper, the step between the stages of t
 
     python grow.py out/cpu-1.pt --to cpu-2 --width fpi --depth zero --out out/cpu-2-init.pt
     python grow.py out/cpu-4.pt --to cpu-4,moe_experts=8,moe_top_k=2 --out out/cpu-4-8x.pt   # upcycle (U)
+    python grow.py out/cpu-1/final.pt --to cpu-2 --optimizer grown --out g.pt  # AdamW's state too (A), for
+    python train.py --init_from=g.pt --init_optimizer ...                      # a run that continues it
     python grow.py --explain     # a worked example (width 4 -> 6, 3 -> 5 layers), printed and drawn
 
 Width first (every existing layer), then depth. Notation: the source has residual width d, FFN width
@@ -59,10 +61,11 @@ Why fpi keeps the function. The rules are named; the lines that apply them cite 
       weight (equal for nearly equal gradients).
 
 Width, "aki" (bert2BERT, width-wise expansion: "advanced knowledge initialization"): as fpi, but the
-in-weights of the new units (the copies beyond the first of each FFN neuron, KV head, query head) come
-from the same units of the layer ABOVE (layer l+1); the top layer has none above and uses its own (fpi
-there). Out-weights are split as in fpi (H1), residual dims as in fpi (R1-R3). Not function
-preserving: the gap is reported, never claimed 0.
+in-weights of the new units (the copies beyond the first of each FFN neuron and KV head) come from the same
+units of the layer ABOVE (layer l+1); the top layer has none above and uses its own (fpi there). A query head
+reads layer l+1 exactly when its KV head does (H2 again: it attends with the keys it was trained with), so
+growth that adds query heads but no KV heads takes every query head from layer l. Out-weights are split as in
+fpi (H1), residual dims as in fpi (R1-R3). Not function preserving: the gap is reported, never claimed 0.
 
 Depth (after width; L -> L'):
   * "zero": L'-L new layers spread evenly over the L-1 gaps between old layers: new layer i goes
@@ -75,12 +78,26 @@ Depth (after width; L -> L'):
     trained attention patterns and activations, so o_proj/down_proj get useful gradients (as the
     identity blocks of LLaMA-Pro's block expansion, Wu et al. 2024, ACL, which copy a block and zero
     its output projections).
+  * "zero_groups" (LLaMA-Pro's placement, Wu et al. 2024, section 3.1): the L layers in L'-L groups of
+    consecutive layers, a new layer (Z, as above) after each group's top layer, the top layer's included
+    (32 -> 40: after layers 3, 7, ..., 31). Function preserving.
   * "stack" (bert2BERT's depth-wise expansion, after StackBERT): the trained stack is stacked on
-    itself: new layer L+j copies layer j mod L (L' = 2L copies the whole stack once). Not function
-    preserving.
+    itself: new layer L+j copies layer j mod L (L' = 2L copies the whole stack once; a remainder takes
+    the bottom layers, 18 -> 22 appends 0-3). "stack_top": a remainder takes the top layers, as
+    bert2BERT's Algorithm 1 does (18 -> 22 appends 14-17). Not function preserving.
   * "dus" (SOLAR Depth Up-Scaling, Kim et al. 2024, arXiv 2312.15166): two copies of the L layers,
     the last m dropped from the first and the first m from the second, concatenated: layers
     0..L-m-1, m..L-1, L' = 2L - 2m (m from the target or --dus_overlap). Not function preserving.
+
+The optimizer (grow_checkpoint(optimizer="grown"), grow.py --optimizer grown):
+  A   AdamW's moments are grown with the weights, through the same maps, so that the next stage starts from the
+      state the grown model would have if it had followed the source's trajectory in grown form: a weight copied
+      with scale c into K copies has gradient grad / (c K) there, so m' = m / (c K) and v' = v / (c K)^2 (the
+      derivation at moment_scales). Each parameter keeps its step count; a new zero block (Z) and an upcycled
+      router with its experts (U) have no history and start fresh (step 0), as a fresh AdamW starts them.
+
+Precision: every tensor is filled in float32 (or float64) and rounded once into the model's dtype, so a bf16 model
+grows to the float32 growth of its weights, cast. RoPE's tables are float64, as a fresh model's.
 
 Mixture of experts (a target with moe_experts = E > 0, model.SparseMoE's Mixtral layout):
   U   upcycling (Komatsuzaki et al. 2023, ICLR, "Sparse Upcycling"): from a dense source, every expert of
@@ -110,10 +127,12 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 
 from checkpoint import CheckpointError, Lineage, find_non_finite, load_checkpoint, make_checkpoint, save_checkpoint
+from common import make_optimizer
 from model import Llama, ModelConfig, config_from_dict, config_from_shape, model_from_checkpoint, rope_cos_sin
 
 WIDTHS = ("fpi", "aki")
-DEPTHS = ("zero", "stack", "dus")
+OPTIMIZERS = ("fresh", "grown")  # after growth: a fresh AdamW, or the source's state grown with the weights (A)
+DEPTHS = ("zero", "zero_groups", "stack", "stack_top", "dus")
 CHUNK = 1 << 21  # elements per row chunk when filling a matrix: small temporaries (8 MB in fp32) that malloc reuses
 GAP_FLOAT64_MAX_PARAMS = 500_000_000  # grow_checkpoint measures the gap in float64 below this (both models)
 ROUTER_STD = 0.02  # an upcycled router's init: Llama._init_weights' std (transformers' initializer_range too)
@@ -124,14 +143,19 @@ ROUTER_STD = 0.02  # an upcycled router's init: Llama._init_weights' std (transf
 
 def depth_plan(n_old, n_new, depth, dus_overlap=None):
     """[(source layer, zero_out)] for every layer of the grown model; zero_out: o_proj/down_proj start at 0 (Z)."""
-    if depth == "zero":
+    n_add = n_new - n_old
+    if depth in ("zero", "zero_groups"):
         after = [0] * n_old  # number of new layers inserted after each old layer
-        n_add = n_new - n_old
-        for i in range(n_add):  # midpoints of n_add equal stretches of the L-1 gaps between old layers
-            after[(2 * i + 1) * (n_old - 1) // (2 * n_add)] += 1
+        for i in range(n_add):
+            if depth == "zero":  # midpoints of n_add equal stretches of the L-1 gaps between old layers
+                after[(2 * i + 1) * (n_old - 1) // (2 * n_add)] += 1
+            else:  # LLaMA-Pro: n_add groups of consecutive layers, one new layer after each group's top layer
+                after[-(-(i + 1) * n_old // n_add) - 1] += 1  # ceil((i+1) L / n_add) - 1
         return [(s, z) for s in range(n_old) for z in [False] + [True] * after[s]]
-    if depth == "stack":
-        return [(s, False) for s in range(n_old)] + [(j % n_old, False) for j in range(n_new - n_old)]
+    if depth in ("stack", "stack_top"):
+        whole, rest = divmod(n_add, n_old)  # whole copies of the stack, then `rest` more layers
+        extra = range(rest) if depth == "stack" else range(n_old - rest, n_old)  # the bottom ones, or bert2BERT's top
+        return [(s, False) for s in list(range(n_old)) * (1 + whole) + list(extra)]
     if n_new == n_old and dus_overlap is None:
         return [(s, False) for s in range(n_old)]  # nothing to add (2L-2m = L needs m = L/2, any L here)
     m = dus_overlap if dus_overlap is not None else (2 * n_old - n_new) // 2
@@ -196,7 +220,8 @@ class WidthMaps:
     q_div: torch.Tensor           # (H' head_dim,) 1/k of the query head of each q row, float64: o_proj columns (H1)
     ffn_new: torch.Tensor         # (F',) True for a copy beyond the first: AKI reads its in-weights one layer up
     kv_new: torch.Tensor          # (Hk' head_dim,) the same for k_proj/v_proj rows
-    q_new: torch.Tensor           # (H' head_dim,) the same for q_proj rows
+    q_new: torch.Tensor           # (H' head_dim,) AKI for q_proj rows: True exactly where the query's KV head is new
+    kv_div: torch.Tensor          # (Hk' head_dim,) 1/k of the KV head of each k/v row, float64: their moments (A)
 
     def as_lists(self):
         """The unit maps as plain lists of ints (new index -> old index): the grow record's unit_maps."""
@@ -243,13 +268,17 @@ def width_maps(src, tgt, gen):
     def per_row(heads):  # head map -> row map over head_dim blocks (RoPE's layout lives inside a block)
         return (heads[:, None] * hd + torch.arange(hd)).flatten()
 
+    kv_new = ~first_copies(kv)
     return WidthMaps(
         residual=r, residual_scale=(1.0 / copy_counts(r, src.d_model).double()).sqrt(),  # R1, R3: 1/sqrt(k)
         ffn=f, ffn_div=1.0 / copy_counts(f, src.ffn_dim).double(),  # H1: 1/k
         kv_heads=kv, q_heads=q, kv_rows=per_row(kv), q_rows=per_row(q),
         q_div=(1.0 / copy_counts(q, src.n_heads).double()).repeat_interleave(hd),  # H1: 1/k
-        ffn_new=~first_copies(f), kv_new=~first_copies(kv).repeat_interleave(hd),
-        q_new=~first_copies(q).repeat_interleave(hd))
+        ffn_new=~first_copies(f), kv_new=kv_new.repeat_interleave(hd),
+        # AKI keeps H2: a query head reads layer l+1 exactly when its KV head does, so it attends with the keys
+        # and values it was trained with (the G' query slots of KV head h are h G' .. h G' + G' - 1)
+        q_new=kv_new[torch.arange(tgt.n_heads) // Gn].repeat_interleave(hd),
+        kv_div=(1.0 / copy_counts(kv, src.n_kv_heads).double()).repeat_interleave(hd))
 
 
 # -----------------------------------------------------------------------------
@@ -285,8 +314,14 @@ class Noise:
     def std(self, W):
         """std of y: the difference of two draws has std sqrt(2) times it, scale * std(W)."""
         if id(W) not in self._stds:
-            self._stds[id(W)] = (W, self.scale * float(W.std()) / math.sqrt(2))
+            self._stds[id(W)] = (W, self.scale * float(W.to(work_dtype(W.dtype)).std()) / math.sqrt(2))
         return self._stds[id(W)][1]
+
+
+def work_dtype(dtype):
+    """The dtype a fill computes in: float32 for bfloat16/float16 targets, so that every value is rounded once, when
+    it is stored (in bf16 itself a 1/sqrt(3) would be rounded first, then its product: a gap of 0.05-0.12)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 @torch.no_grad()
@@ -302,23 +337,22 @@ def expand_(out, W, rows=None, cols=None, row_scale=None, col_scale=None, noise=
     noisy, nxt = noise.pairs(cols, n_old) if noise is not None and noise.scale > 0 else (None, None)
     n_noisy = 0 if noisy is None else len(noisy)
     std = noise.std(W) if n_noisy else 0.0
-    zdtype = out.dtype if out.dtype in (torch.float32, torch.float64) else torch.float32
-    dev = out.device
+    wdtype, dev = work_dtype(out.dtype), out.device
     rows, cols = rows.to(dev), cols.to(dev)
     noisy_dev = noisy.to(dev) if n_noisy else None
-    row_scale = None if row_scale is None else row_scale.to(dev, out.dtype)
-    col_scale = None if col_scale is None else col_scale.to(dev, out.dtype)
+    row_scale = None if row_scale is None else row_scale.to(dev, wdtype)
+    col_scale = None if col_scale is None else col_scale.to(dev, wdtype)
     step = max(1, CHUNK // max(out.shape[1], n_old))
     for i0 in range(0, n_rows, step):
         i1 = min(i0 + step, n_rows)
-        chunk = out[i0:i1]
+        chunk = out[i0:i1] if wdtype == out.dtype else torch.empty(i1 - i0, out.shape[1], dtype=wdtype, device=dev)
         if zero:
             chunk.zero_()
         else:
-            part = W.index_select(0, rows[i0:i1])  # (chunk rows, n_old)
+            part = W.index_select(0, rows[i0:i1]).to(wdtype)  # (chunk rows, n_old)
             if alt is not None and bool(alt_rows[i0:i1].any()):
                 m = alt_rows[i0:i1].to(dev)
-                part[m] = alt.index_select(0, rows[i0:i1][m])
+                part[m] = alt.index_select(0, rows[i0:i1][m]).to(wdtype)
             torch.index_select(part, 1, cols, out=chunk)
             del part
             if row_scale is not None:
@@ -329,48 +363,142 @@ def expand_(out, W, rows=None, cols=None, row_scale=None, col_scale=None, noise=
             # n_noisy + 1 draws per row, the last unused: the random stream (and so every grown weight for a
             # seed) stays what it was when the noise was scattered over all columns through a zero column
             # a CPU generator: the same draws on any device
-            y = torch.randn(i1 - i0, n_noisy + 1, generator=noise.gen, dtype=zdtype)
+            y = torch.randn(i1 - i0, n_noisy + 1, generator=noise.gen, dtype=wdtype)
             y = y[:, :n_noisy] * std
             y -= y.index_select(1, nxt)  # y[t] - y[nxt[t]]: only the copied columns, no full-width temporaries
-            chunk.index_add_(1, noisy_dev, y.to(dev, out.dtype))
+            chunk.index_add_(1, noisy_dev, y.to(dev))
+        if chunk.dtype != out.dtype:
+            out[i0:i1].copy_(chunk)  # bf16/fp16: rounded once, here
 
 
 # -----------------------------------------------------------------------------
 # growing a model
 
 
+@dataclass
+class Scales:
+    """What every copy is multiplied by, per role (None: 1; vectors over the new rows or columns, float64): for the
+    weights (weight_scales: the rules at the top) or for an AdamW moment (moment_scales: rule A)."""
+    residual: torch.Tensor        # residual dims: writers' rows (R1) and readers' columns (R3)
+    ffn_in: torch.Tensor | None   # gate/up rows (copied neurons)
+    ffn_out: torch.Tensor | None  # down_proj columns (H1)
+    q_in: torch.Tensor | None     # q_proj rows (copied query heads)
+    q_out: torch.Tensor | None    # o_proj columns (H1)
+    kv_in: torch.Tensor | None    # k_proj/v_proj rows (copied KV heads)
+    norm: torch.Tensor            # RMSNorm gains, per residual dim (R2)
+
+
+def weight_scales(maps, gain):
+    """The weights' scales: R1/R3 on residual dims, H1's 1/k on out-weights, gains times sqrt(d/D) (R2)."""
+    return Scales(residual=maps.residual_scale, ffn_in=None, ffn_out=maps.ffn_div, q_in=None, q_out=maps.q_div,
+                  kv_in=None, norm=torch.full_like(maps.residual_scale, gain))
+
+
+def moment_scales(maps, gain, power):
+    """A, the AdamW state through growth. Adam's moments are running averages of the gradient (exp_avg, power 1)
+    and of its square (exp_avg_sq, power 2). At the grown point theta' = M theta of an fpi growth (noise 0) the grown
+    model computes the source's function, so by the chain rule M^T grad' = grad; and the K copies of a weight, each
+    c times it, carry equal gradients by symmetry, so K c grad'_copy = grad:
+        grad'_copy = grad / (c K)
+    per factor of a matrix entry (c and K are products of a row and a column part): residual dims c = 1/sqrt(k),
+    K = k: 1/sqrt(k), as the weight; copied in-weights (q/k/v, gate/up rows) c = 1: 1/k; divided out-weights
+    (o_proj/down_proj columns) c = 1/k: 1; gains c = sqrt(d/D), K = k: 1/(k sqrt(d/D)). Had the grown model
+    followed the source's trajectory in grown form, each of its gradients would have been this multiple of the
+    source's, so its moments are m' = m / (c K) and v' = v / (c K)^2 (tests/test_grow.py checks the gradients and
+    one step). KV rows are exact when every copy of a KV head serves its group's query heads in equal proportions
+    (so when H'/Hk' = H/Hk); otherwise 1/k is their mean share."""
+    d = Scales(residual=maps.residual_scale, ffn_in=maps.ffn_div, ffn_out=None, q_in=maps.q_div, q_out=None,
+               kv_in=maps.kv_div, norm=maps.residual_scale ** 2 / gain)
+    return Scales(**{k: None if v is None else v ** power for k, v in vars(d).items()})
+
+
 @torch.no_grad()
-def widen_block(dst, src_layers, s, maps, width, noise, gain):
-    """Fill block dst with old layer s widened (fpi or aki; for aki the new units read layer s+1)."""
+def copy_norm_(dst, src, r, scale):
+    """An RMSNorm gain (R2): dst[i] = src[r[i]] * scale[i], computed in float32 or float64, rounded once."""
+    wdtype = work_dtype(dst.dtype)
+    dst.copy_(src.to(wdtype)[r.to(src.device)] * scale.to(dst.device, wdtype))
+
+
+@torch.no_grad()
+def widen_block(dst, src_layers, s, maps, sc, width, noise):
+    """Fill block dst with old layer s widened (fpi or aki; for aki the new units read layer s+1), every copy times
+    its scale in sc. noise None: AdamW moments (rule A), no N, and an upcycled router's are zero (no history)."""
     b = src_layers[s]
     up = src_layers[min(s + 1, len(src_layers) - 1)] if width == "aki" else None
-    r, rs = maps.residual, maps.residual_scale
-    reader = dict(cols=r, col_scale=rs, noise=noise)  # R3: columns read the stream; N on copied dims
-    for name, rows, new in (("q_proj", maps.q_rows, maps.q_new), ("k_proj", maps.kv_rows, maps.kv_new),
-                            ("v_proj", maps.kv_rows, maps.kv_new)):  # H1, H2: rows copied per head
-        expand_(getattr(dst.self_attn, name).weight, getattr(b.self_attn, name).weight, rows=rows, **reader,
-                alt=getattr(up.self_attn, name).weight if up else None, alt_rows=new)
+    reader = dict(cols=maps.residual, col_scale=sc.residual, noise=noise)  # R3: columns read the stream; N on copied dims
+    for name, rows, row_scale, new in (("q_proj", maps.q_rows, sc.q_in, maps.q_new),  # H1, H2: rows copied per head
+                                       ("k_proj", maps.kv_rows, sc.kv_in, maps.kv_new),
+                                       ("v_proj", maps.kv_rows, sc.kv_in, maps.kv_new)):
+        expand_(getattr(dst.self_attn, name).weight, getattr(b.self_attn, name).weight, rows=rows, row_scale=row_scale,
+                **reader, alt=getattr(up.self_attn, name).weight if up else None, alt_rows=new)
     # o_proj and down_proj: rows write the stream (R1), columns split over copied heads/neurons (H1)
-    expand_(dst.self_attn.o_proj.weight, b.self_attn.o_proj.weight, rows=r, row_scale=rs, cols=maps.q_rows,
-            col_scale=maps.q_div, noise=noise)
+    expand_(dst.self_attn.o_proj.weight, b.self_attn.o_proj.weight, rows=maps.residual, row_scale=sc.residual,
+            cols=maps.q_rows, col_scale=sc.q_out, noise=noise)
     # the MLP, or each expert: U, a dense source's one MLP into every expert; an MoE source's expert e into e.
     # Every expert draws its own noise N, so copies differ in their weights but not in their function.
     src_ffns, up_ffns = b.ffns(), up.ffns() if up else None
     for e, mlp in enumerate(dst.ffns()):
         old, above = src_ffns[e % len(src_ffns)], up_ffns[e % len(up_ffns)] if up else None
         for name in ("gate_proj", "up_proj"):  # H1: rows copied
-            expand_(getattr(mlp, name).weight, getattr(old, name).weight, rows=maps.ffn, **reader,
+            expand_(getattr(mlp, name).weight, getattr(old, name).weight, rows=maps.ffn, row_scale=sc.ffn_in, **reader,
                     alt=getattr(above, name).weight if above else None, alt_rows=maps.ffn_new)
-        expand_(mlp.down_proj.weight, old.down_proj.weight, rows=r, row_scale=rs, cols=maps.ffn,
-                col_scale=maps.ffn_div, noise=noise)
+        expand_(mlp.down_proj.weight, old.down_proj.weight, rows=maps.residual, row_scale=sc.residual, cols=maps.ffn,
+                col_scale=sc.ffn_out, noise=noise)
     if dst.moe:
         router = dst.block_sparse_moe.gate.weight
         if b.moe:  # R3: the router reads the stream like q/k/v; N on copied dims
             expand_(router, b.block_sparse_moe.gate.weight, **reader)
+        elif noise is None:  # U's new router has no optimizer history
+            router.zero_()
         else:  # U: a new router, random as a fresh model's (std 0.02), so routing depends on the token at once
             router.copy_(ROUTER_STD * torch.randn(router.shape, generator=noise.gen, dtype=torch.float64))
     for name in ("input_layernorm", "post_attention_layernorm"):  # R2: gain times sqrt(d/D)
-        getattr(dst, name).weight.copy_(getattr(b, name).weight[r.to(dst.input_layernorm.weight.device)] * gain)
+        copy_norm_(getattr(dst, name).weight, getattr(b, name).weight, maps.residual, sc.norm)
+
+
+@torch.no_grad()
+def fill(new, model, maps, plan, sc, width, noise):
+    """Write every weight of `new` from `model` through the width maps and the depth plan, each copy times its
+    scale in sc. noise None fills AdamW moments (rule A): no N, and depth zero's new blocks are all zero."""
+    # the stream's ends: embedding (writer, R1), final norm (R2), untied lm_head (reader, R3)
+    expand_(new.embed_tokens.weight, model.embed_tokens.weight, cols=maps.residual, col_scale=sc.residual)
+    if not new.config.tie_embeddings:
+        expand_(new.lm_head.weight, model.lm_head.weight, cols=maps.residual, col_scale=sc.residual, noise=noise)
+    copy_norm_(new.norm.weight, model.norm.weight, maps.residual, sc.norm)
+
+    # width: every old layer once, into the first target layer that copies it (same random stream
+    # whatever the depth operator); then depth: the other target layers copy it
+    primary = {}
+    for t, (s, zero_out) in enumerate(plan):
+        if s not in primary and not zero_out:
+            widen_block(new.layers[t], model.layers, s, maps, sc, width, noise)
+            primary[s] = t
+    for t, (s, zero_out) in enumerate(plan):
+        if primary[s] == t:
+            continue
+        for p, q in zip(new.layers[t].parameters(), new.layers[primary[s]].parameters()):
+            p.copy_(q)
+        if zero_out and noise is None:  # a new block has no optimizer history: zero moments (and step 0, A)
+            for p in new.layers[t].parameters():
+                p.zero_()
+        elif zero_out:  # Z: the block outputs zero, plus zero-sum noise (N) on duplicated heads/neurons
+            b = model.layers[s]
+            expand_(new.layers[t].self_attn.o_proj.weight, b.self_attn.o_proj.weight, rows=maps.residual,
+                    cols=maps.q_rows, noise=noise, zero=True)
+            src_ffns = b.ffns()
+            for e, mlp in enumerate(new.layers[t].ffns()):  # every expert outputs zero: so does their weighted sum
+                expand_(mlp.down_proj.weight, src_ffns[e % len(src_ffns)].down_proj.weight, rows=maps.residual,
+                        cols=maps.ffn, noise=noise, zero=True)
+
+
+def empty_like_config(config, dtype, device):
+    """A Llama of `config` with uninitialized weights (every tensor is filled by fill), tied as the config says."""
+    with torch.device("meta"):  # no memory and no init: every tensor is written afterwards
+        new = Llama(config)
+    new = new.to(dtype=dtype).to_empty(device=device)
+    if config.tie_embeddings:
+        new.lm_head.weight = new.embed_tokens.weight
+    return new
 
 
 @torch.no_grad()
@@ -387,46 +515,77 @@ def grow_with_maps(model, target_config, width="fpi", depth="zero", seed=0, nois
         raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
     gen = torch.Generator().manual_seed(seed)  # one stream: the maps first, then the noise of every matrix
     maps = width_maps(src, cfg, gen)
-    noise = Noise(noise, gen)
-    with torch.device("meta"):  # no memory and no init for the target: every tensor is filled below
-        new = Llama(cfg)
-    new = new.to(dtype=ref.dtype).to_empty(device=ref.device)
-    if cfg.tie_embeddings:
-        new.lm_head.weight = new.embed_tokens.weight
-    cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-    new.rope_cos.copy_(cos)
-    new.rope_sin.copy_(sin)
-    r = maps.residual.to(ref.device)
-
-    # the stream's ends: embedding (writer, R1), final norm (R2), untied lm_head (reader, R3)
-    expand_(new.embed_tokens.weight, ref, cols=maps.residual, col_scale=maps.residual_scale)
-    if not cfg.tie_embeddings:
-        expand_(new.lm_head.weight, model.lm_head.weight, cols=maps.residual, col_scale=maps.residual_scale,
-                noise=noise)
-    new.norm.weight.copy_(model.norm.weight[r] * gain)
-
-    # width: every old layer once, into the first target layer that copies it (same random stream
-    # whatever the depth operator); then depth: the other target layers copy it
-    primary = {}
-    for t, (s, zero_out) in enumerate(plan):
-        if s not in primary and not zero_out:
-            widen_block(new.layers[t], model.layers, s, maps, width, noise, gain)
-            primary[s] = t
-    for t, (s, zero_out) in enumerate(plan):
-        if primary[s] == t:
-            continue
-        for p, q in zip(new.layers[t].parameters(), new.layers[primary[s]].parameters()):
-            p.copy_(q)
-        if zero_out:  # Z: the block outputs zero, plus zero-sum noise (N) on duplicated heads/neurons
-            b = model.layers[s]
-            expand_(new.layers[t].self_attn.o_proj.weight, b.self_attn.o_proj.weight, rows=maps.residual,
-                    cols=maps.q_rows, noise=noise, zero=True)
-            src_ffns = b.ffns()
-            for e, mlp in enumerate(new.layers[t].ffns()):  # every expert outputs zero: so does their weighted sum
-                expand_(mlp.down_proj.weight, src_ffns[e % len(src_ffns)].down_proj.weight, rows=maps.residual,
-                        cols=maps.ffn, noise=noise, zero=True)
+    new = empty_like_config(cfg, ref.dtype, ref.device)
+    # RoPE's tables are float64, as a fresh model's (Llama.forward casts them once per call)
+    new.rope_cos, new.rope_sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=ref.device)
+    fill(new, model, maps, plan, weight_scales(maps, gain), width, Noise(noise, gen))
     new.train(model.training)
     return new, maps, plan
+
+
+# the optimizer through growth (A)
+
+
+def optimizer_names(model, decay_embeddings=False):
+    """The parameter names of each of AdamW's groups, in its order (common.make_optimizer): a state dict's keys
+    0, 1, ... count through them."""
+    opt = make_optimizer(model, 0.0, 0.0, (0.9, 0.95), torch.device("cpu"), decay_embeddings)
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    return [[name_of[id(p)] for p in g["params"]] for g in opt.param_groups]
+
+
+def moment_model(config, tensors):
+    """A Llama on the meta device whose weights are `tensors` ({name: one AdamW moment}), for fill to read."""
+    with torch.device("meta"):
+        m = Llama(config)
+    if config.tie_embeddings:
+        tensors = {**tensors, "lm_head.weight": tensors["embed_tokens.weight"]}
+    m.load_state_dict(tensors, assign=True)
+    return m
+
+
+def grow_optimizer_state(model, new, state, maps, plan, width, decay_embeddings=False):
+    """AdamW's state dict for `new` (grown from `model` with maps and plan) from `model`'s (full_state's layout):
+    moments through rule A, each parameter's step count from the parameter it copies. Parameters with no history
+    start fresh (step 0, zero moments), as a fresh AdamW would start them: depth zero's new blocks, and an
+    upcycled router and its experts (U: which expert a token reaches, so each expert's gradient, depends on a
+    router that was never trained). Raises ValueError for a state that does not fit the model."""
+    src_groups, new_groups = optimizer_names(model, decay_embeddings), optimizer_names(new, decay_embeddings)
+    src_order = [name for g in src_groups for name in g]
+    sizes = [len(g.get("params", [])) for g in state.get("param_groups", [])]
+    entries = state.get("state", {})
+    if sizes != [len(g) for g in src_groups] or sorted(entries) != list(range(len(src_order))) or any(
+            set(e) != {"step", "exp_avg", "exp_avg_sq"} for e in entries.values()):
+        raise ValueError(f"the optimizer state does not fit the model (groups of {sizes} parameters, "
+                         f"{len(entries)} entries, for {[len(g) for g in src_groups]}; decay_embeddings="
+                         f"{decay_embeddings}): grow without the optimizer (fresh AdamW)")
+    by_name = {src_order[i]: e for i, e in entries.items()}
+    gain = math.sqrt(model.config.d_model / new.config.d_model)
+    moments = {}
+    for key, power in (("exp_avg", 1), ("exp_avg_sq", 2)):
+        src = moment_model(model.config, {name: by_name[name][key] for name in src_order})
+        dst = empty_like_config(new.config, src.embed_tokens.weight.dtype, "cpu")
+        fill(dst, src, maps, plan, moment_scales(maps, gain, power), width, None)
+        moments[key] = dict(dst.named_parameters())
+    upcycled = new.config.moe_experts and not model.config.moe_experts
+    grown = {}
+    for i, name in enumerate(n for g in new_groups for n in g):
+        parts = name.split(".")
+        if parts[0] == "layers":  # the depth plan says which source layer a layer copies
+            t = int(parts[1])
+            source, fresh = ".".join(["layers", str(plan[t][0])] + parts[2:]), plan[t][1]
+            fresh = fresh or bool(upcycled and parts[2] == "block_sparse_moe")
+        else:
+            source, fresh = name, False
+        moment = {key: moments[key][name].detach() for key in ("exp_avg", "exp_avg_sq")}
+        if fresh:
+            grown[i] = {"step": torch.zeros_like(by_name[src_order[0]]["step"]),
+                        **{key: torch.zeros_like(v) for key, v in moment.items()}}
+        else:
+            grown[i] = {"step": by_name[source]["step"].clone(), **moment}
+    groups = [{**g, "params": list(range(sum(map(len, new_groups[:j])), sum(map(len, new_groups[:j + 1]))))}
+              for j, g in enumerate(state["param_groups"])]
+    return {"state": grown, "param_groups": groups}
 
 
 def grow(model, target_config, width="fpi", depth="zero", seed=0, noise=1e-3, dus_overlap=None):
@@ -450,13 +609,14 @@ def function_gap(model_a, model_b, idx, dtype=torch.float64):
 
 
 def is_function_preserving(width, depth, n_old, n_new):
-    return width == "fpi" and (depth == "zero" or n_old == n_new)
+    return width == "fpi" and (depth in ("zero", "zero_groups") or n_old == n_new)
 
 
-def grow_checkpoint(ckpt, target_config, **grow_kwargs):
+def grow_checkpoint(ckpt, target_config, optimizer="fresh", **grow_kwargs):
     """(grown checkpoint, gap). The lineage goes on (Lineage.after: stage, flops, history), tokens carry
-    over, a 'grow' record is appended to history, and there is no optimizer state (fresh AdamW after
-    growth). The record holds the operator, the configs, the gap and
+    over, a 'grow' record is appended to history. optimizer "fresh": no optimizer state (a fresh AdamW after
+    growth); "grown": the source's AdamW state grown with the weights (rule A), for the next run to start from
+    (train.py init_optimizer, series.py grow_optimizer). The record holds the operator, the configs, the gap and
         unit_maps   {"residual", "ffn", "kv_heads", "q_heads"}: lists of ints, new index -> old index
         depth_plan  one {"from": old layer, "zero_out": bool} per new layer (zero_out: depth zero's Z)
     The gap is measured on 2 x 64 seeded random tokens (fewer if either model's max_seq_len is shorter),
@@ -465,6 +625,11 @@ def grow_checkpoint(ckpt, target_config, **grow_kwargs):
     rounding of its scaled copies (~1e-6), not 1e-15. Raises CheckpointError for weights that do not fit
     their config, ValueError for a bad target or arguments, and ValueError rather than return a grown
     model with a NaN or inf in its weights or its gap."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if optimizer == "grown" and not isinstance(ckpt.get("optimizer"), dict):
+        raise ValueError("the checkpoint holds no optimizer state to grow (train.py's ckpt_*.pt and final.pt do): "
+                         "grow one of those, or grow with a fresh optimizer")
     model = model_from_checkpoint(ckpt)  # validated against its config; the source held once
     new, maps, plan = grow_with_maps(model, target_config, **grow_kwargs)
     noise = grow_kwargs.get("noise", 1e-3)
@@ -472,6 +637,15 @@ def grow_checkpoint(ckpt, target_config, **grow_kwargs):
     if bad:
         raise ValueError(f"the grown weight {bad} holds NaN or inf (noise={noise:g} times the weights' std "
                          "overflowed?): nothing written; use a small noise such as 1e-3")
+    extra = {}
+    if optimizer == "grown":
+        decay_embeddings = bool((ckpt.get("train_config") or {}).get("decay_embeddings", False))
+        extra["optimizer"] = grow_optimizer_state(model, new, ckpt["optimizer"], maps, plan,
+                                                  grow_kwargs.get("width", "fpi"), decay_embeddings)
+        bad = find_non_finite({f"{i}.{k}": v for i, e in extra["optimizer"]["state"].items() for k, v in e.items()})
+        if bad:
+            raise ValueError(f"the grown optimizer state {bad} holds NaN or inf: nothing written; grow with a fresh "
+                             "optimizer, or from an earlier checkpoint")
     gen = torch.Generator().manual_seed(grow_kwargs.get("seed", 0))
     # RoPE has no learned positions, so max_seq_len may change; the gap runs on a length both models take
     seq = min(64, model.config.max_seq_len, new.config.max_seq_len)
@@ -483,12 +657,12 @@ def grow_checkpoint(ckpt, target_config, **grow_kwargs):
         raise ValueError(f"the function gap of the grown model is {gap} ({str(gap_dtype).removeprefix('torch.')} "
                          "logits overflow): nothing written; check the source checkpoint's weights and the noise")
     record = dict(op="grow", width=grow_kwargs.get("width", "fpi"), depth=grow_kwargs.get("depth", "zero"),
-                  seed=grow_kwargs.get("seed", 0), noise=noise,
+                  seed=grow_kwargs.get("seed", 0), noise=noise, optimizer=optimizer,
                   dus_overlap=grow_kwargs.get("dus_overlap"), **{"from": asdict(model.config)}, to=asdict(new.config),
                   gap=gap, gap_dtype=str(gap_dtype).removeprefix("torch."), unit_maps=maps.as_lists(),
                   depth_plan=[{"from": s, "zero_out": z} for s, z in plan])
     out = make_checkpoint(new.state_dict(), new.config, ckpt["tokenizer"], Lineage.after(ckpt).then(record),
-                          run_flops=0, tokens=ckpt.get("tokens", 0))
+                          run_flops=0, tokens=ckpt.get("tokens", 0), **extra)
     return out, gap
 
 
@@ -740,6 +914,8 @@ def main(argv=None):
                    help="relative std of the zero-sum symmetry-breaking noise, finite and >= 0 "
                    "(default 1e-3; 0 with --explain)")
     p.add_argument("--dus_overlap", type=int, default=None, help="SOLAR's m (layers dropped from each copy)")
+    p.add_argument("--optimizer", default="fresh", choices=OPTIMIZERS, help="grown: also grow the checkpoint's AdamW "
+                   "state (rule A), for train.py --init_from=OUT --init_optimizer; fresh: weights only")
     p.add_argument("--out", help="the grown checkpoint; an existing file is kept unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--explain", action="store_true", help="print and draw a worked example (width 4 -> 6, 3 -> 5 "
@@ -763,7 +939,7 @@ def main(argv=None):
         old = config_from_dict(ckpt.get("model_config"))
         target = parse_target(args.to, old)
         new_ckpt, gap = grow_checkpoint(ckpt, target, width=args.width, depth=args.depth, seed=args.seed,
-                                        noise=noise, dus_overlap=args.dus_overlap)
+                                        noise=noise, dus_overlap=args.dus_overlap, optimizer=args.optimizer)
         del ckpt  # the source's tensors: only the grown model is held while writing
         write_checkpoint(new_ckpt, args.out)
     except (CheckpointError, ValueError, OSError) as e:

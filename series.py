@@ -46,6 +46,7 @@ from train import TrainConfig, check_train_config, train
 
 MODES = ("grow", "scratch", "fixed_data", "branch")
 STAGE_KEYS = ("name", "shape", "lr", "scratch_lr", "warmup_steps", "moe_experts", "moe_top_k")
+SCHEDULES = ("restart", "continue")  # grow_schedule
 
 
 @dataclass
@@ -60,6 +61,11 @@ class SeriesConfig(TrainConfig):
     grow_depth: str = "zero"  # grow.DEPTHS
     grow_noise: float = 1e-3  # symmetry-breaking noise that keeps the function (grow.py)
     grow_warmup_steps: int = 20  # warmup after growth: AdamW starts fresh (section 3.5)
+    grow_optimizer: str = "fresh"  # grow.OPTIMIZERS: "grown" carries AdamW's moments and steps through growth (rule A)
+    # "restart": every stage warms up (stage 1: warmup_steps, later ones: grow_warmup_steps) and runs its own
+    # schedule to min_lr; "continue": the grown series follows one schedule over its FLOPs, each stage taking its
+    # share of the decay (as progressive training grows a model mid-run), so only the last member ends at min_lr
+    grow_schedule: str = "restart"
     report: bool = True  # write report.md and series.png when the series is done
     # series_mode "branch": every stage starts from init_from's model (grown into the stage's shape) and trains
     # for this many FLOPs (6 X_active T), reading the data on from where init_from's run stopped
@@ -97,6 +103,8 @@ def plan_series(cfg):
     require(math.isfinite(cfg.tokens_per_param) and cfg.tokens_per_param > 0, "tokens_per_param", cfg.tokens_per_param, "a finite number > 0")
     require(math.isfinite(cfg.grow_noise) and cfg.grow_noise >= 0, "grow_noise", cfg.grow_noise, "a finite number >= 0")
     require(cfg.grow_warmup_steps >= 0, "grow_warmup_steps", cfg.grow_warmup_steps, "an integer >= 0")
+    require(cfg.grow_optimizer in grow.OPTIMIZERS, "grow_optimizer", cfg.grow_optimizer, f"one of {grow.OPTIMIZERS}")
+    require(cfg.grow_schedule in SCHEDULES, "grow_schedule", cfg.grow_schedule, f"one of {SCHEDULES}")
     tokenizer = data.get_tokenizer(cfg.tokenizer)
     modes = cfg.series_mode.split("+")
     if not set(modes) <= set(MODES):
@@ -153,6 +161,9 @@ def plan_branches(cfg, modes, configs, sizes, names):
             grow.check_growth(start, config, cfg.grow_width, cfg.grow_depth, cfg.grow_noise, None)
     except ValueError as e:
         raise ConfigError(f"stages: from init_from {cfg.init_from}: {e}") from None
+    if cfg.grow_optimizer == "grown" and not isinstance(load_checkpoint(cfg.init_from).get("optimizer"), dict):
+        raise ConfigError(f"grow_optimizer 'grown': init_from {cfg.init_from} holds no optimizer state to grow: "
+                          "use a train.py checkpoint (final.pt), or grow_optimizer='fresh'")
     tokens = [round(cfg.branch_flops / budget.flops(x, 1)) for x in sizes]
     return [Stage(i, names[i], st["shape"], configs[i], sizes[i], st["lr"], st.get("scratch_lr", st["lr"]),
                   st.get("warmup_steps"), t, t, False) for i, (st, t) in enumerate(zip(cfg.stages, tokens))]
@@ -194,20 +205,25 @@ def write_series_json(cfg, runs):
 # running the stages
 
 
-def run_stage(cfg, runs, mode, stage, tokens, lr, model=None, lineage=None, step_offset=0, unique_cap=0, warmup=None):
+def run_stage(cfg, runs, mode, stage, tokens, lr, model=None, lineage=None, step_offset=0, unique_cap=0, warmup=None,
+              optimizer_state=None, span=(0.0, 1.0)):
     """Train one member for `tokens` tokens in out_dir/MODE/NAME (train.py), record it in series.json, and
     return (its final checkpoint, the data step the next stage starts at). A finished run (final.pt)
-    is kept under --resume; a run cut short resumes from its newest checkpoint."""
+    is kept under --resume; a run cut short resumes from its newest checkpoint. optimizer_state: a grown
+    AdamW state to start from; span: the part of the learning-rate schedule the run covers (common.lr_at)."""
     out_dir = os.path.join(cfg.out_dir, mode, stage.name)
     final = os.path.join(out_dir, "final.pt")
     run_cfg = replace(train_config(cfg), out_dir=out_dir, shape=stage.shape, moe_experts=stage.config.moe_experts,
                       moe_top_k=stage.config.moe_top_k, lr=lr, max_tokens=tokens, max_steps=0,
                       data_step_offset=step_offset, max_unique_tokens=unique_cap,
-                      warmup_steps=cfg.warmup_steps if warmup is None else warmup)
+                      warmup_steps=cfg.warmup_steps if warmup is None else warmup,
+                      schedule_start=span[0], schedule_end=span[1])
     if not (cfg.resume and os.path.exists(final)):
-        log(f"=== {mode} / {stage.name}: {tokens:,} tokens at lr {lr:g} ===")
+        log(f"=== {mode} / {stage.name}: {tokens:,} tokens at lr {lr:g}"
+            + (f", schedule {span[0]:.3f} -> {span[1]:.3f}" if span != (0.0, 1.0) else "") + " ===")
         lineage = lineage or Lineage()
-        train(run_cfg, model=model, lineage=replace(lineage, stage={"index": stage.index, "name": stage.name, "mode": mode}))
+        train(run_cfg, model=model, lineage=replace(lineage, stage={"index": stage.index, "name": stage.name, "mode": mode}),
+              optimizer_state=optimizer_state)
     ckpt = load_checkpoint(final)
     runs.append(SeriesRun(mode, stage.name, stage.index, stage.params, ckpt["model_config"], ckpt["tokens"], ckpt["flops"],
                           ckpt["val"]["val_loss"], ckpt["val"]["val_bpb"], os.path.relpath(final, cfg.out_dir),
@@ -222,6 +238,7 @@ def grown_series(cfg, runs, stages, mode, unique_cap=0):
     """Stage 1 from scratch, then grow and train on what is left of each stage's budget. The stages read
     the data stream on in order: stage i+1 starts where stage i stopped."""
     ckpt, offset = None, 0
+    spans = schedule_spans(cfg, stages)
     for stage in stages:
         if mode == "fixed_data" and "grow" in cfg.series_mode.split("+") and not stage.repeats_in_fixed_data:
             # identical to the grow run up to here (no token is read twice yet): share it
@@ -229,18 +246,32 @@ def grown_series(cfg, runs, stages, mode, unique_cap=0):
             offset += math.ceil(stage.staged_tokens / (cfg.batch_size * cfg.seq_len * cfg.grad_accum * world_size()))
             continue
         if ckpt is None:  # stage 1: from scratch
-            ckpt, offset = run_stage(cfg, runs, mode, stage, stage.staged_tokens, stage.lr, step_offset=offset, unique_cap=unique_cap)
+            ckpt, offset = run_stage(cfg, runs, mode, stage, stage.staged_tokens, stage.lr, step_offset=offset,
+                                     unique_cap=unique_cap, span=spans[stage.index])
             continue
-        # grow the previous stage's final model: function-preserving where the operator is (grow.py)
-        grown, gap = grow.grow_checkpoint(ckpt, stage.config, width=cfg.grow_width, depth=cfg.grow_depth,
-                                          seed=cfg.seed + stage.index, noise=cfg.grow_noise)
+        # grow the previous stage's final model (and its AdamW state, when grow_optimizer is "grown"):
+        # function-preserving where the operator is (grow.py)
+        grown, gap = grow.grow_checkpoint(ckpt, stage.config, optimizer=cfg.grow_optimizer, width=cfg.grow_width,
+                                          depth=cfg.grow_depth, seed=cfg.seed + stage.index, noise=cfg.grow_noise)
         old = ckpt["model_config"]
         log(f"grew {old['d_model']}x{old['n_layers']} -> {stage.config.d_model}x{stage.config.n_layers} "
-            f"({cfg.grow_width}/{cfg.grow_depth}): max |logit gap| {gap:.2e}")
-        # then train: AdamW starts fresh, so a short warmup, at the stage's own learning rate (section 3.5)
+            f"({cfg.grow_width}/{cfg.grow_depth}, {cfg.grow_optimizer} optimizer): max |logit gap| {gap:.2e}")
+        # then train at the stage's own learning rate (section 3.5), after a short warmup (AdamW starts fresh)
         warmup = stage.warmup_steps if stage.warmup_steps is not None else cfg.grow_warmup_steps
         ckpt, offset = run_stage(cfg, runs, mode, stage, stage.staged_tokens, stage.lr, model=model_from_checkpoint(grown),
-                                 lineage=Lineage.after(grown), step_offset=offset, unique_cap=unique_cap, warmup=warmup)
+                                 lineage=Lineage.after(grown), step_offset=offset, unique_cap=unique_cap, warmup=warmup,
+                                 optimizer_state=grown.get("optimizer"), span=spans[stage.index])
+
+
+def schedule_spans(cfg, stages):
+    """The part of the learning-rate schedule each stage of a grown series covers: all of it for every stage
+    (grow_schedule "restart"), or under "continue" its share of the series' FLOPs (6 X_i T_i of the staged budget),
+    so that the stages together run one schedule, as one run of the largest member's FLOPs would."""
+    if cfg.grow_schedule == "restart":
+        return [(0.0, 1.0)] * len(stages)
+    flops = [budget.flops(s.params, s.staged_tokens) for s in stages]
+    edges = [sum(flops[:i]) / sum(flops) for i in range(len(stages) + 1)]
+    return [(edges[i], min(1.0, edges[i + 1])) for i in range(len(stages))]
 
 
 def branches(cfg, runs, stages):
@@ -250,14 +281,14 @@ def branches(cfg, runs, stages):
     start = load_checkpoint(cfg.init_from)
     offset = (start.get("data_state") or {}).get("step", 0)
     for stage in stages:
-        grown, gap = grow.grow_checkpoint(start, stage.config, width=cfg.grow_width, depth=cfg.grow_depth,
-                                          seed=cfg.seed + stage.index, noise=cfg.grow_noise)
+        grown, gap = grow.grow_checkpoint(start, stage.config, optimizer=cfg.grow_optimizer, width=cfg.grow_width,
+                                          depth=cfg.grow_depth, seed=cfg.seed + stage.index, noise=cfg.grow_noise)
         log(f"branch {stage.name}: grew {cfg.init_from} into {stage.shape}"
             + (f" with {stage.config.moe_experts} experts, top-{stage.config.moe_top_k}" if stage.config.moe_experts else "")
             + f": max |logit gap| {gap:.2e}")
         warmup = stage.warmup_steps if stage.warmup_steps is not None else cfg.grow_warmup_steps
         run_stage(cfg, runs, "branch", stage, stage.staged_tokens, stage.lr, model=model_from_checkpoint(grown),
-                  lineage=Lineage.after(grown), step_offset=offset, warmup=warmup)
+                  lineage=Lineage.after(grown), step_offset=offset, warmup=warmup, optimizer_state=grown.get("optimizer"))
 
 
 def run_series(cfg):

@@ -49,7 +49,8 @@ class TrainConfig:
     out_dir: str = "out/run"
     # model: a named shape from model.SHAPES, optionally starting from a checkpoint's weights
     shape: str = "tiny"
-    init_from: str = ""  # a checkpoint to start from (its weights only: fresh optimizer, step 0)
+    init_from: str = ""  # a checkpoint to start from (its weights; a fresh optimizer unless init_optimizer; step 0)
+    init_optimizer: bool = False  # with init_from: also its AdamW moments and step counts (grow.py --optimizer grown)
     moe_experts: int = 0  # a fresh shape as a mixture of this many experts per block (model.py; 0: dense)
     moe_top_k: int = 2  # experts per token when moe_experts > 0
     # data: sources prepared into data_dir (see data.py); several sources make a mixture by token ratio
@@ -74,6 +75,9 @@ class TrainConfig:
     warmup_steps: int = 50
     schedule: str = "cosine"  # "cosine", "wsd" (warmup-stable-decay) or "constant"
     decay_frac: float = 0.2  # wsd: the last fraction of steps decays linearly to min_lr
+    # the part of the schedule this run covers (a series stage under grow_schedule "continue": common.lr_at's span)
+    schedule_start: float = 0.0
+    schedule_end: float = 1.0
     weight_decay: float = 0.1
     decay_embeddings: bool = False
     beta1: float = 0.9
@@ -121,6 +125,10 @@ def check_train_config(cfg, needs_budget=True):
     require(finite(cfg.lr) and cfg.lr > 0, "lr", cfg.lr, "a finite number > 0")
     require(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", cfg.min_lr_ratio, "in [0, 1]")
     require(0 < cfg.decay_frac <= 1, "decay_frac", cfg.decay_frac, "in (0, 1]")
+    require(0 <= cfg.schedule_start < cfg.schedule_end <= 1, "schedule_start, schedule_end",
+            (cfg.schedule_start, cfg.schedule_end), "0 <= start < end <= 1 (the part of the schedule this run covers)")
+    require(cfg.init_from or not cfg.init_optimizer, "init_optimizer", cfg.init_optimizer,
+            "false without init_from (it takes init_from's optimizer state)")
     require(finite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "a finite number >= 0")
     require(0 <= cfg.beta1 < 1, "beta1", cfg.beta1, "in [0, 1)")
     require(0 <= cfg.beta2 < 1, "beta2", cfg.beta2, "in [0, 1)")
@@ -384,6 +392,27 @@ def load_optimizer(model, optimizer, state, fsdp, rank):
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
+def start_optimizer(model, optimizer, state, fsdp, rank, where):
+    """Start AdamW from another run's state (a grown stage's, or init_from's with init_optimizer): its moments and
+    per-parameter step counts, with this run's settings (each group's lr, betas and weight decay stay this run's).
+    ConfigError (one line) for a state that does not fit the model."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    entries = state.get("state", {}) if isinstance(state, dict) else {}
+    fits = (isinstance(state, dict) and [len(g.get("params", [])) for g in state.get("param_groups", [])]
+            == [len(g["params"]) for g in optimizer.param_groups]
+            and all(isinstance(entries.get(i), dict) and all(isinstance(entries[i].get(k), torch.Tensor)
+                    and tuple(entries[i][k].shape) == tuple(p.shape) for k in ("exp_avg", "exp_avg_sq"))
+                    for i, p in enumerate(params)))
+    if not fits:
+        raise ConfigError(f"{where}: {'no optimizer state' if not isinstance(state, dict) else 'its optimizer state does not fit this model'}"
+                          " (a checkpoint of train.py, or grown with grow.py --optimizer grown, holds one; decay_embeddings "
+                          "must match the run that wrote it): drop init_optimizer, or use such a checkpoint")
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    load_optimizer(model, optimizer, state, fsdp, rank)
+    for group, mine in zip(optimizer.param_groups, settings):
+        group.update(mine)
+
+
 # -----------------------------------------------------------------------------
 # one optimizer step, one checkpoint
 
@@ -449,10 +478,11 @@ def publish_final(out_dir, last_ckpt):
 # one training run
 
 
-def train(cfg, model=None, lineage=None, log=print):
+def train(cfg, model=None, lineage=None, log=print, optimizer_state=None):
     """Train one model as cfg says and return the path of its final checkpoint. `model` (a grown series
     stage) replaces building cfg.shape; `lineage` (checkpoint.Lineage: the series stage, the FLOPs spent
-    before, the history) goes into every checkpoint, so a series member carries its whole line.
+    before, the history) goes into every checkpoint, so a series member carries its whole line;
+    `optimizer_state` (a grown stage's AdamW state, grow.grow_optimizer_state) starts AdamW unless resuming.
     The run holds out_dir's lock (checkpoint.RunLock) from start to end: one live run per folder."""
     check_train_config(cfg)
     rank, local_rank, world, device = setup_distributed(cfg.device, cfg.dist_timeout)
@@ -462,13 +492,13 @@ def train(cfg, model=None, lineage=None, log=print):
     lock = rank0_first(lambda: claim_out_dir(cfg.out_dir, resuming, cfg.overwrite), rank, world)
     try:
         return train_run(cfg, model, lineage or Lineage(), log if rank == 0 else (lambda *a, **k: None), resuming,
-                         rank, local_rank, world, device)
+                         rank, local_rank, world, device, optimizer_state)
     finally:
         if lock is not None:
             lock.release()
 
 
-def train_run(cfg, model, lineage, log, resuming, rank, local_rank, world, device):
+def train_run(cfg, model, lineage, log, resuming, rank, local_rank, world, device, optimizer_state=None):
     """train()'s body, in a claimed out_dir: set up, then the loop."""
     master = rank == 0
     torch.manual_seed(cfg.seed)
@@ -489,6 +519,10 @@ def train_run(cfg, model, lineage, log, resuming, rank, local_rank, world, devic
         load_optimizer(raw_model, optimizer, resume_ckpt["optimizer"], fsdp, rank)
         set_rng_state(resume_ckpt["rng"])
         guard.load_state_dict(resume_ckpt.get("guard", guard.state_dict()))
+    elif optimizer_state is not None or cfg.init_optimizer:
+        where = "the grown stage" if optimizer_state is not None else f"init_from {cfg.init_from}"
+        state = optimizer_state if optimizer_state is not None else load_checkpoint(cfg.init_from, mmap=True).get("optimizer")
+        start_optimizer(raw_model, optimizer, state, fsdp, rank, where)
 
     # the data stream and the budget: max_tokens, when set, decides the number of steps
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
@@ -531,7 +565,8 @@ def train_run(cfg, model, lineage, log, resuming, rank, local_rank, world, devic
         val = validate(0)  # the starting point: for a grown model, the loss it inherits
     for step in range(start_step, max_steps):
         # the learning rate of this step, then forward, backward and update
-        lr = lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_frac)
+        lr = lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_frac,
+                   (cfg.schedule_start, cfg.schedule_end))
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss, grad_norm, aux = forward_backward(model, loader, step, cfg, ctx, world, device)

@@ -29,13 +29,7 @@ GAPS = {}  # largest gap seen per check, printed by test_zz_report (pytest -s)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # thousands of tiny ops: a second thread only waits, and on a shared 2-core machine it makes them 10x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def cfg(d, heads, kv, ffn, layers, hd=8, vocab=61, tied=False, seq=32):
@@ -546,16 +540,16 @@ def test_noise_matches_the_scattered_formula(monkeypatch):
         for t, c in enumerate(order):
             group = copies[int(cols[c])]
             ia[c], ib[c] = t, order.index(group[(group.index(c) + 1) % len(group)])
-        gen, std = torch.Generator().manual_seed(1), 0.1 * float(W.std()) / math.sqrt(2)
-        zdtype = torch.float32 if dtype == torch.bfloat16 else dtype
-        want = W[:, cols].clone()
+        zdtype = torch.float32 if dtype == torch.bfloat16 else dtype  # a bf16 target: filled in float32, rounded once
+        gen, std = torch.Generator().manual_seed(1), 0.1 * float(W.to(zdtype).std()) / math.sqrt(2)
+        want = W[:, cols].to(zdtype)
         step = max(1, 50 // 23)
         for i0 in range(0, 37, step):
             y = torch.randn(min(step, 37 - i0), n + 1, generator=gen, dtype=zdtype)
             y[:, n] = 0
             y *= std
-            want[i0:i0 + step] += (y[:, ia] - y[:, ib]).to(dtype)
-        assert torch.equal(out, want), dtype
+            want[i0:i0 + step] += y[:, ia] - y[:, ib]
+        assert torch.equal(out, want.to(dtype)), dtype
         if dtype == torch.float64:  # zero-sum over the copies of each column, up to rounding
             sums = torch.zeros(37, 10, dtype=dtype).index_add_(1, cols, out - W[:, cols])
             assert 0 < (out - W[:, cols]).abs().max() and sums.abs().max() < 1e-15
