@@ -44,6 +44,7 @@ import hashlib
 import math
 import os
 import pickle
+import shutil
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -316,6 +317,26 @@ class RunLock:
         if not self.file.closed:
             fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
+
+
+def claim_grid(out_dir, resume, overwrite):
+    """claim_out_dir for a grid of runs (reproduce.py, ablate.py): take out_dir's RunLock first, so no live grid
+    is touched; then a fresh start into a folder that holds anything is refused unless overwrite, which deletes
+    all of it but the lock. resume keeps everything (each run in it resumes or is kept)."""
+    lock = RunLock(out_dir)
+    try:
+        held = [name for name in sorted(os.listdir(out_dir)) if name != "run.lock"]
+        if held and not resume:
+            if not overwrite:
+                raise CheckpointError(f"{out_dir} already holds a grid ({', '.join(held[:3])}{' ...' if len(held) > 3 else ''}): "
+                                      "pass --resume to continue it, choose a new out_dir, or pass --overwrite to delete it")
+            for name in held:
+                path = os.path.join(out_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def claim_out_dir(out_dir, resume, overwrite, results=("final.pt",), logs=("metrics.jsonl",)):

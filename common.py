@@ -37,7 +37,8 @@ class ConfigError(ValueError):
     """A bad configuration; the message is one line naming the key."""
 
 
-def _type_ok(value, typ):
+def type_ok(value, typ):
+    """Whether a config value has its field's type: an int is a float too, a bool is neither."""
     if typ is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if typ is int:
@@ -75,7 +76,7 @@ def configure(config_cls, argv):
         typ = known[key]
         if isinstance(value, tuple) and typ is list:
             value = list(value)
-        if not _type_ok(value, typ):
+        if not type_ok(value, typ):
             raise ConfigError(f"config key {key!r} in {where} must be {typ.__name__}, got {type(value).__name__} {value!r}")
         values[key] = float(value) if typ is float else value
 

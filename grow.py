@@ -912,7 +912,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise", type=float, default=None,
                    help="relative std of the zero-sum symmetry-breaking noise, finite and >= 0 "
-                   "(default 1e-3; 0 with --explain)")
+                   "(default 1e-3; 0 with --explain; series.py grows with 0.3, the best of docs/ablation.md)")
     p.add_argument("--dus_overlap", type=int, default=None, help="SOLAR's m (layers dropped from each copy)")
     p.add_argument("--optimizer", default="fresh", choices=OPTIMIZERS, help="grown: also grow the checkpoint's AdamW "
                    "state (rule A), for train.py --init_from=OUT --init_optimizer; fresh: weights only")

@@ -32,7 +32,6 @@ import math
 import os
 import random
 import re
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -44,7 +43,7 @@ import eval as evaluation
 import posttrain
 import report
 import series
-from checkpoint import CheckpointError, RunLock
+from checkpoint import claim_grid
 from common import cli_errors, configure, fmt_time, read_jsonl, require
 
 
@@ -545,21 +544,11 @@ def check_config(cfg):
     require(os.path.isfile(cfg.series), "series", cfg.series, "a series config file (e.g. configs/series_cpu.py)")
 
 
-def claim(cfg):
-    """The grid's lock on OUT. A fresh start refuses a folder that holds an earlier grid unless --overwrite."""
-    if not cfg.resume and os.path.isdir(cfg.out_dir) and os.listdir(cfg.out_dir):
-        if not cfg.overwrite:
-            raise CheckpointError(f"{cfg.out_dir} already holds a grid: pass --resume to continue it, choose a new out_dir, "
-                                  "or pass --overwrite to delete it")
-        shutil.rmtree(cfg.out_dir)
-    return RunLock(cfg.out_dir)
-
-
 def main(argv):
     with cli_errors(data.DataError, posttrain.PostTrainError, evaluation.EvalError, report.SeriesError):
         cfg = configure(ReproduceConfig, argv)
         check_config(cfg)
-        lock = claim(cfg)
+        lock = claim_grid(cfg.out_dir, cfg.resume, cfg.overwrite)
         try:
             results = run_grid(cfg)
             with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:

@@ -14,3 +14,7 @@ sft_lr = 3e-4
 dpo_steps = 60
 dpo_lr = 1e-4
 dpo_beta = 0.1
+# the paper's growth recipe, as docs/reproduction.md was measured with it (series.py's defaults are now the best recipe
+# of docs/ablation.md): bert2BERT FPI, zero-initialized new layers, a fresh AdamW re-warmed up in every stage
+overrides = ["--grow_width=fpi", "--grow_depth=zero", "--grow_noise=1e-3", "--grow_optimizer=fresh", "--grow_schedule=restart",
+             "--grow_warmup_steps=20"]

@@ -26,6 +26,9 @@ stages = [
 tokens_per_param = 40
 series_mode = "grow+scratch+fixed_data"
 warmup_steps = 2000
+# series.py's growth recipe (docs/ablation.md, measured at CPU scale: noise 0.3, one schedule over the series), with
+# a re-warmup of 500 steps kept after each growth as a guard at this scale, where the recipe is not yet measured;
+# the paper's own: --grow_noise=1e-3 --grow_schedule=restart
 grow_warmup_steps = 500
 eval_interval = 1000
 eval_batches = 50

@@ -15,7 +15,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train  # noqa: E402
-from checkpoint import (CheckpointError, RunLock, checkpoint_paths, latest_checkpoint, load_checkpoint,  # noqa: E402
+from checkpoint import (CheckpointError, RunLock, checkpoint_paths, claim_grid, latest_checkpoint, load_checkpoint,  # noqa: E402
                         make_checkpoint, payload_digest, prune_checkpoints, save_checkpoint, Lineage)
 from common import DivergenceError, DivergenceGuard, read_jsonl  # noqa: E402
 from model import Llama, ModelConfig  # noqa: E402
@@ -232,6 +232,31 @@ def test_a_second_live_run_cannot_take_the_folder(tmp_path, data_dir, capsys):
         holder.kill()
         holder.wait()
     RunLock(out).release()  # a dead run's lock goes with its process: the folder is free again
+
+
+def test_a_grid_is_never_deleted_while_it_runs(tmp_path):
+    # reproduce.py and ablate.py claim their folder with claim_grid: the lock first, so --overwrite cannot delete a
+    # live grid; a fresh start into a folder that holds one is refused; --overwrite empties a dead one
+    out = tmp_path / "grid"
+    (out / "main").mkdir(parents=True)
+    (out / "main" / "final.pt").write_text("a finished run")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from checkpoint import RunLock; "
+                               f"lock = RunLock({str(out)!r}); print('locked', flush=True); time.sleep(120)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(CheckpointError, match="in use by a live run"):
+            claim_grid(str(out), resume=False, overwrite=True)
+        assert (out / "main" / "final.pt").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(CheckpointError, match="already holds a grid .main."):
+        claim_grid(str(out), resume=False, overwrite=False)
+    claim_grid(str(out), resume=True, overwrite=False).release()
+    assert (out / "main" / "final.pt").exists()
+    claim_grid(str(out), resume=False, overwrite=True).release()
+    assert os.listdir(out) == ["run.lock"]
 
 
 def test_a_line_cut_short_in_metrics_is_dropped_on_resume(tmp_path, data_dir, capsys):
