@@ -60,14 +60,7 @@ def run(name, model, **kw):
     return ev.RUNNERS[ev.TASKS[name].kind](model, TOK, docs(name), task=ev.TASKS[name], **kw)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: one thread is faster, and on a shared, busy machine several threads
-    spin against each other (measured: 100x slower). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, one thread is faster
 
 
 CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

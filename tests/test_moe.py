@@ -33,12 +33,11 @@ from grow import function_gap, grow  # noqa: E402
 from model import (Llama, ModelConfig, SparseMoE, config_from_dict, config_from_shape, export_hf, import_hf,  # noqa: E402
                    load_balancing_loss, model_from_checkpoint)
 from series import SeriesConfig, plan_series  # noqa: E402
-import test_grow  # noqa: E402
 from test_grow import blocks_equal, cfg, make_model, tiny_checkpoint  # noqa: E402
 from test_train import run_args, train_losses  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # small models: a second thread only waits on a shared machine
-one_thread = test_grow.one_thread  # the same autouse fixture here: torch on one thread in this module
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch on one thread in this module
 
 
 @pytest.fixture(scope="module")
