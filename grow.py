@@ -404,8 +404,8 @@ def moment_scales(maps, gain, power):
     K = k: 1/sqrt(k), as the weight; copied in-weights (q/k/v, gate/up rows) c = 1: 1/k; divided out-weights
     (o_proj/down_proj columns) c = 1/k: 1; gains c = sqrt(d/D), K = k: 1/(k sqrt(d/D)). Had the grown model
     followed the source's trajectory in grown form, each of its gradients would have been this multiple of the
-    source's, so its moments are m' = m / (c K) and v' = v / (c K)^2 (tests/test_grow.py checks the gradients and
-    one step). KV rows are exact when every copy of a KV head serves its group's query heads in equal proportions
+    source's, so its moments are m' = m / (c K) and v' = v / (c K)^2 (tests/test_grow_recipe.py checks the gradients
+    and one step). KV rows are exact when every copy of a KV head serves its group's query heads in equal proportions
     (so when H'/Hk' = H/Hk); otherwise 1/k is their mean share."""
     d = Scales(residual=maps.residual_scale, ffn_in=maps.ffn_div, ffn_out=None, q_in=maps.q_div, q_out=None,
                kv_in=maps.kv_div, norm=maps.residual_scale ** 2 / gain)
@@ -476,12 +476,13 @@ def fill(new, model, maps, plan, sc, width, noise):
     for t, (s, zero_out) in enumerate(plan):
         if primary[s] == t:
             continue
-        for p, q in zip(new.layers[t].parameters(), new.layers[primary[s]].parameters()):
-            p.copy_(q)
         if zero_out and noise is None:  # a new block has no optimizer history: zero moments (and step 0, A)
             for p in new.layers[t].parameters():
                 p.zero_()
-        elif zero_out:  # Z: the block outputs zero, plus zero-sum noise (N) on duplicated heads/neurons
+            continue
+        for p, q in zip(new.layers[t].parameters(), new.layers[primary[s]].parameters()):
+            p.copy_(q)
+        if zero_out:  # Z: the block outputs zero, plus zero-sum noise (N) on duplicated heads/neurons
             b = model.layers[s]
             expand_(new.layers[t].self_attn.o_proj.weight, b.self_attn.o_proj.weight, rows=maps.residual,
                     cols=maps.q_rows, noise=noise, zero=True)
@@ -583,8 +584,10 @@ def grow_optimizer_state(model, new, state, maps, plan, width, decay_embeddings=
                         **{key: torch.zeros_like(v) for key, v in moment.items()}}
         else:
             grown[i] = {"step": by_name[source]["step"].clone(), **moment}
-    groups = [{**g, "params": list(range(sum(map(len, new_groups[:j])), sum(map(len, new_groups[:j + 1]))))}
-              for j, g in enumerate(state["param_groups"])]
+    groups, first = [], 0
+    for g, names in zip(state["param_groups"], new_groups):  # the source's settings, the new model's parameters
+        groups.append({**g, "params": list(range(first, first + len(names)))})
+        first += len(names)
     return {"state": grown, "param_groups": groups}
 
 

@@ -278,7 +278,7 @@ def schedule_spans(cfg, stages):
         return [(0.0, 1.0)] * len(stages)
     flops = [budget.flops(s.params, s.staged_tokens) for s in stages]
     edges = [sum(flops[:i]) / sum(flops) for i in range(len(stages) + 1)]
-    return [(edges[i], min(1.0, edges[i + 1])) for i in range(len(stages))]
+    return list(zip(edges, edges[1:]))
 
 
 def branches(cfg, runs, stages):

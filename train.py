@@ -396,17 +396,18 @@ def start_optimizer(model, optimizer, state, fsdp, rank, where):
     """Start AdamW from another run's state (a grown stage's, or init_from's with init_optimizer): its moments and
     per-parameter step counts, with this run's settings (each group's lr, betas and weight decay stay this run's).
     ConfigError (one line) for a state that does not fit the model."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    entries = state.get("state", {}) if isinstance(state, dict) else {}
-    fits = (isinstance(state, dict) and [len(g.get("params", [])) for g in state.get("param_groups", [])]
-            == [len(g["params"]) for g in optimizer.param_groups]
-            and all(isinstance(entries.get(i), dict) and all(isinstance(entries[i].get(k), torch.Tensor)
-                    and tuple(entries[i][k].shape) == tuple(p.shape) for k in ("exp_avg", "exp_avg_sq"))
-                    for i, p in enumerate(params)))
+    if not isinstance(state, dict):
+        raise ConfigError(f"{where} holds no optimizer state (a checkpoint of train.py, or one grown with grow.py "
+                          "--optimizer grown, holds one): drop init_optimizer, or use such a checkpoint")
+    entries = state.get("state", {})
+    fits = [len(g.get("params", [])) for g in state.get("param_groups", [])] == [len(g["params"]) for g in optimizer.param_groups]
+    for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"]):
+        e = entries.get(i)
+        fits = fits and isinstance(e, dict) and all(isinstance(e.get(k), torch.Tensor) and e[k].shape == p.shape
+                                                    for k in ("exp_avg", "exp_avg_sq"))
     if not fits:
-        raise ConfigError(f"{where}: {'no optimizer state' if not isinstance(state, dict) else 'its optimizer state does not fit this model'}"
-                          " (a checkpoint of train.py, or grown with grow.py --optimizer grown, holds one; decay_embeddings "
-                          "must match the run that wrote it): drop init_optimizer, or use such a checkpoint")
+        raise ConfigError(f"{where}: its optimizer state does not fit this model (decay_embeddings must match the run "
+                          "that wrote it): grow or train that checkpoint again with this model, or start a fresh optimizer")
     settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     load_optimizer(model, optimizer, state, fsdp, rank)
     for group, mine in zip(optimizer.param_groups, settings):
