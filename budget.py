@@ -287,43 +287,43 @@ def block_activation_bytes(d_model, n_heads, n_kv_heads, head_dim, ffn_dim, prec
     """Bytes one block of model.py's Llama keeps for backward, per token. Korthikanti et al. 2022 ("Reducing
     Activation Recomputation in Large Transformer Models", section 4.1) count them for GPT as
     s*b*h*(34 + 5*a*s/h) bytes per layer; redone here for this block (RMSNorm, RoPE, SwiGLU, SDPA's flash
-    attention, no dropout) by listing what autograd saves:
+    attention, no dropout) by listing what autograd saves, with ops.py's Functions:
 
-      each of the 2 RMSNorms: its input in float32 (for the square), input * rsqrt(mean square) (for the
-          gain), its output (read by the next matmuls), and rsqrt itself (one float)
+      each of the 2 RMSNorms: its input and 1/rms (one float32), not its normalized copy; its output is
+          kept by the matmuls that read it
       attention: q and k after RoPE, v, and SDPA's output (o_proj reads a view of it): 2 dq + 2 dkv values,
           dq = n_heads * head_dim, dkv = n_kv_heads * head_dim; and SDPA's logsumexp, n_heads floats.
           RoPE keeps only its cos and sin tables, and flash attention never stores the T x T attention
           matrix, so Korthikanti's 5as/h term (scores, softmax, its dropout mask) is gone
-      SwiGLU: gate(x), up(x), silu(gate(x)) and their product: 4 ffn values
+      SwiGLU: gate(x) and up(x) (silu is computed again in backward) and their gated product: 3 ffn values
 
     Bytes per value depend on the precision:
-      float32  4 each:                                              24 d + 8 dq + 8 dkv + 16 ffn + 4 heads + 8
-      bf16     2 each, but a norm's float32 copy of its input (4 d): 16 d + 4 dq + 4 dkv +  8 ffn + 4 heads + 8
-      amp      the norms compute in float32 (their input and input * rsqrt: 8 d each), and every matmul that
-               reads a norm keeps its own bf16 cast of it (q, k, v after the first; gate, up after the second):
-                                                                    26 d + 4 dq + 4 dkv +  8 ffn + 4 heads + 8
+      float32  4 each:                                     16 d + 8 dq + 8 dkv + 12 ffn + 4 heads + 8
+      bf16     2 each:                                      8 d + 4 dq + 4 dkv +  6 ffn + 4 heads + 8
+      amp      the residual stream and the norms' outputs stay float32 (a norm's input: 4 d), and every
+               matmul that reads a norm keeps its own bf16 cast of it (q, k, v after the first; gate, up
+               after the second: 10 d):                    18 d + 4 dq + 4 dkv +  6 ffn + 4 heads + 8
                plus block_fixed_bytes, whatever the number of tokens
     tests/test_fsdp.py checks each line against the bytes torch saves (saved_tensors_hooks) on a small model."""
     dq, dkv = n_heads * head_dim, n_kv_heads * head_dim
-    small = 4 * n_heads + 2 * 4  # logsumexp, and the two rsqrt, in float32
+    small = 4 * n_heads + 2 * 4  # logsumexp, and the two norms' 1/rms, in float32
     if precision == "float32":
-        return 24 * d_model + 4 * (2 * dq + 2 * dkv + 4 * ffn_dim) + small
+        return 16 * d_model + 4 * (2 * dq + 2 * dkv + 3 * ffn_dim) + small
     if precision == "bf16":
-        return 16 * d_model + 2 * (2 * dq + 2 * dkv + 4 * ffn_dim) + small
+        return 8 * d_model + 2 * (2 * dq + 2 * dkv + 3 * ffn_dim) + small
     if precision == "amp":
-        return 26 * d_model + 2 * (2 * dq + 2 * dkv + 4 * ffn_dim) + small
+        return 18 * d_model + 2 * (2 * dq + 2 * dkv + 3 * ffn_dim) + small
     raise ValueError(f"unknown precision {precision!r}: one of {', '.join(PRECISIONS)}")
 
 def block_fixed_bytes(matmul_params, seq_len, head_dim, precision):
     """Bytes a block keeps for backward whatever the batch: under amp, autocast's bf16 copy of each of its weight
-    matrices, and of RoPE's cos and sin for q and for k (4 tables of seq_len x head_dim)."""
-    return 2 * matmul_params + 4 * seq_len * head_dim * 2 if precision == "amp" else 0
+    matrices, and RoPE's bf16 cos and sin for q and for k (4 tables of seq_len x head_dim/2)."""
+    return 2 * matmul_params + 4 * seq_len * (head_dim // 2) * 2 if precision == "amp" else 0
 
 def head_activation_bytes(d_model, vocab_size, precision):
     """Bytes per token kept for backward outside the blocks: the final RMSNorm (as in a block, with one reader,
     the lm_head), the float32 log-softmax of the logits (4 V), and the token ids and targets (int64)."""
-    norm = {"float32": 12 * d_model, "bf16": 8 * d_model, "amp": 10 * d_model}[precision] + 4
+    norm = {"float32": 8 * d_model, "bf16": 4 * d_model, "amp": 6 * d_model}[precision] + 4
     return norm + 4 * vocab_size + 16
 
 @dataclass

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import budget
 import data
 from checkpoint import CheckpointError, Lineage, find_non_finite, load_checkpoint, make_checkpoint, save_checkpoint
+from ops import apply_rope, rms_norm, silu_mul
 
 IGNORE_INDEX = -1  # targets equal to this are left out of the loss (padding, prompt tokens in SFT)
 
@@ -160,30 +161,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        dtype = x.dtype
-        if dtype in (torch.float16, torch.bfloat16):
-            x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)  # ops.py: the backward written out, x and 1/rms saved
 
 
 def rope_cos_sin(head_dim, seq_len, theta, device=None):
-    """RoPE tables in transformers' rotate-half layout: dimension i < head_dim/2 is paired with i + head_dim/2
-    and rotated by the angle t * theta^(-2i/head_dim). Returns (cos, signed sin), each (seq_len, head_dim):
-    cos repeated twice, and sin with the sign of the rotation folded in, [-sin, +sin], so that
-    apply_rope needs no negation. Computed in float64; Llama.forward casts them once per call."""
+    """RoPE tables for transformers' rotate-half layout: dimension i < head_dim/2 is paired with i + head_dim/2
+    and rotated by the angle t * theta^(-2i/head_dim). Returns (cos, sin) of those angles, each
+    (seq_len, head_dim/2), in float64; Llama.forward casts them once per call, ops.apply_rope rotates."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=device), inv_freq)
-    return torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([-angles.sin(), angles.sin()], dim=-1)
-
-
-def apply_rope(x, cos, sin):
-    """x: (B, H, T, head_dim); cos, sin: (T, head_dim) from rope_cos_sin. The pair (x_i, x_{i+h}), h =
-    head_dim/2, becomes (x_i cos - x_{i+h} sin, x_{i+h} cos + x_i sin): swap the halves, then one
-    multiply-add with the signed sin. (The cast is a no-op except under autocast, where q is bf16.)"""
-    half = x.shape[-1] // 2
-    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
+    return angles.cos(), angles.sin()
 
 
 class KVCache:
@@ -214,10 +201,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # RoPE on the projections' own (B, T, heads, head_dim) layout, then SDPA's (B, heads, T, head_dim) view
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask, causal = None, True
         if kv_cache is not None:
             past = kv_cache.pos
@@ -244,7 +231,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.ffn_dim, config.d_model, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))  # silu(gate(x)) * up(x), ops.py
 
 
 class SparseMoE(nn.Module):
@@ -367,7 +354,8 @@ class Llama(nn.Module):
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
         x = self.embed_tokens(idx)
-        cos, sin = self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype)
+        # (T, 1, head_dim/2): one row per position, broadcast over the heads
+        cos, sin = self.rope_cos[start:start + T, None].to(x.dtype), self.rope_sin[start:start + T, None].to(x.dtype)
         for block in self.layers:
             x = block(x, cos, sin, kv_cache)
         if kv_cache is not None:

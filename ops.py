@@ -1,0 +1,119 @@
+"""
+ops.py: the Llama block's three element-wise operations, RMSNorm, RoPE and SwiGLU's gate, as autograd
+Functions with hand-written backward passes. model.py calls them; nothing else changes.
+
+Why: written as plain tensor expressions, autograd keeps every intermediate (x^2, x * rsqrt, silu(gate), the
+swapped halves of q) and runs one pass over memory per operation each way. Without torch.compile to fuse them,
+these passes, not the matmuls, are what separates a Llama block from a GPT-2 block on a CPU: measured in
+BENCHMARKS.md ("Training throughput on the CPU"). Each Function below saves only what its backward needs and
+writes into its own fresh buffers in place, which cuts both the memory kept for backward (budget.py counts it)
+and the passes. With torch.compile, dynamo traces through them and inductor fuses them as before.
+
+Each backward is derived in its docstring and checked against autograd in float64 (tests/test_ops.py:
+torch.autograd.gradcheck and the plain expressions).
+"""
+
+import torch
+import torch.nn.functional as F
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+class RMSNorm(torch.autograd.Function):
+    """y = w * n,  n = x * r,  r = 1 / sqrt(mean(x^2) + eps)  over the last dimension (size D); Zhang and
+    Sennrich 2019. Half-precision inputs are normalized in float32 and n is rounded to the input's dtype
+    before the gain, as transformers' LlamaRMSNorm does (models/llama/modeling_llama.py).
+
+    Backward, from dr/dx_j = -r^3 x_j / D:
+        dL/dw = sum over tokens of g * n           = sum over tokens of r * (g * x)
+        dL/dx = r * (g * w) - x * (r^3 / D) * sum_j (g * w * x)_j
+    Both sums read the one product t = g * x: dL/dw = t^T r and sum_j (g w x)_j = t w, two matrix-vector
+    products. Saved: x and r (one float per token), not n."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.float() if x.dtype in HALF else x
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, r)
+        n = (xf * r).to(x.dtype)
+        return n.mul_(weight) if torch.result_type(n, weight) == n.dtype else weight * n
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, r = ctx.saved_tensors
+        work = torch.float32 if x.dtype in HALF else x.dtype
+        xf, gf, wf = x.to(work), g.to(work), weight.to(work)
+        D = x.shape[-1]
+        t = (gf * xf).reshape(-1, D)
+        grad_w = torch.mv(t.t(), r.reshape(-1)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            coef = r.pow(3).mul_(torch.mv(t, wf).view(r.shape)).div_(-D)
+            grad_x = (gf * wf).mul_(r).addcmul_(xf, coef).to(x.dtype)
+        return grad_x, grad_w, None
+
+
+def _rotate(x, cos, sin):
+    """(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) for the two halves of the last dimension: one product
+    with cos, then each half's sin term added in place (no swapped copy of x, no concatenation)."""
+    h = x.shape[-1] // 2
+    out = x * torch.cat([cos, cos], -1)
+    out[..., :h].addcmul_(x[..., h:], sin, value=-1)
+    out[..., h:].addcmul_(x[..., :h], sin)
+    return out
+
+
+class RoPE(torch.autograd.Function):
+    """Rotary position embedding (Su et al. 2021) in transformers' rotate-half layout: dimension i < D/2 of
+    each head is paired with i + D/2, and the pair is rotated by the angle of its position and frequency.
+    x: (..., T, [heads,] D); cos, sin: the angles' (T, [1,] D/2) tables, cast to x's dtype.
+
+    A rotation is linear and orthogonal, so its backward is the rotation by the opposite angle:
+    dL/dx = R(-angle) g, the same operation with sin negated. Saved: the tables alone."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        return _rotate(g, cos, -sin), None, None
+
+
+class SiluMul(torch.autograd.Function):
+    """SwiGLU's gate (Shazeer 2020): y = silu(a) * b, where a = gate(x) and b = up(x).
+
+    Backward: dL/db = g * silu(a) and dL/da = (g * b) * silu'(a). Saved: a and b only; silu(a) is computed
+    again in backward (one pass) rather than kept (one ffn-wide tensor per token and layer), which on a CPU is
+    the faster of the two as well as the smaller."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return F.silu(a).mul_(b)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = g * b
+            torch.ops.aten.silu_backward.grad_input(grad_a, a, grad_input=grad_a)  # in place: dL/ds * silu'(a)
+        if ctx.needs_input_grad[1]:
+            grad_b = F.silu(a).mul_(g)
+        return grad_a, grad_b
+
+
+def rms_norm(x, weight, eps):
+    return RMSNorm.apply(x, weight, eps)
+
+
+def apply_rope(x, cos, sin):
+    return RoPE.apply(x, cos, sin)
+
+
+def silu_mul(a, b):
+    return SiluMul.apply(a, b)

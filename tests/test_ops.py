@@ -1,0 +1,123 @@
+"""ops.py's hand-written backward passes against autograd: torch.autograd.gradcheck in float64 (finite
+differences), and against the plain tensor expressions they replace (the references below, written as
+transformers writes them), forward and backward, in float64, float32 and bfloat16."""
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ops import apply_rope, rms_norm, silu_mul  # noqa: E402
+from model import Llama, ModelConfig, rope_cos_sin  # noqa: E402
+
+
+def rms_norm_reference(x, weight, eps):  # transformers' LlamaRMSNorm.forward
+    dtype = x.dtype
+    h = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def rope_reference(x, cos, sin):  # transformers' apply_rotary_pos_emb: x * cos + rotate_half(x) * sin
+    cos, sin = torch.cat([cos, cos], -1).to(x.dtype), torch.cat([sin, sin], -1).to(x.dtype)
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., h:], x[..., :h]], -1) * sin
+
+
+def silu_mul_reference(a, b):
+    return F.silu(a) * b
+
+
+def grads(fn, inputs, g):
+    inputs = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    out = fn(*inputs)
+    out.backward(g)
+    return out.detach(), [t.grad for t in inputs if t.requires_grad]
+
+
+def test_gradcheck_float64():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, w, 1e-5), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, w, 1e-5), (0.01 * x.detach().requires_grad_(), w))  # eps matters
+    cos, sin = (t[:, None] for t in rope_cos_sin(8, 5, 10000.0))  # (T, 1, D/2), as Llama.forward passes them
+    xq = torch.randn(2, 5, 3, 8, dtype=torch.float64, generator=gen, requires_grad=True)  # (B, T, heads, D)
+    assert torch.autograd.gradcheck(lambda x: apply_rope(x, cos, sin), (xq,))
+    a = torch.randn(4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(silu_mul, (a, b))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+def test_equal_to_the_plain_expressions(dtype, tol):
+    gen = torch.Generator().manual_seed(1)
+    B, T, H, D = 2, 7, 3, 16
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, dtype=torch.float64, generator=gen)).to(dtype)
+
+    def close(a, b):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        scale = b.abs().max().item() or 1.0
+        assert (a.double() - b.double()).abs().max().item() <= tol * scale, (a - b).abs().max()
+
+    # RMSNorm, including a gain of another dtype (float32 gains on bf16 activations keep transformers' promotion)
+    for w_dtype in {dtype, torch.float32}:
+        x, w, g = rand(B, T, 4 * D), (1 + 0.5 * torch.randn(4 * D, generator=gen)).to(w_dtype).requires_grad_(), rand(B, T, 4 * D)
+        x.requires_grad_()
+        ours, ref = grads(lambda x, w: rms_norm(x, w, 1e-6), [x, w], g.to(torch.result_type(x, w))), \
+            grads(lambda x, w: rms_norm_reference(x, w, 1e-6), [x, w], g.to(torch.result_type(x, w)))
+        close(ours[0], ref[0])
+        for a, b in zip(ours[1], ref[1]):
+            close(a, b)
+    # RoPE on the (B, T, heads, D) layout and on a transposed (B, heads, T, D) view
+    cos, sin = rope_cos_sin(D, T, 10000.0)
+    x, g = rand(B, T, H, D).requires_grad_(), rand(B, T, H, D)
+    for view in (lambda t: t, lambda t: t.transpose(1, 2)):
+        c, s = (cos[:, None], sin[:, None]) if view(x).shape[1] == T else (cos, sin)
+        ours = grads(lambda t: apply_rope(view(t), c, s), [x], view(g))
+        ref = grads(lambda t: rope_reference(view(t), c, s), [x], view(g))
+        close(ours[0], ref[0])
+        close(ours[1][0], ref[1][0])
+    # SwiGLU's gate
+    a, b, g = rand(B, T, 3 * D).requires_grad_(), rand(B, T, 3 * D).requires_grad_(), rand(B, T, 3 * D)
+    ours, ref = grads(silu_mul, [a, b], g), grads(silu_mul_reference, [a, b], g)
+    close(ours[0], ref[0])
+    for p, q in zip(ours[1], ref[1]):
+        close(p, q)
+
+
+def test_frozen_inputs_get_no_gradient_and_the_others_are_unchanged():
+    # a frozen gain (LoRA, evaluation) or a frozen branch: backward skips it and the rest is the same
+    gen = torch.Generator().manual_seed(2)
+    x, w = torch.randn(4, 8, dtype=torch.float64, generator=gen), torch.randn(8, dtype=torch.float64, generator=gen)
+    both = grads(lambda x, w: rms_norm(x, w, 1e-5), [x.requires_grad_(), w.requires_grad_()], torch.ones(4, 8, dtype=torch.float64))
+    x_only = grads(lambda x, w: rms_norm(x, w, 1e-5), [x.requires_grad_(), w.detach()], torch.ones(4, 8, dtype=torch.float64))
+    assert torch.equal(both[1][0], x_only[1][0]) and len(x_only[1]) == 1
+    a, b = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
+    ab = grads(silu_mul, [a.requires_grad_(), b.requires_grad_()], torch.ones(4, 8))
+    assert torch.equal(grads(silu_mul, [a, b.detach()], torch.ones(4, 8))[1][0], ab[1][0])
+    assert torch.equal(grads(silu_mul, [a.detach(), b], torch.ones(4, 8))[1][0], ab[1][1])
+
+
+def test_the_model_compiles_with_them():
+    # torch.compile traces through the Functions (dynamo) and gives the eager loss and gradients
+    config = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=48,
+                         max_seq_len=16)
+    torch.manual_seed(0)
+    model = Llama(config)
+    idx = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(3))
+    _, loss = model(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model)
+    _, loss_c = compiled(idx[:, :-1], idx[:, 1:])
+    loss_c.backward()
+    assert abs(loss_c.item() - loss.item()) < 1e-5
+    for n, p in model.named_parameters():
+        assert (p.grad - eager[n]).abs().max().item() < 1e-5, n
