@@ -430,6 +430,8 @@ def memory_report(args):
         if not isinstance(cfg.get("stages"), (list, tuple)) or not cfg["stages"]:
             raise ValueError(f"{args.config} sets no `stages = [dict(name=..., shape=...), ...]`")
         members = [(st.get("name", st.get("shape", "?")), st.get("shape", st)) for st in cfg["stages"]]
+        # a stage's own activation_checkpointing (series.py) overrides the config's
+        per_stage = [st.get("activation_checkpointing", cfg.get("activation_checkpointing", False)) for st in cfg["stages"]]
     elif args.sizes:
         members = [(name, name) for name in args.sizes.split(",")]
     else:
@@ -464,7 +466,7 @@ def memory_report(args):
     if args.gpus <= 0:
         raise ValueError(f"need --gpus > 0 (got {args.gpus})")
     usable = capacity * (1 - RESERVE)
-    chosen = (cfg.get("parallel", "ddp"), bool(cfg.get("activation_checkpointing", False))) if args.config else None
+    chosen = [(cfg.get("parallel", "ddp"), bool(c)) for c in per_stage] if args.config else None
     gib = lambda x: f"{x / 2**30:.1f}"
     print(f"per-GPU memory of a training step, GiB: {args.gpus} x {args.gpu} ({capacity / 2**30:g} GiB; a plan fits in "
           f"{usable / 2**30:.0f} GiB, {RESERVE:.0%} left for the CUDA context, NCCL and fragmentation)")
@@ -472,7 +474,7 @@ def memory_report(args):
           "fsdp: bf16 weights gathered from float32 shards, gradients reduced in float32")
     hdr = ["member", "params", "parallel", "act. ckpt", "weights", "grads", "AdamW", "activations", "total", "fits"]
     rows, misfits = [], []
-    for name, shape in shapes:
+    for i, (name, shape) in enumerate(shapes):
         vocab = args.vocab_size or cfg.get("vocab_size") or shape.get("vocab_size") or 50304  # the paper's GPT-2 vocab (3.1)
         tied = args.tied or bool(cfg.get("tie_embeddings", shape.get("tie_embeddings", False)))
         P = llama_non_embedding_params(shape["d_model"], shape["n_layers"], shape["n_heads"], shape.get("n_kv_heads"),
@@ -480,7 +482,7 @@ def memory_report(args):
         for parallel in ("ddp", "fsdp"):
             for ckpt in (False, True):
                 m = memory_per_gpu(shape, vocab, tied, micro, seq_len, accum, args.gpus, parallel, ckpt)
-                mark = " *" if chosen == (parallel, ckpt) else ""
+                mark = " *" if chosen and chosen[i] == (parallel, ckpt) else ""
                 rows.append([name, _human(P), parallel, ("on" if ckpt else "off") + mark, gib(m.weights), gib(m.grads),
                              gib(m.optimizer), gib(m.activations), gib(m.total), "yes" if m.total <= usable else "no"])
                 if mark and m.total > usable:
@@ -489,7 +491,10 @@ def memory_report(args):
     for r in [hdr] + rows:
         print("  ".join(c.ljust(w[i]) if i in (0, 2, 3) else c.rjust(w[i]) for i, c in enumerate(r)))
     if chosen:
-        print(f"* the config's setting (parallel={chosen[0]}, activation_checkpointing={chosen[1]}): "
+        ckpts = sorted({c for _, c in chosen})
+        ckpt_text = f"activation_checkpointing={ckpts[0]}" if len(ckpts) == 1 else "activation_checkpointing " + ", ".join(
+            f"{name} {'on' if c else 'off'}" for (name, _), (_, c) in zip(shapes, chosen))
+        print(f"* the config's setting (parallel={chosen[0][0]}, {ckpt_text}): "
               + (f"does not fit {', '.join(misfits)}" if misfits else "fits every member"))
 
 def run(args):

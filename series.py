@@ -45,15 +45,16 @@ from model import Llama, ModelConfig, checkpoint_config, config_from_shape, mode
 from train import TrainConfig, check_train_config, train
 
 MODES = ("grow", "scratch", "fixed_data", "branch")
-STAGE_KEYS = ("name", "shape", "lr", "scratch_lr", "warmup_steps", "moe_experts", "moe_top_k")
+STAGE_KEYS = ("name", "shape", "lr", "scratch_lr", "warmup_steps", "moe_experts", "moe_top_k", "activation_checkpointing")
 SCHEDULES = ("restart", "continue")  # grow_schedule
 
 
 @dataclass
 class SeriesConfig(TrainConfig):
-    # [dict(name=, shape=, lr=[, scratch_lr=, warmup_steps=, moe_experts=, moe_top_k=]), ...] smallest first;
-    # moe_experts > 0 makes the member a mixture of experts (upcycled when grown: grow.py, U), sized and
-    # budgeted by its active parameters (6 X_active T)
+    # [dict(name=, shape=, lr=[, scratch_lr=, warmup_steps=, moe_experts=, moe_top_k=, activation_checkpointing=]),
+    # ...] smallest first; moe_experts > 0 makes the member a mixture of experts (upcycled when grown: grow.py, U),
+    # sized and budgeted by its active parameters (6 X_active T); activation_checkpointing overrides the config's
+    # for that member's runs (only the largest members need it: budget.py --memory)
     stages: list = field(default_factory=list)
     series_mode: str = "grow+scratch"  # MODES joined by "+"
     tokens_per_param: float = 40.0  # scratch tokens per non-embedding parameter (2x Chinchilla, section 3.1)
@@ -97,6 +98,7 @@ class Stage:
     lr: float  # peak learning rate of the grown stage (section 3.5: falls with size)
     scratch_lr: float  # the same size trained from scratch (defaults to lr: no tuning advantage either way)
     warmup_steps: int | None  # after growth; None: cfg.grow_warmup_steps
+    activation_checkpointing: bool  # for this member's runs (grown, scratch, fixed data)
     scratch_tokens: int  # T_i: the member trained alone
     staged_tokens: int  # what is left of T_i's FLOPs after stages 1..i-1, in tokens of X_i
     repeats_in_fixed_data: bool  # under the fixed-data cap this stage reads tokens a second time
@@ -120,13 +122,16 @@ def plan_series(cfg):
         unknown = set(st) - set(STAGE_KEYS) if isinstance(st, dict) else None
         if unknown is None or unknown or "shape" not in st or "lr" not in st:
             raise ConfigError(f"stage {i + 1} {st}: a stage is dict(name=, shape=, lr=[, scratch_lr=, warmup_steps=, "
-                              "moe_experts=, moe_top_k=])" + (f"; unknown keys {sorted(unknown)}" if unknown else ""))
+                              "moe_experts=, moe_top_k=, activation_checkpointing=])"
+                              + (f"; unknown keys {sorted(unknown)}" if unknown else ""))
         for key in ("lr", "scratch_lr"):
             value = st.get(key, st["lr"])
             require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, f"stage {i + 1} {key}", value,
                     "a finite number > 0")
         warmup = st.get("warmup_steps", 0)
         require(isinstance(warmup, int) and warmup >= 0, f"stage {i + 1} warmup_steps", warmup, "an integer >= 0")
+        checkpointing = st.get("activation_checkpointing", cfg.activation_checkpointing)
+        require(isinstance(checkpointing, bool), f"stage {i + 1} activation_checkpointing", checkpointing, "True or False")
         moe = {k: st[k] for k in ("moe_experts", "moe_top_k") if k in st}
         for key, value in moe.items():
             require(isinstance(value, int) and not isinstance(value, bool), f"stage {i + 1} {key}", value, "an integer")
@@ -148,7 +153,8 @@ def plan_series(cfg):
         raise ConfigError(f"stages: {e}") from None
     cap, data_use = budget.fixed_data(budgets)
     stages = [Stage(i, names[i], st["shape"], configs[i], sizes[i], st["lr"], st.get("scratch_lr", st["lr"]),
-                    st.get("warmup_steps"), b.scratch_tokens, b.staged_tokens, u.repeated > 0)
+                    st.get("warmup_steps"), st.get("activation_checkpointing", cfg.activation_checkpointing),
+                    b.scratch_tokens, b.staged_tokens, u.repeated > 0)
               for i, (st, b, u) in enumerate(zip(cfg.stages, budgets, data_use))]
     return stages, cap
 
@@ -172,7 +178,8 @@ def plan_branches(cfg, modes, configs, sizes, names):
                           "use a train.py checkpoint (final.pt), or grow_optimizer='fresh'")
     tokens = [round(cfg.branch_flops / budget.flops(x, 1)) for x in sizes]
     return [Stage(i, names[i], st["shape"], configs[i], sizes[i], st["lr"], st.get("scratch_lr", st["lr"]),
-                  st.get("warmup_steps"), t, t, False) for i, (st, t) in enumerate(zip(cfg.stages, tokens))]
+                  st.get("warmup_steps"), st.get("activation_checkpointing", cfg.activation_checkpointing), t, t, False)
+            for i, (st, t) in enumerate(zip(cfg.stages, tokens))]
 
 
 # -----------------------------------------------------------------------------
@@ -223,7 +230,7 @@ def run_stage(cfg, runs, mode, stage, tokens, lr, model=None, lineage=None, step
                       moe_top_k=stage.config.moe_top_k, lr=lr, max_tokens=tokens, max_steps=0,
                       data_step_offset=step_offset, max_unique_tokens=unique_cap,
                       warmup_steps=cfg.warmup_steps if warmup is None else warmup,
-                      schedule_start=span[0], schedule_end=span[1])
+                      schedule_start=span[0], schedule_end=span[1], activation_checkpointing=stage.activation_checkpointing)
     if not (cfg.resume and os.path.exists(final)):
         log(f"=== {mode} / {stage.name}: {tokens:,} tokens at lr {lr:g}"
             + (f", schedule {span[0]:.3f} -> {span[1]:.3f}" if span != (0.0, 1.0) else "") + " ===")

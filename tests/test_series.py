@@ -107,3 +107,38 @@ def test_train_py_hands_a_series_config_to_series_py_and_series_py_needs_stages(
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "series_mode 'grow+bogus'" in out.stderr
     out = subprocess.run([sys.executable, "series.py", "configs/tiny_cpu.py"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no stages" in out.stderr
+
+
+def test_a_stage_sets_its_own_activation_checkpointing(tmp_path, data_dir, monkeypatch):
+    # the largest member alone checkpointed (configs/series_paper.py): the plan, every run of that member, and
+    # budget.py --memory's marks follow the stage; anything but True or False is one error line
+    import series
+    path = write_config(tmp_path, "ckpt", data_dir)
+    path.write_text(path.read_text() + "stages = [dict(name='a', shape='cpu-1', lr=3e-3), "
+                    "dict(name='b', shape='cpu-2', lr=2e-3, activation_checkpointing=True)]\n")
+    cfg = configure(SeriesConfig, [str(path)])
+    plan, _ = plan_series(cfg)
+    assert [stage.activation_checkpointing for stage in plan] == [False, True]
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(run_cfg, **kwargs):
+        seen.append((run_cfg.shape, run_cfg.activation_checkpointing))
+        raise Stop
+
+    monkeypatch.setattr(series, "train", fake_train)
+    seen = []
+    for stage in plan:
+        for mode in ("grow", "scratch"):
+            with pytest.raises(Stop):
+                series.run_stage(cfg, [], mode, stage, 100, 1e-3)
+    assert seen == [("cpu-1", False), ("cpu-1", False), ("cpu-2", True), ("cpu-2", True)]
+    out = subprocess.run([sys.executable, "budget.py", "--memory", str(path), "--gpus", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    marked = [row.split()[:4] for row in out.stdout.splitlines() if row.split()[4:5] == ["*"]]
+    assert [(row[0], row[2], row[3]) for row in marked] == [("a", "ddp", "off"), ("b", "ddp", "on")], out.stdout
+    assert "activation_checkpointing a off, b on" in out.stdout
+    path.write_text(path.read_text() + "stages = [dict(name='a', shape='cpu-1', lr=3e-3, activation_checkpointing='yes')]\n")
+    out = subprocess.run([sys.executable, "series.py", str(path)], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "stage 1 activation_checkpointing" in out.stderr, out.stderr
