@@ -3,18 +3,27 @@ bench_train.py: training throughput on this machine, measured side by side in on
 
     python bench_train.py                              # nanogrow's tiny config, compile off and on
     python bench_train.py --nanogpt /path/to/nanoGPT   # and nanoGPT's train.py on the matched shape
+    python bench_train.py --nanogpt /path/to/nanoGPT --in_process 60   # the models alone, and what each part costs
 
 Every figure comes from a fresh subprocess running the real train.py (nanogrow's, and nanoGPT's when
 its folder is given), so start-up, data loading and logging are included as a user would see them.
 Per-step time is the median over the steps after a warm-up, and the median of --repeats runs
 alternated with each other; MFU is against the machine's measured
-float32 matmul peak (common.measure_matmul_peak); peak memory is the process's max resident set size.
+float32 matmul peak (common.cpu_matmul_peak, as train.py's); peak memory is the process's max resident set size.
 The matched shape: 4 layers, d 128, 4 heads, context 256, batch 16, float32, no compile, byte
 vocabulary (320 ids), no dropout. nanoGPT's GPT has a 4x GELU MLP (512) where nanogrow's Llama has
 SwiGLU 352, which gives both 0.8M non-embedding parameters.
+
+--in_process N times the two models alone (forward, backward, clipping, AdamW on one fixed batch, no compile) in
+one process, one step of each in turn for N rounds, so that the machine's slow moments hit all of them; and,
+to say what each part of the Llama block costs against nanoGPT's GPT-2 block, nanogrow's model with one part
+swapped: the plain expressions ops.py replaces, LayerNorm for RMSNorm, no RoPE, nanoGPT's GELU MLP for
+SwiGLU. The swapped models compute something else: they are timings, not models.
 """
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
 import pickle
@@ -30,6 +39,8 @@ import torch
 
 import data
 import common
+import model as model_py
+import ops
 from model import Llama, config_from_shape
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -73,20 +84,85 @@ def nanogpt(steps, nanogpt_dir, data_dir):
     return statistics.median(times[10:]), rss
 
 
+@contextlib.contextmanager
+def swapped(**ops_in_model):
+    """model.py with some of its ops replaced (model.py looks them up at call time), restored afterwards."""
+    saved = {name: getattr(model_py, name) for name in ops_in_model}
+    for name, op in ops_in_model.items():
+        setattr(model_py, name, op)
+    try:
+        yield
+    finally:
+        for name, op in saved.items():
+            setattr(model_py, name, op)
+
+
+def in_process(rounds, nanogpt_dir, warmup=5):
+    """Median ms per step of each model (one step of each per round, after `warmup` rounds), and its ratio to
+    nanoGPT's GPT. Returns the markdown rows."""
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 320, (2, 16, 256))
+
+    def nanogrow_model(mlp_512_gelu=False):
+        torch.manual_seed(0)
+        m = Llama(config_from_shape("tiny"))
+        if mlp_512_gelu:  # nanoGPT's MLP: 4 d, GELU
+            for block in m.layers:
+                block.mlp = torch.nn.Sequential(torch.nn.Linear(128, 512, bias=False), torch.nn.GELU(),
+                                                torch.nn.Linear(512, 128, bias=False))
+        return m, common.make_optimizer(m, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
+
+    layer_norm = lambda x, weight, eps: torch.nn.functional.layer_norm(x, x.shape[-1:], weight, None, eps)
+    runs = {"nanogrow (ops.py)": (nanogrow_model(), {}),
+            "nanogrow, the plain expressions instead of ops.py": (nanogrow_model(), dict(
+                rms_norm=ops.rms_norm_plain, apply_rope=ops.apply_rope_plain, silu_mul=ops.silu_mul_plain)),
+            "nanogrow, LayerNorm for RMSNorm": (nanogrow_model(), dict(rms_norm=layer_norm)),
+            "nanogrow, no RoPE": (nanogrow_model(), dict(apply_rope=lambda x, cos, sin: x)),
+            "nanogrow, GELU MLP 512 for SwiGLU 352": (nanogrow_model(mlp_512_gelu=True), {})}
+    if nanogpt_dir:
+        spec = importlib.util.spec_from_file_location("nanogpt_model", os.path.join(nanogpt_dir, "model.py"))
+        gpt = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(gpt)
+        m = gpt.GPT(gpt.GPTConfig(block_size=256, vocab_size=320, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False))
+        runs["nanoGPT's GPT"] = ((m, m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")), {})
+    times = {name: [] for name in runs}
+    for i in range(rounds + warmup):
+        for name, ((m, opt), swap) in runs.items():
+            with swapped(**swap):
+                t0 = time.perf_counter()
+                _, loss = m(x, y)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - t0)
+    ref = statistics.median(times["nanoGPT's GPT"]) if nanogpt_dir else None
+    rows = [f"| model, in one process ({rounds} steps each, median) | ms/step | vs nanoGPT's GPT |", "|---|---|---|"]
+    for name, ts in times.items():
+        ms = statistics.median(ts)
+        rows.append(f"| {name} | {1000 * ms:.1f} | " + (f"{ms / ref:.3f}x |" if ref else "- |"))
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--repeats", type=int, default=3, help="runs of each, alternated; the table shows the median (min-max)")
     p.add_argument("--nanogpt", help="a checkout of karpathy/nanoGPT (not part of nanogrow)")
     p.add_argument("--data_dir", default="data_cache")
+    p.add_argument("--in_process", type=int, default=0, help="N: time the models alone in one process, N steps each")
     args = p.parse_args()
     data.prepare("default", "bytes", out_dir=os.path.join(args.data_dir, "default-bytes"))
     model = Llama(config_from_shape("tiny"))
     flops_per_token = model.flops_per_token(256)
-    peak = common.measure_matmul_peak(torch.device("cpu"))
+    peak, _ = common.cpu_matmul_peak()  # train.py's own: measured once per machine, cached
     print(f"# {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {os.cpu_count()} CPU threads, "
           f"measured float32 matmul peak {peak / 1e9:.0f} GFLOP/s; tiny: {model.num_params(True):,} non-embedding parameters, "
           f"{flops_per_token / 1e6:.2f} MFLOPs per token (with attention)")
+    if args.in_process:
+        print("\n".join(in_process(args.in_process, args.nanogpt)))
+        return
     print(f"| run ({args.repeats} runs each, median) | ms/step (min-max) | tokens/s | MFU | peak RSS |")
     print("|---|---|---|---|---|")
     tmp = tempfile.mkdtemp()

@@ -10,7 +10,8 @@ writes into its own fresh buffers in place, which cuts both the memory kept for 
 and the passes. With torch.compile, dynamo traces through them and inductor fuses them as before.
 
 Each backward is derived in its docstring and checked against autograd in float64 (tests/test_ops.py:
-torch.autograd.gradcheck and the plain expressions).
+torch.autograd.gradcheck, and the plain expressions at the end of this file, which bench_train.py
+--in_process also times).
 """
 
 import torch
@@ -117,3 +118,23 @@ def apply_rope(x, cos, sin):
 
 def silu_mul(a, b):
     return SiluMul.apply(a, b)
+
+
+# -----------------------------------------------------------------------------
+# the plain expressions the Functions replace (as transformers writes them), for the tests and the benchmark
+
+
+def rms_norm_plain(x, weight, eps):  # transformers' LlamaRMSNorm.forward
+    h = x.float() if x.dtype in HALF else x
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def apply_rope_plain(x, cos, sin):  # transformers' apply_rotary_pos_emb: x * cos + rotate_half(x) * sin
+    cos, sin = torch.cat([cos, cos], -1).to(x.dtype), torch.cat([sin, sin], -1).to(x.dtype)
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., h:], x[..., :h]], -1) * sin
+
+
+def silu_mul_plain(a, b):
+    return F.silu(a) * b

@@ -1,5 +1,5 @@
 """ops.py's hand-written backward passes against autograd: torch.autograd.gradcheck in float64 (finite
-differences), and against the plain tensor expressions they replace (the references below, written as
+differences), and against the plain tensor expressions they replace (ops.py's *_plain, written as
 transformers writes them), forward and backward, in float64, float32 and bfloat16."""
 
 import os
@@ -7,28 +7,10 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ops import apply_rope, rms_norm, silu_mul  # noqa: E402
+from ops import apply_rope, apply_rope_plain, rms_norm, rms_norm_plain, silu_mul, silu_mul_plain  # noqa: E402
 from model import Llama, ModelConfig, rope_cos_sin  # noqa: E402
-
-
-def rms_norm_reference(x, weight, eps):  # transformers' LlamaRMSNorm.forward
-    dtype = x.dtype
-    h = x.float() if dtype in (torch.float16, torch.bfloat16) else x
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
-
-
-def rope_reference(x, cos, sin):  # transformers' apply_rotary_pos_emb: x * cos + rotate_half(x) * sin
-    cos, sin = torch.cat([cos, cos], -1).to(x.dtype), torch.cat([sin, sin], -1).to(x.dtype)
-    h = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., h:], x[..., :h]], -1) * sin
-
-
-def silu_mul_reference(a, b):
-    return F.silu(a) * b
 
 
 def grads(fn, inputs, g):
@@ -70,7 +52,7 @@ def test_equal_to_the_plain_expressions(dtype, tol):
         x, w, g = rand(B, T, 4 * D), (1 + 0.5 * torch.randn(4 * D, generator=gen)).to(w_dtype).requires_grad_(), rand(B, T, 4 * D)
         x.requires_grad_()
         ours, ref = grads(lambda x, w: rms_norm(x, w, 1e-6), [x, w], g.to(torch.result_type(x, w))), \
-            grads(lambda x, w: rms_norm_reference(x, w, 1e-6), [x, w], g.to(torch.result_type(x, w)))
+            grads(lambda x, w: rms_norm_plain(x, w, 1e-6), [x, w], g.to(torch.result_type(x, w)))
         close(ours[0], ref[0])
         for a, b in zip(ours[1], ref[1]):
             close(a, b)
@@ -80,12 +62,12 @@ def test_equal_to_the_plain_expressions(dtype, tol):
     for view in (lambda t: t, lambda t: t.transpose(1, 2)):
         c, s = (cos[:, None], sin[:, None]) if view(x).shape[1] == T else (cos, sin)
         ours = grads(lambda t: apply_rope(view(t), c, s), [x], view(g))
-        ref = grads(lambda t: rope_reference(view(t), c, s), [x], view(g))
+        ref = grads(lambda t: apply_rope_plain(view(t), c, s), [x], view(g))
         close(ours[0], ref[0])
         close(ours[1][0], ref[1][0])
     # SwiGLU's gate
     a, b, g = rand(B, T, 3 * D).requires_grad_(), rand(B, T, 3 * D).requires_grad_(), rand(B, T, 3 * D)
-    ours, ref = grads(silu_mul, [a, b], g), grads(silu_mul_reference, [a, b], g)
+    ours, ref = grads(silu_mul, [a, b], g), grads(silu_mul_plain, [a, b], g)
     close(ours[0], ref[0])
     for p, q in zip(ours[1], ref[1]):
         close(p, q)
@@ -121,3 +103,16 @@ def test_the_model_compiles_with_them():
     assert abs(loss_c.item() - loss.item()) < 1e-5
     for n, p in model.named_parameters():
         assert (p.grad - eager[n]).abs().max().item() < 1e-5, n
+
+
+def test_bench_train_in_process_swaps_the_ops_and_puts_them_back():
+    # bench_train.py --in_process times nanogrow's model with ops swapped out; afterwards model.py must run ops.py's
+    import bench_train
+    import model
+    import ops
+    rows = bench_train.in_process(1, None, warmup=0)
+    assert len(rows) == 2 + 5 and all(row.count("|") == 4 for row in rows)
+    assert (model.rms_norm, model.apply_rope, model.silu_mul) == (ops.rms_norm, ops.apply_rope, ops.silu_mul)
+    with bench_train.swapped(apply_rope=ops.apply_rope_plain):
+        assert model.apply_rope is ops.apply_rope_plain
+    assert model.apply_rope is ops.apply_rope
