@@ -551,8 +551,10 @@ def reference_logps(ref_model, pairs, batch_size, pad_id, device, ctx=contextlib
 # -----------------------------------------------------------------------------
 # LoRA (Hu et al. 2022)
 
-LORA_TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+# each target: (in the attention or in the block's SwiGLU MLPs, the projection); a mixture of experts gets adapters
+# on every expert's projection (its router stays frozen, as the rest of the base)
+LORA_TARGETS = {"q": ("attn", "q_proj"), "k": ("attn", "k_proj"), "v": ("attn", "v_proj"), "o": ("attn", "o_proj"),
+                "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"), "down": ("mlp", "down_proj")}
 
 
 class LoRALinear(nn.Module):
@@ -587,9 +589,9 @@ def add_lora(model, rank, alpha, dropout=0.0, targets="q,k,v,o,gate,up,down"):
         p.requires_grad_(False)
     for block in model.layers:
         for t in names:
-            parent_name, attr = LORA_TARGETS[t].split(".")
-            parent = getattr(block, parent_name)
-            setattr(parent, attr, LoRALinear(getattr(parent, attr), rank, alpha, dropout))
+            where, attr = LORA_TARGETS[t]
+            for parent in [block.self_attn] if where == "attn" else block.ffns():
+                setattr(parent, attr, LoRALinear(getattr(parent, attr), rank, alpha, dropout))
     return model
 
 

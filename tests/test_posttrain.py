@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -185,11 +185,17 @@ def test_reference_log_probs_precomputed_equal_live():
     assert (table < 0).all()
 
 
-def test_lora_merged_equals_unmerged():
+@pytest.mark.parametrize("moe", [False, True])
+def test_lora_merged_equals_unmerged(moe):
     model = tiny(torch.float64)
+    if moe:  # a mixture of experts: adapters on every expert's projections, the router frozen
+        torch.manual_seed(1)
+        model = Llama(replace(model.config, moe_experts=4, moe_top_k=2)).to(torch.float64).eval()
     plain_keys = set(model.state_dict())
     base_logits = model(torch.arange(40)[None] % 256)[0]
     pt.add_lora(model, rank=4, alpha=8, targets="q,v,o,gate,down")
+    adapted = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert len(adapted) == len(model.layers) * (3 + 2 * (4 if moe else 1))  # q, v, o and gate, down of each MLP
     assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
     x = torch.randint(0, 256, (2, 40))
     with torch.no_grad():
