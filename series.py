@@ -167,13 +167,13 @@ def plan_branches(cfg, modes, configs, sizes, names):
     require(os.path.isfile(cfg.init_from), "init_from", cfg.init_from, "an existing checkpoint, the one every branch starts "
             "from: train that model first (for configs/series_moe_cpu.py, the CPU demo)")
     require(math.isfinite(cfg.branch_flops) and cfg.branch_flops > 0, "branch_flops", cfg.branch_flops, "a finite number > 0")
-    start = checkpoint_config(load_checkpoint(cfg.init_from))
+    start = checkpoint_config(load_checkpoint(cfg.init_from, mmap=True))
     try:
         for config in configs:
             grow.check_growth(start, config, cfg.grow_width, cfg.grow_depth, cfg.grow_noise, None)
     except ValueError as e:
         raise ConfigError(f"stages: from init_from {cfg.init_from}: {e}") from None
-    if cfg.grow_optimizer == "grown" and not isinstance(load_checkpoint(cfg.init_from).get("optimizer"), dict):
+    if cfg.grow_optimizer == "grown" and not isinstance(load_checkpoint(cfg.init_from, mmap=True).get("optimizer"), dict):
         raise ConfigError(f"grow_optimizer 'grown': init_from {cfg.init_from} holds no optimizer state to grow: "
                           "use a train.py checkpoint (final.pt), or grow_optimizer='fresh'")
     tokens = [round(cfg.branch_flops / budget.flops(x, 1)) for x in sizes]
@@ -237,7 +237,9 @@ def run_stage(cfg, runs, mode, stage, tokens, lr, model=None, lineage=None, step
         lineage = lineage or Lineage()
         train(run_cfg, model=model, lineage=replace(lineage, stage={"index": stage.index, "name": stage.name, "mode": mode}),
               optimizer_state=optimizer_state)
-    ckpt = load_checkpoint(final)
+    # memory-mapped: the ranks of one host share one copy of the file (the 8B's final.pt with its AdamW state is
+    # about 100 GB), and growth reads from it
+    ckpt = load_checkpoint(final, mmap=True)
     runs.append(SeriesRun(mode, stage.name, stage.index, stage.params, ckpt["model_config"], ckpt["tokens"], ckpt["flops"],
                           ckpt["val"]["val_loss"], ckpt["val"]["val_bpb"], os.path.relpath(final, cfg.out_dir),
                           os.path.relpath(os.path.join(out_dir, "metrics.jsonl"), cfg.out_dir), lr, unique_cap or None))
@@ -255,7 +257,7 @@ def grown_series(cfg, runs, stages, mode, unique_cap=0):
     for stage in stages:
         if mode == "fixed_data" and "grow" in cfg.series_mode.split("+") and not stage.repeats_in_fixed_data:
             # identical to the grow run up to here (no token is read twice yet): share it
-            ckpt = load_checkpoint(os.path.join(cfg.out_dir, "grow", stage.name, "final.pt"))
+            ckpt = load_checkpoint(os.path.join(cfg.out_dir, "grow", stage.name, "final.pt"), mmap=True)
             offset += math.ceil(stage.staged_tokens / (cfg.batch_size * cfg.seq_len * cfg.grad_accum * world_size()))
             continue
         if ckpt is None:  # stage 1: from scratch
@@ -292,7 +294,7 @@ def branches(cfg, runs, stages):
     """series_mode "branch": every stage grows init_from's model into its own shape (the same shape: unchanged;
     moe_experts: upcycled, grow.py U), then trains for branch_flops at its learning rate, all reading the same
     data from where init_from's run stopped."""
-    start = load_checkpoint(cfg.init_from)
+    start = load_checkpoint(cfg.init_from, mmap=True)
     offset = (start.get("data_state") or {}).get("step", 0)
     for stage in stages:
         grown, gap = grow.grow_checkpoint(start, stage.config, optimizer=cfg.grow_optimizer, width=cfg.grow_width,
