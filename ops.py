@@ -20,7 +20,7 @@ import torch.nn.functional as F
 HALF = (torch.float16, torch.bfloat16)
 
 
-class RMSNorm(torch.autograd.Function):
+class RMSNormFunction(torch.autograd.Function):
     """y = w * n,  n = x * r,  r = 1 / sqrt(mean(x^2) + eps)  over the last dimension (size D); Zhang and
     Sennrich 2019. Half-precision inputs are normalized in float32 and n is rounded to the input's dtype
     before the gain, as transformers' LlamaRMSNorm does (models/llama/modeling_llama.py).
@@ -64,7 +64,7 @@ def _rotate(x, cos, sin):
     return out
 
 
-class RoPE(torch.autograd.Function):
+class RoPEFunction(torch.autograd.Function):
     """Rotary position embedding (Su et al. 2021) in transformers' rotate-half layout: dimension i < D/2 of
     each head is paired with i + D/2, and the pair is rotated by the angle of its position and frequency.
     x: (..., T, [heads,] D); cos, sin: the angles' (T, [1,] D/2) tables, cast to x's dtype.
@@ -84,7 +84,7 @@ class RoPE(torch.autograd.Function):
         return _rotate(g, cos, -sin), None, None
 
 
-class SiluMul(torch.autograd.Function):
+class SiluMulFunction(torch.autograd.Function):
     """SwiGLU's gate (Shazeer 2020): y = silu(a) * b, where a = gate(x) and b = up(x).
 
     Backward: dL/db = g * silu(a) and dL/da = (g * b) * silu'(a). Saved: a and b only; silu(a) is computed
@@ -109,15 +109,15 @@ class SiluMul(torch.autograd.Function):
 
 
 def rms_norm(x, weight, eps):
-    return RMSNorm.apply(x, weight, eps)
+    return RMSNormFunction.apply(x, weight, eps)
 
 
 def apply_rope(x, cos, sin):
-    return RoPE.apply(x, cos, sin)
+    return RoPEFunction.apply(x, cos, sin)
 
 
 def silu_mul(a, b):
-    return SiluMul.apply(a, b)
+    return SiluMulFunction.apply(a, b)
 
 
 # -----------------------------------------------------------------------------
