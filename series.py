@@ -34,6 +34,7 @@ import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
+import torch.distributed as dist
 
 import budget
 import data
@@ -41,7 +42,7 @@ import grow
 import report
 from checkpoint import Lineage, claim_out_dir, load_checkpoint
 from common import ConfigError, cli_errors, configure, rank0_first, require, setup_distributed
-from model import Llama, ModelConfig, checkpoint_config, config_from_shape, model_from_checkpoint
+from model import Llama, ModelConfig, checkpoint_config, config_from_dict, config_from_shape, model_from_checkpoint
 from train import TrainConfig, check_train_config, train
 
 MODES = ("grow", "scratch", "fixed_data", "branch")
@@ -266,17 +267,49 @@ def grown_series(cfg, runs, stages, mode, unique_cap=0):
             continue
         # grow the previous stage's final model (and its AdamW state, when grow_optimizer is "grown"):
         # function-preserving where the operator is (grow.py)
-        grown, gap = grow.grow_checkpoint(ckpt, stage.config, optimizer=cfg.grow_optimizer, width=cfg.grow_width,
-                                          depth=cfg.grow_depth, seed=cfg.seed + stage.index, noise=cfg.grow_noise)
         old = ckpt["model_config"]
-        log(f"grew {old['d_model']}x{old['n_layers']} -> {stage.config.d_model}x{stage.config.n_layers} "
-            f"({cfg.grow_width}/{cfg.grow_depth}, {cfg.grow_optimizer} optimizer): max |logit gap| {gap:.2e}")
+        model, lineage, optimizer_state = grow_stage(cfg, ckpt, stage, f"grew {old['d_model']}x{old['n_layers']} -> "
+                                                     f"{stage.config.d_model}x{stage.config.n_layers}")
         # then train at the stage's own learning rate (section 3.5), after grow_warmup_steps of warmup (none in the
         # default recipe), over the stage's span of the schedule
         warmup = stage.warmup_steps if stage.warmup_steps is not None else cfg.grow_warmup_steps
-        ckpt, offset = run_stage(cfg, runs, mode, stage, stage.staged_tokens, stage.lr, model=model_from_checkpoint(grown),
-                                 lineage=Lineage.after(grown), step_offset=offset, unique_cap=unique_cap, warmup=warmup,
-                                 optimizer_state=grown.get("optimizer"), span=spans[stage.index])
+        ckpt, offset = run_stage(cfg, runs, mode, stage, stage.staged_tokens, stage.lr, model=model, lineage=lineage,
+                                 step_offset=offset, unique_cap=unique_cap, warmup=warmup,
+                                 optimizer_state=optimizer_state, span=spans[stage.index])
+
+
+def grow_stage(cfg, ckpt, stage, what):
+    """(model, lineage, AdamW state or None) of `stage` grown from checkpoint `ckpt` (grow.grow_checkpoint), on
+    the host. Under FSDP the weights and the AdamW state reach every rank's shards from rank 0 alone
+    (train.shard_model and load_optimizer broadcast them), so rank 0 alone grows: the other ranks get the
+    grown model on the meta device, rank 0's lineage, and its AdamW state as meta tensors, which is all that
+    train.start_optimizer checks there. Without this each rank of a node would hold its own host copy of the
+    largest member (about 34 GB for the 8B, three times that with its AdamW state)."""
+    def grow_here():
+        grown, gap = grow.grow_checkpoint(ckpt, stage.config, optimizer=cfg.grow_optimizer, width=cfg.grow_width,
+                                          depth=cfg.grow_depth, seed=cfg.seed + stage.index, noise=cfg.grow_noise)
+        log(f"{what} ({cfg.grow_width}/{cfg.grow_depth}, {cfg.grow_optimizer} optimizer): max |logit gap| {gap:.2e}")
+        return grown
+
+    if cfg.parallel != "fsdp" or world_size() == 1:
+        grown = grow_here()
+        return model_from_checkpoint(grown), Lineage.after(grown), grown.get("optimizer")
+
+    def on_meta(tree):  # the same nesting with every tensor on the meta device: its shape, no memory
+        if isinstance(tree, dict):
+            return {k: on_meta(v) for k, v in tree.items()}
+        if isinstance(tree, list):
+            return [on_meta(v) for v in tree]
+        return tree.to("meta") if isinstance(tree, torch.Tensor) else tree
+
+    grown = rank0_first(grow_here, rank(), world_size())  # an error on rank 0 stops every rank
+    box = [(grown["model_config"], Lineage.after(grown), on_meta(grown.get("optimizer"))) if rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    model_config, lineage, optimizer_state = box[0]
+    if rank() == 0:
+        return model_from_checkpoint(grown), lineage, grown.get("optimizer")
+    with torch.device("meta"):
+        return Llama(config_from_dict(model_config)), lineage, optimizer_state
 
 
 def schedule_spans(cfg, stages):
@@ -297,14 +330,12 @@ def branches(cfg, runs, stages):
     start = load_checkpoint(cfg.init_from, mmap=True)
     offset = (start.get("data_state") or {}).get("step", 0)
     for stage in stages:
-        grown, gap = grow.grow_checkpoint(start, stage.config, optimizer=cfg.grow_optimizer, width=cfg.grow_width,
-                                          depth=cfg.grow_depth, seed=cfg.seed + stage.index, noise=cfg.grow_noise)
-        log(f"branch {stage.name}: grew {cfg.init_from} into {stage.shape}"
-            + (f" with {stage.config.moe_experts} experts, top-{stage.config.moe_top_k}" if stage.config.moe_experts else "")
-            + f": max |logit gap| {gap:.2e}")
+        model, lineage, optimizer_state = grow_stage(
+            cfg, start, stage, f"branch {stage.name}: grew {cfg.init_from} into {stage.shape}"
+            + (f" with {stage.config.moe_experts} experts, top-{stage.config.moe_top_k}" if stage.config.moe_experts else ""))
         warmup = stage.warmup_steps if stage.warmup_steps is not None else cfg.grow_warmup_steps
-        run_stage(cfg, runs, "branch", stage, stage.staged_tokens, stage.lr, model=model_from_checkpoint(grown),
-                  lineage=Lineage.after(grown), step_offset=offset, warmup=warmup, optimizer_state=grown.get("optimizer"))
+        run_stage(cfg, runs, "branch", stage, stage.staged_tokens, stage.lr, model=model, lineage=lineage,
+                  step_offset=offset, warmup=warmup, optimizer_state=optimizer_state)
 
 
 def run_series(cfg):
