@@ -4,6 +4,7 @@ bench_train.py: training throughput on this machine, measured side by side in on
     python bench_train.py                              # nanogrow's tiny config, compile off and on
     python bench_train.py --nanogpt /path/to/nanoGPT   # and nanoGPT's train.py on the matched shape
     python bench_train.py --nanogpt /path/to/nanoGPT --in_process 60   # the models alone, and what each part costs
+    python bench_train.py --nanogpt /path/to/nanoGPT --profile 20      # where each step goes, operator by operator
 
 Every figure comes from a fresh subprocess running the real train.py (nanogrow's, and nanoGPT's when
 its folder is given), so start-up, data loading and logging are included as a user would see them.
@@ -19,9 +20,15 @@ one process, one step of each in turn for N rounds, so that the machine's slow m
 to say what each part of the Llama block costs against nanoGPT's GPT-2 block, nanogrow's model with one part
 swapped: the plain expressions ops.py replaces, LayerNorm for RMSNorm, no RoPE, nanoGPT's GELU MLP for
 SwiGLU. The swapped models compute something else: they are timings, not models.
+
+--profile N runs torch.profiler over N alternated steps of nanogrow's model and nanoGPT's GPT and gives each
+operator's self time per step to the model it ran in: which operators the two blocks share (matmuls,
+attention) and which one has alone.
 """
 
 import argparse
+import bisect
+import collections
 import contextlib
 import importlib.util
 import json
@@ -97,12 +104,9 @@ def swapped(**ops_in_model):
             setattr(model_py, name, op)
 
 
-def in_process(rounds, nanogpt_dir, warmup=5):
-    """Median ms per step of each model (one step of each per round, after `warmup` rounds), and its ratio to
-    nanoGPT's GPT. Returns the markdown rows."""
-    torch.manual_seed(0)
-    x, y = torch.randint(0, 320, (2, 16, 256))
-
+def models(nanogpt_dir):
+    """{name: ((model, AdamW), ops to swap into model.py while it runs)}: nanogrow's tiny Llama, the same with one
+    part of the block swapped, and nanoGPT's GPT on the matched shape when its checkout is given."""
     def nanogrow_model(mlp_512_gelu=False):
         torch.manual_seed(0)
         m = Llama(config_from_shape("tiny"))
@@ -125,16 +129,30 @@ def in_process(rounds, nanogpt_dir, warmup=5):
         spec.loader.exec_module(gpt)
         m = gpt.GPT(gpt.GPTConfig(block_size=256, vocab_size=320, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False))
         runs["nanoGPT's GPT"] = ((m, m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")), {})
+    return runs
+
+
+def train_step(m, opt, x, y):
+    """One training step as train.py takes it, on a fixed batch: forward, backward, clipping, AdamW."""
+    _, loss = m(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def in_process(rounds, nanogpt_dir, warmup=5):
+    """Median ms per step of each model (one step of each per round, after `warmup` rounds), and its ratio to
+    nanoGPT's GPT. Returns the markdown rows."""
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 320, (2, 16, 256))
+    runs = models(nanogpt_dir)
     times = {name: [] for name in runs}
     for i in range(rounds + warmup):
         for name, ((m, opt), swap) in runs.items():
             with swapped(**swap):
                 t0 = time.perf_counter()
-                _, loss = m(x, y)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                train_step(m, opt, x, y)
                 if i >= warmup:
                     times[name].append(time.perf_counter() - t0)
     ref = statistics.median(times["nanoGPT's GPT"]) if nanogpt_dir else None
@@ -145,6 +163,41 @@ def in_process(rounds, nanogpt_dir, warmup=5):
     return rows
 
 
+def profile(rounds, nanogpt_dir, top=20, warmup=5):
+    """Where each model's step goes: torch.profiler over `rounds` alternated steps of nanogrow's model and
+    nanoGPT's GPT, each operator's self time given to the model whose step it ran in (by time: the step's
+    record_function range; on the CPU, backward runs on the calling thread). Returns the markdown rows: the
+    `top` operators by their total, in ms per step."""
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 320, (2, 16, 256))
+    runs = {name: run for name, run in models(nanogpt_dir).items() if name in ("nanogrow (ops.py)", "nanoGPT's GPT")}
+    for _ in range(warmup):
+        for (m, opt), _swap in runs.values():
+            train_step(m, opt, x, y)
+    with torch.profiler.profile() as prof:
+        for _ in range(rounds):
+            for name, ((m, opt), _swap) in runs.items():
+                with torch.profiler.record_function("step: " + name):
+                    train_step(m, opt, x, y)
+    events = prof.events()
+    steps = sorted((e.time_range.start, e.time_range.end, e.name[len("step: "):]) for e in events if e.name.startswith("step: "))
+    starts = [s[0] for s in steps]
+    self_ms = {name: collections.Counter() for name in runs}
+    for e in events:
+        i = bisect.bisect_right(starts, e.time_range.start) - 1
+        if e.name.startswith("step: ") or i < 0 or e.time_range.start > steps[i][1]:
+            continue
+        self_ms[steps[i][2]][e.name] += e.self_cpu_time_total / 1000 / rounds
+    names = list(runs)
+    ops_by_total = sorted(set().union(*self_ms.values()), key=lambda op: -sum(self_ms[n][op] for n in names))
+    rows = [f"| operator (self time, ms per step, {rounds} alternated steps) | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names)]
+    for op in ops_by_total[:top]:
+        rows.append(f"| {op} | " + " | ".join(f"{self_ms[n][op]:.2f}" for n in names) + " |")
+    rows.append("| all operators | " + " | ".join(f"{sum(self_ms[n].values()):.1f}" for n in names) + " |")
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=60)
@@ -152,6 +205,7 @@ def main():
     p.add_argument("--nanogpt", help="a checkout of karpathy/nanoGPT (not part of nanogrow)")
     p.add_argument("--data_dir", default="data_cache")
     p.add_argument("--in_process", type=int, default=0, help="N: time the models alone in one process, N steps each")
+    p.add_argument("--profile", type=int, default=0, help="N: where each model's step goes, by operator, over N steps each")
     args = p.parse_args()
     data.prepare("default", "bytes", out_dir=os.path.join(args.data_dir, "default-bytes"))
     model = Llama(config_from_shape("tiny"))
@@ -162,6 +216,9 @@ def main():
           f"{flops_per_token / 1e6:.2f} MFLOPs per token (with attention)")
     if args.in_process:
         print("\n".join(in_process(args.in_process, args.nanogpt)))
+        return
+    if args.profile:
+        print("\n".join(profile(args.profile, args.nanogpt)))
         return
     print(f"| run ({args.repeats} runs each, median) | ms/step (min-max) | tokens/s | MFU | peak RSS |")
     print("|---|---|---|---|---|")

@@ -33,24 +33,26 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        xf = x.float() if x.dtype in HALF else x
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        # mean(x^2) as |x|^2 / D: vector_norm reads x once and writes no x^2. Half inputs are summed and
+        # normalized in float32 by type promotion (x * r, r float32), without a float32 copy of x.
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32 if x.dtype in HALF else x.dtype)
+        r = r.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
         ctx.save_for_backward(x, weight, r)
-        n = (xf * r).to(x.dtype)
+        n = (x * r).to(x.dtype)
         return n.mul_(weight) if torch.result_type(n, weight) == n.dtype else weight * n
 
     @staticmethod
     def backward(ctx, g):
         x, weight, r = ctx.saved_tensors
-        work = torch.float32 if x.dtype in HALF else x.dtype
-        xf, gf, wf = x.to(work), g.to(work), weight.to(work)
         D = x.shape[-1]
-        t = (gf * xf).reshape(-1, D)
+        wf = weight.to(r.dtype)
+        gf = g.to(r.dtype)  # float32 for half inputs; x joins it by type promotion, never copied
+        t = (gf * x).reshape(-1, D)
         grad_w = torch.mv(t.t(), r.reshape(-1)).to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
             coef = r.pow(3).mul_(torch.mv(t, wf).view(r.shape)).div_(-D)
-            grad_x = (gf * wf).mul_(r).addcmul_(xf, coef).to(x.dtype)
+            grad_x = (gf * wf).mul_(r).addcmul_(x, coef).to(x.dtype)
         return grad_x, grad_w, None
 
 

@@ -84,6 +84,31 @@ def test_no_weight_decay_on_norms_and_embeddings():
         assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
 
 
+
+def test_adamw_is_fused_on_the_cpu_and_equals_a_float64_recomputation():
+    # make_optimizer takes torch's fused AdamW kernel on the CPU too; its steps against AdamW written out in float64
+    # (Loshchilov and Hutter 2019, Algorithm 2: decoupled weight decay, then the bias-corrected Adam update)
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=64, tie_embeddings=False))
+    lr, wd, (b1, b2), eps = 1e-2, 0.1, (0.9, 0.95), 1e-8
+    opt = make_optimizer(model, lr, wd, (b1, b2), torch.device("cpu"))
+    assert opt.defaults["fused"] is True
+    decays = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    ref = {n: (p.detach().double().clone(), torch.zeros_like(p, dtype=torch.float64), torch.zeros_like(p, dtype=torch.float64))
+           for n, p in model.named_parameters()}
+    for t in range(1, 6):
+        for n, p in model.named_parameters():
+            p.grad = torch.randn_like(p)
+            w, m, v = ref[n]
+            g = p.grad.double()
+            w.mul_(1 - lr * decays[id(p)])
+            m.mul_(b1).add_((1 - b1) * g)
+            v.mul_(b2).add_((1 - b2) * g * g)
+            w.sub_(lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps))
+        opt.step()
+    for n, p in model.named_parameters():
+        assert (p.detach().double() - ref[n][0]).abs().max().item() < 1e-6, n
+
 def test_killed_run_resumes_bit_for_bit(tmp_path, data_dir):
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run([sys.executable, "train.py", *run_args(full, data_dir)], cwd=ROOT, check=True, capture_output=True)
