@@ -19,7 +19,7 @@ SwiGLU 352, which gives both 0.8M non-embedding parameters.
 one process, one step of each in turn for N rounds, so that the machine's slow moments hit all of them; and,
 to say what each part of the Llama block costs against nanoGPT's GPT-2 block, nanogrow's model with one part
 swapped: the plain expressions ops.py replaces, LayerNorm for RMSNorm, no RoPE, nanoGPT's GELU MLP for
-SwiGLU. The swapped models compute something else: they are timings, not models.
+SwiGLU, and AdamW's multi-tensor kernel (nanoGPT's on the CPU) for the fused one. The swapped models compute something else: they are timings, not models.
 
 --profile N runs torch.profiler over N alternated steps of nanogrow's model and nanoGPT's GPT and gives each
 operator's self time per step to the model it ran in: which operators the two blocks share (matmuls,
@@ -107,14 +107,18 @@ def swapped(**ops_in_model):
 def models(nanogpt_dir):
     """{name: ((model, AdamW), ops to swap into model.py while it runs)}: nanogrow's tiny Llama, the same with one
     part of the block swapped, and nanoGPT's GPT on the matched shape when its checkout is given."""
-    def nanogrow_model(mlp_512_gelu=False):
+    def nanogrow_model(mlp_512_gelu=False, foreach_adamw=False):
         torch.manual_seed(0)
         m = Llama(config_from_shape("tiny"))
         if mlp_512_gelu:  # nanoGPT's MLP: 4 d, GELU
             for block in m.layers:
                 block.mlp = torch.nn.Sequential(torch.nn.Linear(128, 512, bias=False), torch.nn.GELU(),
                                                 torch.nn.Linear(512, 128, bias=False))
-        return m, common.make_optimizer(m, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
+        opt = common.make_optimizer(m, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
+        if foreach_adamw:  # the same groups, torch's multi-tensor kernel: what nanoGPT's AdamW is on the CPU
+            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
+            opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), foreach=True)
+        return m, opt
 
     layer_norm = lambda x, weight, eps: torch.nn.functional.layer_norm(x, x.shape[-1:], weight, None, eps)
     runs = {"nanogrow (ops.py)": (nanogrow_model(), {}),
@@ -122,7 +126,8 @@ def models(nanogpt_dir):
                 rms_norm=ops.rms_norm_plain, apply_rope=ops.apply_rope_plain, silu_mul=ops.silu_mul_plain)),
             "nanogrow, LayerNorm for RMSNorm": (nanogrow_model(), dict(rms_norm=layer_norm)),
             "nanogrow, no RoPE": (nanogrow_model(), dict(apply_rope=lambda x, cos, sin: x)),
-            "nanogrow, GELU MLP 512 for SwiGLU 352": (nanogrow_model(mlp_512_gelu=True), {})}
+            "nanogrow, GELU MLP 512 for SwiGLU 352": (nanogrow_model(mlp_512_gelu=True), {}),
+            "nanogrow, foreach AdamW for the fused one": (nanogrow_model(foreach_adamw=True), {})}
     if nanogpt_dir:
         spec = importlib.util.spec_from_file_location("nanogpt_model", os.path.join(nanogpt_dir, "model.py"))
         gpt = importlib.util.module_from_spec(spec)

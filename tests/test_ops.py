@@ -111,11 +111,16 @@ def test_bench_train_in_process_swaps_the_ops_and_puts_them_back():
     import model
     import ops
     rows = bench_train.in_process(1, None, warmup=0)
-    assert len(rows) == 2 + 5 and all(row.count("|") == 4 for row in rows)
+    assert len(rows) == 2 + 6 and all(row.count("|") == 4 for row in rows)
     assert (model.rms_norm, model.apply_rope, model.silu_mul) == (ops.rms_norm, ops.apply_rope, ops.silu_mul)
     with bench_train.swapped(apply_rope=ops.apply_rope_plain):
         assert model.apply_rope is ops.apply_rope_plain
     assert model.apply_rope is ops.apply_rope
+    runs = bench_train.models(None)  # the AdamW row: the same groups, the multi-tensor kernel instead of the fused one
+    (_, fused), (_, foreach) = runs["nanogrow (ops.py)"][0], runs["nanogrow, foreach AdamW for the fused one"][0]
+    assert [(g["fused"], g["foreach"]) for g in fused.param_groups] == [(True, None)] * 2
+    assert [(g["fused"], g["foreach"]) for g in foreach.param_groups] == [(None, True)] * 2
+    assert [g["weight_decay"] for g in foreach.param_groups] == [g["weight_decay"] for g in fused.param_groups] == [0.1, 0.0]
 
 
 def test_bench_train_profile_gives_each_operator_to_its_model():
