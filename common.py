@@ -196,9 +196,9 @@ def make_optimizer(model, lr, weight_decay, betas, device, decay_embeddings=Fals
         is_embedding = name.endswith("embed_tokens.weight")
         (decay if p.dim() >= 2 and (decay_embeddings or not is_embedding) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # the fused kernel (one pass per tensor for the whole update) exists for CUDA and, since torch 2.4, the CPU:
-    # on the 2-core CPU it took the tiny model's optimizer step from 4.2 to 1.6 ms (BENCHMARKS.md). Meta
-    # tensors (grow.optimizer_names) have no kernel to check against, and do not step.
+    # the fused kernel (the whole update in one pass per tensor) exists for CUDA and, since torch 2.4, the CPU, where
+    # nanoGPT's multi-tensor one costs 1% more of the tiny model's step (BENCHMARKS.md). Meta tensors
+    # (grow.optimizer_names) never step and have no fused kernel.
     fused = device.type in ("cuda", "cpu") and all(p.device.type == device.type for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
