@@ -19,7 +19,8 @@ SwiGLU 352, which gives both 0.8M non-embedding parameters.
 one process, one step of each in turn for N rounds, so that the machine's slow moments hit all of them; and,
 to say what each part of the Llama block costs against nanoGPT's GPT-2 block, nanogrow's model with one part
 swapped: the plain expressions ops.py replaces, LayerNorm for RMSNorm, no RoPE, nanoGPT's GELU MLP for
-SwiGLU, and AdamW's multi-tensor kernel (nanoGPT's on the CPU) for the fused one. The swapped models compute something else: they are timings, not models.
+SwiGLU, and AdamW's multi-tensor kernel (nanoGPT's on the CPU) for the fused one. The swapped models compute
+something else: they are timings, not models.
 
 --profile N runs torch.profiler over N alternated steps of nanogrow's model and nanoGPT's GPT and gives each
 operator's self time per step to the model it ran in: which operators the two blocks share (matmuls,

@@ -84,7 +84,6 @@ def test_no_weight_decay_on_norms_and_embeddings():
         assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
 
 
-
 def test_adamw_is_fused_on_the_cpu_and_equals_a_float64_recomputation():
     # make_optimizer takes torch's fused AdamW kernel on the CPU too; its steps against AdamW written out in float64
     # (Loshchilov and Hutter 2019, Algorithm 2: decoupled weight decay, then the bias-corrected Adam update)
@@ -108,6 +107,7 @@ def test_adamw_is_fused_on_the_cpu_and_equals_a_float64_recomputation():
         opt.step()
     for n, p in model.named_parameters():
         assert (p.detach().double() - ref[n][0]).abs().max().item() < 1e-6, n
+
 
 def test_killed_run_resumes_bit_for_bit(tmp_path, data_dir):
     full, killed = tmp_path / "full", tmp_path / "killed"
