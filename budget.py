@@ -464,7 +464,7 @@ def memory_report(args):
         raise ValueError(f"unknown GPU memory for {args.gpu!r}: known {', '.join(GPU_MEMORY_GIB)}, or a name with its "
                          "size (A100-80GB), or a number of GiB")
     if args.gpus <= 0:
-        raise ValueError(f"need --gpus > 0 (got {args.gpus})")
+        raise ValueError(f"--gpus {args.gpus}: the GPUs the model is spread over must be 1 or more (one node of 8: --gpus 8)")
     usable = capacity * (1 - RESERVE)
     chosen = [(cfg.get("parallel", "ddp"), bool(c)) for c in per_stage] if args.config else None
     gib = lambda x: f"{x / 2**30:.1f}"
@@ -535,7 +535,8 @@ def run(args):
     if peak is None:
         raise ValueError(f"unknown GPU {args.gpu!r}: known {', '.join(PEAK_FLOPS)}; or give --peak FLOP/s")
     if not (0 < args.mfu <= 1) or args.gpus <= 0:
-        raise ValueError(f"need 0 < --mfu <= 1 and --gpus > 0 (got {args.mfu}, {args.gpus})")
+        raise ValueError(f"--mfu {args.mfu} --gpus {args.gpus}: need a utilization in (0, 1] (0.4 is typical) and 1 GPU "
+                         "or more")
 
     fu = _unit(sm.scratch_flops, _FLOP_UNITS)
     tu = _unit(max(s.scratch_tokens for s in stages), _COUNT_UNITS)

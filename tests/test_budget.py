@@ -166,10 +166,12 @@ def test_cli_config(tmp_path):
     (["--sizes", "1B", "--gpu", "nosuchgpu"], "unknown GPU"),
     (["--sizes", "1B", "--count", "total"], "needs model shapes"),
     ([], "nothing to do"),
+    (["--memory", "--sizes", "paper-1B", "--gpus", "0"], "--gpus 0: the GPUs the model is spread over must be 1 or more"),
+    (["--sizes", "1B", "--mfu", "2"], "--mfu 2.0 --gpus 8: need a utilization in (0, 1]"),
 ])
 def test_cli_errors_one_line(args, match):
     r = cli(*args)
-    assert r.returncode != 0
+    assert r.returncode == 2
     assert match in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
