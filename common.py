@@ -160,6 +160,21 @@ def setup_distributed(device_pref="auto", timeout_s=1800):
     return rank, local_rank, world, device
 
 
+def same_on_every_rank(value, what, world):
+    """Raise ConfigError on every rank unless each holds the same `value` (anything picklable): what a rank
+    reads from disk by itself, the checkpoint it resumes from or the data rank 0 prepared, must be what rank 0
+    reads. On one node it always is; a multi-node launch without a shared filesystem would otherwise start
+    some ranks fresh while others resume, their AdamW states apart under one DDP model, and no error."""
+    if world == 1:
+        return
+    values = [None] * world
+    dist.all_gather_object(values, value)
+    other = next((r for r, v in enumerate(values) if v != values[0]), None)
+    if other is not None:
+        raise ConfigError(f"{what}: rank {other} reads {values[other]!r} where rank 0 reads {values[0]!r}; every node must "
+                          "see the same out_dir and data_dir: put them on a filesystem all nodes share")
+
+
 def rank0_first(fn, rank, world):
     """fn() on rank 0 (its result there, None elsewhere). An exception on rank 0 is raised on every rank,
     so the others stop too instead of waiting in the next collective until the timeout."""

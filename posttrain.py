@@ -52,7 +52,8 @@ from data import DataError, get_tokenizer
 from checkpoint import (CheckpointError, Lineage, checkpoint_paths, claim_out_dir, latest_checkpoint, load_checkpoint,
                         make_checkpoint, prune_checkpoints, save_checkpoint)
 from common import (ConfigError, DivergenceGuard, append_jsonl, autocast_for, cli_errors, configure, fmt_time, lr_at,
-                    make_optimizer, plot_losses, rank0_first, rng_state, set_rng_state, setup_distributed, start_metrics)
+                    make_optimizer, plot_losses, rank0_first, rng_state, same_on_every_rank, set_rng_state, setup_distributed,
+                    start_metrics)
 from model import IGNORE_INDEX, model_from_checkpoint
 
 COMMANDS = ("sft", "dpo", "chat")
@@ -839,6 +840,7 @@ def start_run(cmd, ckpt_path, cfg, eval_split, columns, log=print):
     # --resume: the newest readable periodic checkpoint, refused if anything that decides a step changed
     run.setup = resume_setup(run)
     resume_path, resume = find_resume(run)
+    same_on_every_rank((resume_path, resume and resume["step"]), "--resume", world)  # each rank found its own
     setup_reference(run, resume, ref_model)
     del ref_model  # precompute: freed now that the tables hold its log-probs (live: run.ref_model keeps it)
     if cfg.lora_rank:  # after the reference: the model it saw is the base the adapters sit on

@@ -19,6 +19,7 @@ RNG states, so `--resume` continues bit for bit (tests/test_train.py kills a run
 
 import contextlib
 import functools
+import json
 import math
 import os
 import sys
@@ -35,8 +36,8 @@ import data
 from checkpoint import (CheckpointError, Lineage, checkpoint_paths, claim_out_dir, latest_checkpoint, load_checkpoint,
                         make_checkpoint, prune_checkpoints, save_checkpoint)
 from common import (ConfigError, DivergenceGuard, append_jsonl, autocast_for, check_choice, check_device, cli_errors, configure,
-                    fmt_time, lr_at, make_optimizer, peak_flops_for, plot_losses, rank0_first, require, rng_state, set_rng_state,
-                    setup_distributed, start_metrics)
+                    fmt_time, lr_at, make_optimizer, peak_flops_for, plot_losses, rank0_first, require, rng_state, same_on_every_rank,
+                    set_rng_state, setup_distributed, start_metrics)
 from model import Llama, checkpoint_config, config_from_dict, config_from_shape, rope_cos_sin
 
 # -----------------------------------------------------------------------------
@@ -164,6 +165,12 @@ def prepare_data(cfg, rank, world):
             data.prepare(src, tokenizer=cfg.tokenizer, out_dir=d, max_tokens=cfg.max_data_tokens or None, text_field=cfg.text_field)
     if world > 1:
         dist.barrier()
+        # every rank must read the splits rank 0 prepared: compared by checksum (none where a node does not share data_dir)
+        seen = []
+        for d in dirs:
+            meta = os.path.join(d, "meta.json")
+            seen.append(json.load(open(meta))["splits"]["train"]["sha256"] if os.path.exists(meta) else None)
+        same_on_every_rank(seen, "the prepared data", world)
     return dirs, names
 
 
@@ -512,6 +519,7 @@ def train_run(cfg, model, lineage, log, resuming, rank, local_rank, world, devic
     fsdp = cfg.parallel == "fsdp" and dist.is_initialized()
     model, lineage, resume_path, resume_ckpt = starting_model(cfg, tokenizer, model, lineage, resuming, log,
                                                               on_meta=fsdp and rank != 0)
+    same_on_every_rank((resume_path, resume_ckpt and resume_ckpt["step"]), "--resume", world)  # each rank found its own
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
     model, raw_model = parallelize(model, cfg, fsdp, use_compile, rank, world, device, local_rank, dtype_name)
     optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device, cfg.decay_embeddings)

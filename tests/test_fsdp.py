@@ -357,3 +357,22 @@ def test_bench_gpu_refuses_without_cuda_and_runs_on_the_cpu(capsys):
     assert [[c.strip() for c in row[:5]] for row in table] == [["tiny", "2", p, "off", ac] for p in ("ddp", "fsdp") for ac in ("off", "on")]
     for row in table:
         assert float(row[6].replace(",", "")) > 0 and row[8].strip().endswith("%") and row[9].strip().endswith("GiB")
+
+
+def test_ranks_that_read_different_files_stop_together_with_one_line(tmp_path):
+    # a multi-node launch whose nodes do not share out_dir: rank 1 finds no checkpoint where rank 0 resumes at step 8
+    # (what each rank "reads" is simulated here). Every rank stops with the same one line, none trains apart.
+    script = tmp_path / "ranks.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\n"
+                      "from common import cli_errors, same_on_every_rank, setup_distributed\n"
+                      "with cli_errors():\n"
+                      "    rank, _, world, _ = setup_distributed('cpu')\n"
+                      "    same_on_every_rank(('out/ckpt_000008.pt', 8), 'agreeing', world)\n"
+                      "    same_on_every_rank(('out/ckpt_000008.pt', 8) if rank == 0 else (None, None), '--resume', world)\n"
+                      "    print('trained apart')\n")
+    out = subprocess.run(torchrun_cmd(str(script)), capture_output=True, text=True, env=ENV)
+    assert out.returncode != 0 and "trained apart" not in out.stdout
+    # one line from each rank (two processes writing to one stderr may interleave the line ends)
+    error = ("error: --resume: rank 1 reads (None, None) where rank 0 reads ('out/ckpt_000008.pt', 8); every node must see "
+             "the same out_dir and data_dir: put them on a filesystem all nodes share")
+    assert out.stderr.count(error) == 2 and out.stderr.count("error:") == 2, out.stderr[-2000:]
