@@ -169,7 +169,7 @@ def prepare_data(cfg, rank, world):
         seen = []
         for d in dirs:
             meta = os.path.join(d, "meta.json")
-            seen.append(json.load(open(meta))["splits"]["train"]["sha256"] if os.path.exists(meta) else None)
+            seen.append(json.load(open(meta))["splits"]["train"].get("sha256") if os.path.exists(meta) else None)
         same_on_every_rank(seen, "the prepared data", world)
     return dirs, names
 
