@@ -168,13 +168,14 @@ def plan_branches(cfg, modes, configs, sizes, names):
     require(os.path.isfile(cfg.init_from), "init_from", cfg.init_from, "an existing checkpoint, the one every branch starts "
             "from: train that model first (for configs/series_moe_cpu.py, the CPU demo)")
     require(math.isfinite(cfg.branch_flops) and cfg.branch_flops > 0, "branch_flops", cfg.branch_flops, "a finite number > 0")
-    start = checkpoint_config(load_checkpoint(cfg.init_from, mmap=True))
+    init = load_checkpoint(cfg.init_from, mmap=True)
+    start = checkpoint_config(init)
     try:
         for config in configs:
             grow.check_growth(start, config, cfg.grow_width, cfg.grow_depth, cfg.grow_noise, None)
     except ValueError as e:
         raise ConfigError(f"stages: from init_from {cfg.init_from}: {e}") from None
-    if cfg.grow_optimizer == "grown" and not isinstance(load_checkpoint(cfg.init_from, mmap=True).get("optimizer"), dict):
+    if cfg.grow_optimizer == "grown" and not isinstance(init.get("optimizer"), dict):
         raise ConfigError(f"grow_optimizer 'grown': init_from {cfg.init_from} holds no optimizer state to grow: "
                           "use a train.py checkpoint (final.pt), or grow_optimizer='fresh'")
     tokens = [round(cfg.branch_flops / budget.flops(x, 1)) for x in sizes]

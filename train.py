@@ -19,7 +19,6 @@ RNG states, so `--resume` continues bit for bit (tests/test_train.py kills a run
 
 import contextlib
 import functools
-import json
 import math
 import os
 import sys
@@ -168,8 +167,10 @@ def prepare_data(cfg, rank, world):
         # every rank must read the splits rank 0 prepared: compared by checksum (none where a node does not share data_dir)
         seen = []
         for d in dirs:
-            meta = os.path.join(d, "meta.json")
-            seen.append(json.load(open(meta))["splits"]["train"].get("sha256") if os.path.exists(meta) else None)
+            try:
+                seen.append(data.load_prepared(d)[1]["splits"]["train"].get("sha256"))
+            except data.DataError:  # missing or incomplete where this rank looks
+                seen.append(None)
         same_on_every_rank(seen, "the prepared data", world)
     return dirs, names
 

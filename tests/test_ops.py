@@ -128,5 +128,5 @@ def test_bench_train_profile_gives_each_operator_to_its_model():
     import bench_train
     rows = bench_train.profile(1, None, top=1000, warmup=0)
     by_op = {r.split(" | ")[0][2:]: float(r.split(" | ")[1].rstrip(" |")) for r in rows[2:]}
-    assert by_op["aten::mm"] > 0 and by_op["RMSNormFunction"] > 0 and by_op["aten::scaled_dot_product_attention"] >= 0
+    assert by_op["aten::mm"] > 0 and by_op["RMSNormFunction"] > 0 and "aten::scaled_dot_product_attention" in by_op
     assert abs(sum(v for k, v in by_op.items() if k != "all operators") - by_op["all operators"]) < 0.01 * by_op["all operators"] + 0.1
