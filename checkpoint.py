@@ -50,15 +50,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from common import CheckpointError, decay_groups
+
 REQUIRED_KEYS = ("model", "model_config", "tokenizer")  # the least a readable checkpoint holds
 # Checkpoints written before nanogrow stored numpy's RNG state as plain lists hold it as a numpy array:
 # these globals rebuild such an array and nothing else (an array's items go through the same restricted
 # unpickler), so older runs still load and --resume (torch's weights_only docs allow-list them the same way).
 NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message is one line saying why and what to do."""
 
 
 @dataclass
@@ -149,6 +147,24 @@ def find_non_finite(state, prefix=""):
 
     return walk(state, prefix)
 
+
+
+def optimizer_state_by_name(state, model, decay_embeddings=False):
+    """A checkpoint's AdamW state keyed by parameter name (model.named_parameters() names), as every writer
+    stores it now. Files written before that numbered the parameters 0, 1, ... in make_optimizer's group
+    order (common.decay_groups of the model that wrote them): those are renamed here, so an old run still
+    resumes and grows. A state already keyed by name is returned as it is."""
+    if not state or all(isinstance(k, str) for k in state.get("state", {})) and \
+            all(isinstance(n, str) for g in state.get("param_groups", []) for n in g.get("params", [])):
+        return state
+    names = [n for group in decay_groups(model, decay_embeddings) for n in group]
+    def name(i):
+        if not isinstance(i, int) or not 0 <= i < len(names):
+            raise CheckpointError(f"the optimizer state names parameter {i!r}, which the model ({len(names)} parameters) "
+                                  "does not have: the file is not this model's; start with a fresh optimizer")
+        return names[i]
+    return {"state": {name(i): s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [name(i) for i in g["params"]]} for g in state["param_groups"]]}
 
 # -----------------------------------------------------------------------------
 # writing and reading one file

@@ -27,14 +27,23 @@ import torch
 import torch.distributed as dist
 
 import budget
-from checkpoint import CheckpointError
 
 # -----------------------------------------------------------------------------
-# configuration: config files are plain Python assignments to a dataclass's fields
+# the three errors a user can meet: each ends a command with one line and exit code 2 (cli_errors)
 
 
 class ConfigError(ValueError):
-    """A bad configuration; the message is one line naming the key."""
+    """Something the user passed is wrong (a config key, a command-line argument, a data source, a file
+    of prompts or results); the message is one line naming it and what to pass instead."""
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message is one line saying why and what to do."""
+
+
+# -----------------------------------------------------------------------------
+# configuration: config files are plain Python assignments to a dataclass's fields. Each field declares
+# its valid values beside it (metadata=above(0), one_of(...)); check_config checks them all in one place.
 
 
 def type_ok(value, typ):
@@ -99,7 +108,7 @@ def configure(config_cls, argv):
                 if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
                     continue  # imports and helpers inside a config file are not settings
                 set_key(key, value, arg)
-    return config_cls(**values)
+    return check_config(config_cls(**values))
 
 
 def require(ok, key, value, must):
@@ -112,6 +121,39 @@ def check_choice(key, value, choices):
     require(value in choices, key, value, "one of " + ", ".join(map(str, choices)))
 
 
+def rule(ok, must):
+    """A field's declared rule: metadata=rule(predicate, "what a valid value is")."""
+    return {"ok": ok, "must": must}
+
+
+def above(low, must=None):
+    return rule(lambda v: math.isfinite(v) and v > low, must or f"a finite number > {low}")
+
+
+def at_least(low, must=None):
+    return rule(lambda v: math.isfinite(v) and v >= low, must or f"a finite number >= {low}")
+
+
+def within(low, high, must=None):
+    return rule(lambda v: low <= v <= high, must or f"in [{low}, {high}]")
+
+
+def one_of(*choices):
+    return rule(lambda v: v in choices, "one of " + ", ".join(map(str, choices)))
+
+
+def check_config(cfg):
+    """Every field against the rule declared beside it, then the config's own `check()` for rules that tie
+    fields together: the first bad value raises one ConfigError line naming the key and its valid values."""
+    for f in fields(cfg):
+        if "ok" in f.metadata:
+            value = getattr(cfg, f.name)
+            require(f.metadata["ok"](value), f.name, value, f.metadata["must"])
+    if hasattr(cfg, "check"):
+        cfg.check()
+    return cfg
+
+
 def check_device(device_pref):
     """--device: one of auto, cpu, cuda; cuda only where torch sees a GPU."""
     check_choice("device", device_pref, ("auto", "cpu", "cuda"))
@@ -121,7 +163,7 @@ def check_device(device_pref):
 
 @contextlib.contextmanager
 def cli_errors(*user_errors):
-    """A command's body: a problem the user can fix (ConfigError, DivergenceError, checkpoint.CheckpointError,
+    """A command's body: a problem the user can fix (ConfigError, DivergenceError, CheckpointError,
     and the caller's own `user_errors`) or a file the system refuses (a read-only folder, a full disk) ends
     it with one `error:` line and exit code 2, never a traceback; the process group is torn down however
     the command ends: after a command that ended well, once every rank is done (gloo can abort a process
@@ -200,17 +242,25 @@ def autocast_for(device, dtype_name):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16), "bfloat16"
 
 
-def make_optimizer(model, lr, weight_decay, betas, device, decay_embeddings=False):
-    """AdamW; weight decay only on matrices that are not embeddings (norm gains and embeddings keep
-    theirs, unless decay_embeddings). A tied lm_head is the embedding."""
-    decay, no_decay, seen = [], [], set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
+def decay_groups(model, decay_embeddings=False):
+    """(names with weight decay, names without), in model.named_parameters() order: decay only on matrices
+    that are not embeddings (norm gains and embeddings keep theirs, unless decay_embeddings). A tied lm_head
+    is the embedding and appears once. AdamW's two groups, and the order old checkpoints stored its state in."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():  # shared (tied) parameters are listed once
+        if not p.requires_grad:
             continue
-        seen.add(id(p))
         is_embedding = name.endswith("embed_tokens.weight")
-        (decay if p.dim() >= 2 and (decay_embeddings or not is_embedding) else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        (decay if p.dim() >= 2 and (decay_embeddings or not is_embedding) else no_decay).append(name)
+    return decay, no_decay
+
+
+def make_optimizer(model, lr, weight_decay, betas, device, decay_embeddings=False):
+    """AdamW with decay_groups' two groups."""
+    params = dict(model.named_parameters())
+    decay, no_decay = decay_groups(model, decay_embeddings)
+    groups = [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
+              {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
     # the fused kernel (the whole update in one pass per tensor) exists for CUDA and, since torch 2.4, the CPU, where
     # nanoGPT's multi-tensor one costs 1% more of the tiny model's step (BENCHMARKS.md). Meta tensors
     # (grow.optimizer_names) never step and have no fused kernel.
@@ -413,10 +463,6 @@ def start_metrics(out_dir, resume_step=None):
 
 # -----------------------------------------------------------------------------
 # divergence: never step on, or save, a non-finite loss or gradient
-
-
-class DivergenceError(Exception):
-    """Training diverged and the policy says stop; the message names the step and the last good checkpoint."""
 
 
 @dataclass

@@ -1,5 +1,13 @@
+import os
+import sys
+
 import pytest
 import torch
+
+# the spine and the commands at the root, the benchmarks and the experiment drivers in folders of their own
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for folder in ("experiments", "bench", ""):
+    sys.path.insert(0, os.path.join(ROOT, folder) if folder else ROOT)
 
 
 @pytest.fixture(scope="module")

@@ -350,7 +350,7 @@ def test_bench_gpu_refuses_without_cuda_and_runs_on_the_cpu(capsys):
         bench_gpu.main([])  # this machine has no CUDA
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith("error: no CUDA device") and err.count("\n") == 1
-    out = subprocess.run(torchrun_cmd("bench_gpu.py", "--device", "cpu", "--steps", "2", "--warmup", "1", "--compile", "false",
+    out = subprocess.run(torchrun_cmd("bench/bench_gpu.py", "--device", "cpu", "--steps", "2", "--warmup", "1", "--compile", "false",
                                       "--batch_size", "2", "--seq_len", "64"), cwd=ROOT, capture_output=True, text=True, env=ENV)
     assert out.returncode == 0, out.stderr[-3000:]
     table = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| tiny ")]

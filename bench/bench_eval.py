@@ -15,11 +15,13 @@ without tokenization). Random weights: throughput does not depend on what the mo
 import argparse
 import os
 import random
+import sys
 import tempfile
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules, one folder up
 import data
 import eval as ev
 from model import Llama, config_from_shape

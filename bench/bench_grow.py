@@ -17,12 +17,14 @@ import math
 import os
 import platform
 import resource
+import sys
 import time
 
 import torch
 from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import TorchDispatchMode
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules, one folder up
 from grow import function_gap, grow
 from model import Llama, config_from_shape, rope_cos_sin
 

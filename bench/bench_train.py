@@ -45,13 +45,14 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules, one folder up
 import data
 import common
 import model as model_py
 import ops
 from model import Llama, config_from_shape
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: train.py and configs/
 MAXRSS = "import resource, runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, '.');" \
          "exec('try:\\n runpy.run_path(sys.argv[0], run_name=\"__main__\")\\nfinally:\\n print(\"MAXRSS_KB\", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)')"
 

@@ -28,6 +28,7 @@ collective timeout, so run such settings one at a time.
 import argparse
 import contextlib
 import gc
+import os
 import resource
 import sys
 import time
@@ -35,6 +36,7 @@ import time
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules, one folder up
 import budget
 import train
 from common import ConfigError, autocast_for, cli_errors, cpu_matmul_peak, make_optimizer, rank0_first, setup_distributed

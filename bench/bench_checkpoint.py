@@ -15,11 +15,13 @@ ratios are the figures to quote, since both sides ran on the same machine at the
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules, one folder up
 import checkpoint
 from checkpoint import Lineage, load_checkpoint, make_checkpoint, payload_digest, save_checkpoint
 from common import make_optimizer, rng_state

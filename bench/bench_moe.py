@@ -20,10 +20,12 @@ load-balancing loss (model.load_balancing_loss: top_k at balance).
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules, one folder up
 import data
 from checkpoint import load_checkpoint
 from common import ConfigError, cli_errors

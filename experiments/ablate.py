@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules, one folder up
 import data
 import report
 import series
@@ -428,7 +429,7 @@ def check_config(cfg):
 def command(argv):
     """The command line that makes the report (without the flags that only say how to treat an old out_dir)."""
     kept = [a for a in argv if not a.startswith(("--resume", "--overwrite", "--only"))]
-    return shlex.join(["python", "ablate.py"] + kept)
+    return shlex.join(["python", "experiments/ablate.py"] + kept)
 
 
 def main(argv):
