@@ -7,7 +7,9 @@ swapped halves of q) and runs one pass over memory per operation each way. Witho
 these passes, not the matmuls, are what separates a Llama block from a GPT-2 block on a CPU: measured in
 BENCHMARKS.md ("Training throughput on the CPU"). Each Function below saves only what its backward needs and
 writes into its own fresh buffers in place, which cuts both the memory kept for backward (budget.py counts it)
-and the passes. With torch.compile, dynamo traces through them and inductor fuses them as before.
+and the passes. With torch.compile, dynamo traces through them (forward and backward) into the one graph of
+the step and inductor fuses them as before; nothing in them may return a Python value or a dtype from a
+tensor (torch.result_type would split the graph at every call: tests/test_compile.py).
 
 Each backward is derived in its docstring and checked against autograd in float64 (tests/test_ops.py:
 torch.autograd.gradcheck, and the plain expressions at the end of this file, which bench_train.py
@@ -39,7 +41,8 @@ class RMSNormFunction(torch.autograd.Function):
         r = r.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
         ctx.save_for_backward(x, weight, r)
         n = (x * r).to(x.dtype)
-        return n.mul_(weight) if torch.result_type(n, weight) == n.dtype else weight * n
+        # the gain in place when it keeps n's dtype; promote_types reads dtypes alone, so dynamo keeps it in the graph
+        return n.mul_(weight) if torch.promote_types(n.dtype, weight.dtype) == n.dtype else weight * n
 
     @staticmethod
     def backward(ctx, g):
