@@ -1,5 +1,5 @@
 """
-budget.py: the compute budget of a staged model series (no torch; plain arithmetic).
+budget.py: the compute budget of a staged model series, and the named model shapes (no torch; plain arithmetic).
 
 The idea (Yano et al., "efficient construction of a model series by staged pretraining with
 model expansion", COLM 2025, arXiv 2504.00623):
@@ -24,6 +24,7 @@ Usage:
   python budget.py configs/SERIES.py [--fixed_data] [--count total --vocab_size 50304]
   python budget.py --memory --sizes paper-1B,paper-2B,paper-4B,paper-8B --gpus 8 --gpu H100   # memory per GPU
   python budget.py --memory configs/SERIES.py                   # at the config's micro-batch, context, accumulation
+  python budget.py --shapes                                     # the named shapes and their parameter counts
 """
 import argparse
 import math
@@ -76,6 +77,10 @@ def embedding_params(vocab_size, d_model, tied=False):
     """Token embedding plus lm_head (one matrix when tied)."""
     return vocab_size * d_model * (1 if tied else 2)
 
+# -----------------------------------------------------------------------------
+# The named shapes: plain dicts of model.ModelConfig fields (model.config_from_shape builds one; `python budget.py
+# --shapes` lists them with their parameter counts)
+
 # The paper's Table 3 (appendix A): hidden size, FFN size, layers, heads; head dim 128 throughout.
 PAPER_SHAPES = {
     "paper-1B": dict(d_model=2048, ffn_dim=7168, n_layers=18, n_heads=16, n_kv_heads=16),
@@ -83,6 +88,43 @@ PAPER_SHAPES = {
     "paper-4B": dict(d_model=3200, ffn_dim=11200, n_layers=27, n_heads=25, n_kv_heads=25),
     "paper-8B": dict(d_model=4096, ffn_dim=14336, n_layers=33, n_heads=32, n_kv_heads=32),
 }
+
+
+def _paper(name):
+    # GPT-2 vocabulary padded to 50304 (section 3.1), context 1024 (section 3.2), untied embeddings as in Llama
+    return dict(**PAPER_SHAPES[name], vocab_size=50304, max_seq_len=1024, rope_theta=10000.0, tie_embeddings=False)
+
+
+def _passuntil_family(i, vocab_size=50304):
+    # Hu et al. 2024 (PassUntil), appendix: one consistent family; layers 4i, heads floor(i(8+i)/4), head dim 64,
+    # FFN 2.5 d (rounded up to a multiple of 64), tied embeddings.
+    heads = (i * (8 + i)) // 4
+    d = 64 * heads
+    return dict(vocab_size=vocab_size, d_model=d, n_layers=4 * i, n_heads=heads, n_kv_heads=heads,
+                ffn_dim=64 * math.ceil(2.5 * d / 64), max_seq_len=1024, tie_embeddings=True)
+
+
+def _cpu(d, layers, ffn):
+    # small shapes for the CPU: byte vocabulary, head dim 16, context 256; each one roughly doubles
+    # the non-embedding parameters of the one before (the paper's x2 per stage, section 3.2)
+    return dict(vocab_size=320, d_model=d, n_layers=layers, n_heads=d // 16, n_kv_heads=d // 16,
+                ffn_dim=ffn, max_seq_len=256, tie_embeddings=False)
+
+
+SHAPES = {
+    **{name: _paper(name) for name in PAPER_SHAPES},
+    **{f"pu{i}": _passuntil_family(i) for i in range(1, 9)},
+    "cpu-1": _cpu(64, 2, 176),
+    "cpu-2": _cpu(80, 3, 192),
+    "cpu-3": _cpu(96, 4, 256),
+    "cpu-4": _cpu(128, 4, 384),
+    "tiny": dict(_cpu(128, 4, 352), n_heads=4, n_kv_heads=4),  # nanoGPT-comparable: 4 heads of 32
+}
+
+# A training run's micro-batch per GPU, context and gradient accumulation when its config leaves them out:
+# train.TrainConfig's defaults, kept here at the bottom of the imports so that --memory plans a config at
+# what train.py runs it with
+DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, DEFAULT_GRAD_ACCUM = 16, 256, 1
 
 # -----------------------------------------------------------------------------
 # The staged series (section 2.2)
@@ -214,17 +256,10 @@ def gpu_days(flops_, peak_flops_per_gpu, mfu):
 _SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "ffn_dim")
 
 def named_shape(shape, where, hint=""):
-    """A named shape's dict: the paper's Table 3 here, any other from model.SHAPES (which needs torch, so it
-    is imported only for them). ValueError naming `where` for an unknown name."""
-    known = PAPER_SHAPES
-    if shape not in PAPER_SHAPES:
-        try:
-            from model import SHAPES as known
-        except ImportError:
-            pass
-    if shape not in known:
-        raise ValueError(f"{where}: unknown shape {shape!r} (known: {', '.join(known)}){hint}")
-    return known[shape]
+    """A named shape's dict (SHAPES). ValueError naming `where` for an unknown name."""
+    if shape not in SHAPES:
+        raise ValueError(f"{where}: unknown shape {shape!r} (known: {', '.join(SHAPES)}){hint}")
+    return SHAPES[shape]
 
 def stage_params(stage, count="non-embedding", vocab_size=None, tied=False):
     """X for one config stage dict: `params` as given, or the closed form from a shape (a Table 3 name
@@ -392,6 +427,17 @@ def _human(x, unit=None, units=_COUNT_UNITS):
     scale, name = unit or _unit(x, units)
     return f"{x / scale:.4g}{name}"
 
+def print_shapes():
+    """--shapes: every named shape with its parameter counts, from the closed forms (tests/test_model.py checks
+    them against the Llama's own count)."""
+    print(f"{'shape':<10} {'d_model':>7} {'ffn':>6} {'layers':>6} {'heads':>5} {'kv':>3} {'vocab':>6} {'tied':>5} "
+          f"{'non-embedding':>14} {'total':>14}")
+    for name, s in SHAPES.items():
+        X = llama_non_embedding_params(s["d_model"], s["n_layers"], s["n_heads"], s["n_kv_heads"], s["ffn_dim"])
+        total = X + embedding_params(s["vocab_size"], s["d_model"], s["tie_embeddings"])
+        print(f"{name:<10} {s['d_model']:>7} {s['ffn_dim']:>6} {s['n_layers']:>6} {s['n_heads']:>5} {s['n_kv_heads']:>3} "
+              f"{s['vocab_size']:>6} {str(s['tie_embeddings']):>5} {X:>14,} {total:>14,}")
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Compute budget of a staged model series (Yano et al. 2.2, 3.3, 3.4).")
     p.add_argument("config", nargs="?", help="series config file (plain Python: stages = [...], tokens_per_param = ...)")
@@ -412,6 +458,7 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, help="--memory: micro-batch per GPU (default: the config's, else 8)")
     p.add_argument("--seq_len", type=int, help="--memory: context (default: the config's, else 1024)")
     p.add_argument("--grad_accum", type=int, help="--memory: micro-steps per step (default: the config's, else 1)")
+    p.add_argument("--shapes", action="store_true", help="list the named shapes with their parameter counts")
     p.error = lambda msg: (print(f"error: {msg}", file=sys.stderr), sys.exit(2))  # one line, not usage + error
     args = p.parse_args(argv)
     try:
@@ -445,20 +492,19 @@ def memory_report(args):
             raise ValueError(f"--memory: member '{name}' has no shape with {', '.join(missing)}")
         shapes.append((name, shape))
 
-    def setting(key, fallback):
+    def setting(key, fallback, train_default):
+        # the flag, else the config's value, else what train.py runs the config with; no config: the fallback
         value = getattr(args, key)
         if value is None and args.config:
-            if key not in cfg:  # what train.py runs the config with (train.py needs torch: imported only here)
-                from train import TrainConfig
-                return getattr(TrainConfig, key)
-            value = cfg[key]
+            value = cfg.get(key, train_default)
         if value is None:
             value = fallback
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
         return value
 
-    micro, seq_len, accum = setting("batch_size", 8), setting("seq_len", 1024), setting("grad_accum", 1)
+    micro, seq_len, accum = (setting("batch_size", 8, DEFAULT_BATCH_SIZE), setting("seq_len", 1024, DEFAULT_SEQ_LEN),
+                             setting("grad_accum", 1, DEFAULT_GRAD_ACCUM))
     capacity = gpu_memory(args.gpu)
     if capacity is None:
         raise ValueError(f"unknown GPU memory for {args.gpu!r}: known {', '.join(GPU_MEMORY_GIB)}, or a name with its "
@@ -498,6 +544,8 @@ def memory_report(args):
               + (f"does not fit {', '.join(misfits)}" if misfits else "fits every member"))
 
 def run(args):
+    if args.shapes:
+        return print_shapes()
     if args.memory:
         return memory_report(args)
     cfg = {}

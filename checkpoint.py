@@ -2,7 +2,7 @@
 checkpoint.py: the one owner of nanogrow's checkpoint file.
 
 A checkpoint is one file written by torch.save: a dict built by make_checkpoint() and nothing else.
-Every writer (train.py, grow.py, posttrain.py, model.py's import-hf) goes through it, so the keys below
+Every writer (train.py, grow.py, posttrain.py, hf.py's import-hf) goes through it, so the keys below
 are the whole schema. Every reader (eval.py, grow.py, posttrain.py, series.py) may count on the first
 group; the second group is there when the writer says so.
 
@@ -28,7 +28,8 @@ Written by save_checkpoint:
     checksum       {"sha256": hex}: a digest of everything above, tensors byte for byte (payload_digest)
 
 stage, start_flops and history travel together as a Lineage: the one object a run is handed to say
-where its model came from.
+where its model came from. model_from_checkpoint builds the Llama a loaded checkpoint describes, its
+weights checked against its model_config.
 
 What loading trusts: nothing in the file. torch.load runs with weights_only=True, whose unpickler builds
 only tensors and plain containers (dict, list, tuple, str, int, float, bool, None), so a crafted file
@@ -51,6 +52,7 @@ import numpy as np
 import torch
 
 from common import CheckpointError, decay_groups
+from model import Llama, config_from_dict, rope_cos_sin
 
 REQUIRED_KEYS = ("model", "model_config", "tokenizer")  # the least a readable checkpoint holds
 # Checkpoints written before nanogrow stored numpy's RNG state as plain lists hold it as a numpy array:
@@ -67,13 +69,14 @@ class Lineage:
     history: list = field(default_factory=list)
 
     @classmethod
-    def after(cls, ckpt):
-        """The lineage of a run that starts from ckpt's weights (growth, init_from, post-training)."""
+    def from_weights(cls, ckpt):
+        """The lineage of a run that starts from ckpt's weights (growth, init_from, post-training): all of
+        ckpt's FLOPs are spent before it."""
         return cls(ckpt.get("stage"), ckpt.get("flops", 0), list(ckpt.get("history", [])))
 
     @classmethod
-    def before(cls, ckpt):
-        """The lineage the run that wrote ckpt was handed (to --resume that run)."""
+    def to_resume(cls, ckpt):
+        """The lineage the run that wrote ckpt was handed (to --resume that run): its start_flops."""
         return cls(ckpt.get("stage"), ckpt.get("start_flops", 0), list(ckpt.get("history", [])))
 
     def then(self, record):
@@ -241,6 +244,67 @@ def load_checkpoint(path, map_location="cpu", tokenizer=None, mmap=False):
                 raise CheckpointError(f"checkpoint {path} was made with tokenizer {have} but the data uses {want}: "
                                       "prepare the data with the checkpoint's tokenizer")
     return ckpt
+
+
+# -----------------------------------------------------------------------------
+# a model from a loaded checkpoint
+
+
+def checkpoint_config(ckpt):
+    """The ModelConfig of a loaded checkpoint; CheckpointError (one line) when its model_config is unusable.
+    Fields that a checkpoint predates take their defaults (one written before moe_experts is dense)."""
+    try:
+        return config_from_dict(ckpt.get("model_config"))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint has an unusable model_config: {e}") from None
+
+
+def model_from_checkpoint(ckpt, device="cpu"):
+    """The Llama a loaded checkpoint describes, its weights checked against its model_config: CheckpointError
+    (one line, naming the tensor) for a missing or extra key, another shape, a tensor that is not floating
+    point, a NaN or an inf. The model is built on the meta device and loaded with assign=True, so there is
+    no random init and, for float32 weights on the CPU, no second copy: its parameters are the
+    checkpoint's own tensors (peak memory while growing: source + target)."""
+    config = checkpoint_config(ckpt)
+    state = ckpt.get("model")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"the checkpoint's weights ('model') are a {type(state).__name__}, not a state dict")
+    with torch.device("meta"):
+        model = Llama(config)
+    want = model.state_dict()
+    missing, extra = [k for k in want if k not in state], [k for k in state if k not in want]
+    if missing or extra:
+        hint = ("; it was saved from a compiled or DDP-wrapped model: strip the '_orig_mod.'/'module.' prefixes"
+                if any(str(k).startswith(("_orig_mod.", "module.")) for k in extra) else "")
+        few = [f"{keys[:3]}{' ...' if len(keys) > 3 else ''}" for keys in (missing, extra)]
+        raise CheckpointError(f"the checkpoint's weights do not fit its model_config: missing {few[0]}, unexpected "
+                              f"{few[1]}{hint or '; the weights and the config come from different models'}")
+    sizes = ", ".join(f"{k}={getattr(config, k)}" for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+                                                            "head_dim", "ffn_dim", "moe_experts"))
+    for k, meta in want.items():
+        v = state[k]
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            what = f"a {v.dtype} tensor" if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
+            raise CheckpointError(f"the checkpoint's weight {k} is {what}, not a floating-point tensor")
+        if v.shape != meta.shape:
+            raise CheckpointError(f"the checkpoint's weight {k} has shape {tuple(v.shape)} but its model_config ({sizes}) "
+                                  f"gives {tuple(meta.shape)}: the weights and the config come from different models")
+    bad = find_non_finite({k: state[k] for k in want})
+    if bad:
+        raise CheckpointError(f"the checkpoint's weight {bad} holds NaN or inf (the run diverged before it was saved): "
+                              "use an earlier checkpoint")
+    tensors = {k: state[k].to("cpu", torch.float32) for k in want}  # no copy when already float32 on the CPU
+    if config.tie_embeddings:
+        emb, head = tensors["embed_tokens.weight"], tensors["lm_head.weight"]
+        if head is not emb and not torch.equal(head, emb):
+            raise CheckpointError("the checkpoint's model_config has tie_embeddings=True but its lm_head.weight differs "
+                                  "from embed_tokens.weight: set tie_embeddings=false in its config, or re-save the model")
+        tensors["lm_head.weight"] = emb
+    model.load_state_dict(tensors, assign=True)
+    if config.tie_embeddings:  # assign gives each module its own Parameter: tie them again
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope_cos, model.rope_sin = rope_cos_sin(config.head_dim, config.max_seq_len, config.rope_theta)
+    return model.to(device)
 
 
 # -----------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """
 common.py: the run machinery that train.py, series.py and posttrain.py share.
 
-Configuration (plain Python config files plus --key=value), the distributed setup under torchrun,
-autocast, AdamW with its weight-decay groups, the learning-rate schedules, RNG state for exact resume,
-the peak FLOP/s behind the MFU figure, and metrics.jsonl with its loss plot. Nothing here knows what
-is being trained: the loops live in train.py (pretraining) and posttrain.py (SFT, DPO).
+The three errors a user can meet, configuration (plain Python config files plus --key=value, each field's
+valid values declared beside it), autocast, AdamW with its weight-decay groups, the learning-rate schedules,
+RNG state for exact resume, the peak FLOP/s behind the MFU figure, and metrics.jsonl with its loss plot.
+Nothing here knows what is being trained: the loops live in train.py (pretraining) and posttrain.py (SFT,
+DPO); the ranks of a torchrun launch are parallel.py's.
 """
 
 import ast
@@ -16,6 +17,7 @@ import os
 import platform
 import random
 import runpy
+import shlex
 import statistics
 import sys
 import time
@@ -39,6 +41,10 @@ class ConfigError(ValueError):
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message is one line saying why and what to do."""
+
+
+class DivergenceError(Exception):
+    """Training diverged and the policy says stop; the message names the step and the last good checkpoint."""
 
 
 # -----------------------------------------------------------------------------
@@ -71,13 +77,17 @@ def _parse_value(text, typ):
     return value
 
 
-def configure(config_cls, argv):
-    """Fill `config_cls` from config files (plain Python, executed) and --key=value arguments.
-    Shared by train.py and posttrain.py. Raises ConfigError naming an unknown key or a wrong type."""
+def configure(config_cls, argv, other_keys=(), other_command=""):
+    """Fill `config_cls` from config files (plain Python, executed) and --key=value arguments, then check it
+    (check_config). Shared by train.py, series.py and posttrain.py. Raises ConfigError naming an unknown key or
+    a wrong type; a key in other_keys (another command's: a staged series' given to train.py) names other_command."""
     known = {f.name: f.type for f in fields(config_cls)}
     values = {}
 
     def set_key(key, value, where):
+        if key in other_keys and key not in known:
+            raise ConfigError(f"config key {key!r} in {where} is {other_command}'s, not {config_cls.__name__}'s: "
+                              f"run python {other_command} {shlex.join(argv)}")
         if key not in known:
             close = [k for k in known if k.split("_")[0] == key.split("_")[0]][:3]
             raise ConfigError(f"unknown config key {key!r} in {where}" + (f" (did you mean {', '.join(close)}?)" if close else "")
@@ -187,53 +197,6 @@ def cli_errors(*user_errors):
 # devices, precision, optimizer, schedule
 
 
-def setup_distributed(device_pref="auto", timeout_s=1800):
-    """(rank, local_rank, world_size, device). Under torchrun (RANK set) joins the process group:
-    nccl on CUDA, gloo on CPU, with a finite timeout on every collective, so a rank that hangs or dies
-    ends the job instead of leaving the others waiting forever."""
-    if device_pref == "auto":
-        device_pref = "cuda" if torch.cuda.is_available() else "cpu"
-    rank, local_rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(device_pref, local_rank) if device_pref == "cuda" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if "RANK" in os.environ and not dist.is_initialized():  # a group of one too: FSDP needs one to run at all
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    return rank, local_rank, world, device
-
-
-def same_on_every_rank(value, what, world):
-    """Raise ConfigError on every rank unless each holds the same `value` (anything picklable): what a rank
-    reads from disk by itself, the checkpoint it resumes from or the data rank 0 prepared, must be what rank 0
-    reads. On one node it always is; a multi-node launch without a shared filesystem would otherwise start
-    some ranks fresh while others resume, their AdamW states apart under one DDP model, and no error."""
-    if world == 1:
-        return
-    values = [None] * world
-    dist.all_gather_object(values, value)
-    other = next((r for r, v in enumerate(values) if v != values[0]), None)
-    if other is not None:
-        raise ConfigError(f"{what}: rank {other} reads {values[other]!r} where rank 0 reads {values[0]!r}; every node must "
-                          "see the same out_dir and data_dir: put them on a filesystem all nodes share")
-
-
-def rank0_first(fn, rank, world):
-    """fn() on rank 0 (its result there, None elsewhere). An exception on rank 0 is raised on every rank,
-    so the others stop too instead of waiting in the next collective until the timeout."""
-    if world == 1:
-        return fn()
-    result, box = None, [None]
-    if rank == 0:
-        try:
-            result = fn()
-        except Exception as e:  # handed to every rank below, then raised
-            box = [e]
-    dist.broadcast_object_list(box, src=0)  # also a barrier: no rank goes on before rank 0 is done
-    if box[0] is not None:
-        raise box[0]
-    return result
-
-
 def autocast_for(device, dtype_name):
     """bf16 autocast on CUDA (weights stay float32); plain float32 elsewhere."""
     dtype_name = ("bfloat16" if device.type == "cuda" else "float32") if dtype_name == "auto" else dtype_name
@@ -263,7 +226,7 @@ def make_optimizer(model, lr, weight_decay, betas, device, decay_embeddings=Fals
               {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
     # the fused kernel (the whole update in one pass per tensor) exists for CUDA and, since torch 2.4, the CPU, where
     # nanoGPT's multi-tensor one costs 1% more of the tiny model's step (BENCHMARKS.md). Meta tensors
-    # (grow.optimizer_names) never step and have no fused kernel.
+    # never step and have no fused kernel.
     fused = device.type in ("cuda", "cpu") and all(p.device.type == device.type for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
@@ -406,21 +369,37 @@ def append_jsonl(path, record):
         f.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
 
 
-def read_jsonl(path):
-    """The records of a JSON-lines log. A last line cut short (a kill mid-write) is dropped; a malformed
-    line elsewhere raises ConfigError naming it."""
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
+def read_jsonl(path, drop_cut_last_line=True):
+    """The records of a JSON-lines file, one JSON object a line, blank lines skipped: a run's metrics.jsonl, and
+    the data and answer files of posttrain.py and judge.py. A file that cannot be read or is not UTF-8 text (a
+    binary given as JSONL), or a line that is not one JSON object, raises one ConfigError naming the file and the
+    line. A last line cut short (no newline after it: a kill mid-write of a log, whose lines are ASCII) is dropped
+    when drop_cut_last_line; a data file passes False, so that a truncated file is an error, not fewer rows."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read {path} ({e.strerror or e})") from None
+    try:
+        lines = raw.decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {raw[e.start:e.start + 1].hex()} at offset {e.start}): "
+                          "is it a binary file? pass a JSON-lines text file") from None
     rows = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            if i == len(lines) - 1:  # no newline after it: the write was cut off
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if drop_cut_last_line and i == len(lines) - 1:  # no newline after it: the write was cut off
                 break
-            raise ConfigError(f"{path} line {i + 1} is not JSON: fix or delete that line") from None
+            raise ConfigError(f"{path} line {i + 1} is not JSON ({e.msg} at column {e.colno}): fix or remove that line "
+                              "(one JSON object a line)") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path} line {i + 1} is a JSON {type(row).__name__}, not an object: "
+                              "each line must be one row, {\"column\": value, ...}")
+        rows.append(row)
     return rows
 
 

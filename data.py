@@ -42,9 +42,7 @@ import numpy as np
 import torch
 from tqdm import tqdm  # installed with datasets
 
-
-class DataError(RuntimeError):
-    """A problem the user can fix; the message is one line, printed without a traceback by the CLI."""
+from common import ConfigError
 
 
 # -----------------------------------------------------------------------------
@@ -129,25 +127,25 @@ GPT2_FILES_SHA256 = {"gpt2.tiktoken": "306cd27f03c1a714eca7108e03d66b7dc042abe8c
 
 
 def _gpt2_from_files(path):
-    """tiktoken's GPT-2 Encoding built from local files (see GPT2_BPE_ENV); DataError when they are not GPT-2's."""
+    """tiktoken's GPT-2 Encoding built from local files (see GPT2_BPE_ENV); ConfigError when they are not GPT-2's."""
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
     from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
     where = f"{GPT2_BPE_ENV}={path}"
     found = {f: os.path.join(path, f) for f in GPT2_FILES_SHA256 if os.path.isfile(os.path.join(path, f))}
+    if not (os.path.isfile(path) or "gpt2.tiktoken" in found or {"vocab.bpe", "encoder.json"} <= set(found)):
+        raise ConfigError(f"{where}: no such file, nor a folder holding gpt2.tiktoken or vocab.bpe + encoder.json")
     try:
         if os.path.isfile(path):
             ranks = load_tiktoken_bpe(path, GPT2_FILES_SHA256["gpt2.tiktoken"])
         elif "gpt2.tiktoken" in found:
             ranks = load_tiktoken_bpe(found["gpt2.tiktoken"], GPT2_FILES_SHA256["gpt2.tiktoken"])
-        elif "vocab.bpe" in found and "encoder.json" in found:
+        else:
             ranks = data_gym_to_mergeable_bpe_ranks(found["vocab.bpe"], found["encoder.json"],
                                                     GPT2_FILES_SHA256["vocab.bpe"], GPT2_FILES_SHA256["encoder.json"])
-        else:
-            raise DataError(f"{where}: no such file, nor a folder holding gpt2.tiktoken or vocab.bpe + encoder.json")
     except (ValueError, AssertionError, OSError) as e:  # tiktoken's hash check and parsers, an unreadable file
         why = "its sha256 is not that of GPT-2's file" if "hash" in str(e).lower() else f"{type(e).__name__}: {e}"
-        raise DataError(f"{where}: not GPT-2's BPE ranks ({why.splitlines()[0][:160]}); point it at GPT-2's "
+        raise ConfigError(f"{where}: not GPT-2's BPE ranks ({why.splitlines()[0][:160]}); point it at GPT-2's "
                         "gpt2.tiktoken, or a folder holding its vocab.bpe and encoder.json") from None
     return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: len(ranks)})
 
@@ -165,7 +163,7 @@ def get_tokenizer(name):
             try:
                 enc = tiktoken.get_encoding("gpt2")  # fetches vocab.bpe + encoder.json on first use
             except Exception as e:
-                raise DataError(
+                raise ConfigError(
                     f"could not fetch the GPT-2 BPE files (vocab.bpe, encoder.json) for tiktoken ({type(e).__name__}); "
                     f"offline, set {GPT2_BPE_ENV} to a local gpt2.tiktoken file or a folder holding vocab.bpe and "
                     "encoder.json, or TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached copies of them (online, "
@@ -174,11 +172,11 @@ def get_tokenizer(name):
         special = {"<|endoftext|>": enc.eot_token}
         special.update({s: enc.n_vocab + i for i, s in enumerate(SPECIALS[1:])})
         return Tokenizer("gpt2", _pad64(enc.n_vocab + len(SPECIALS) - 1), enc.n_vocab, special, enc)
-    raise DataError(f"unknown tokenizer {name!r}: choose 'bytes' or 'gpt2'")
+    raise ConfigError(f"unknown tokenizer {name!r}: choose 'bytes' or 'gpt2'")
 
 
 # The same tokenizers in Hugging Face's format (tokenizer.json of the `tokenizers` library), which transformers'
-# AutoTokenizer, lm-evaluation-harness and vLLM load as they are: model.py export-hf writes it, import-hf reads it.
+# AutoTokenizer, lm-evaluation-harness and vLLM load as they are: hf.py export-hf writes it, import-hf reads it.
 
 
 def byte_level_chars():
@@ -237,19 +235,19 @@ def _tokenizer_identity(obj):
 
 def tokenizer_from_hf(path):
     """The nanogrow tokenizer that a tokenizer.json file is: it must give exactly the ids of bytes or gpt2, as
-    hf_tokenizer_json writes them (a copy re-saved by transformers too). Anything else is a DataError, never a
+    hf_tokenizer_json writes them (a copy re-saved by transformers too). Anything else is a ConfigError, never a
     guess: nanogrow scores and generates only with the tokenizers it has."""
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path} is not a readable tokenizer.json ({type(e).__name__}: {str(e)[:120]})") from None
+        raise ConfigError(f"{path} is not a readable tokenizer.json ({type(e).__name__}: {str(e)[:120]})") from None
     vocab = (obj.get("model") or {}).get("vocab") if isinstance(obj, dict) else None
     size = len(vocab) if isinstance(vocab, dict) else 0
     name = {256: "bytes", 50256: "gpt2"}.get(size)  # which of the two to compare with in full
     if name is not None and _tokenizer_identity(obj) == _tokenizer_identity(hf_tokenizer_json(get_tokenizer(name))):
         return get_tokenizer(name)
-    raise DataError(f"{path} is not one of nanogrow's tokenizers (bytes or gpt2, as model.py export-hf writes them; "
+    raise ConfigError(f"{path} is not one of nanogrow's tokenizers (bytes or gpt2, as hf.py export-hf writes them; "
                     f"this one has {size} vocabulary entries{'' if name is None else ' but other merges, specials or splitting'}): "
                     "nanogrow cannot score or generate with it")
 
@@ -304,7 +302,7 @@ def default_corpus(min_chars=200):
             f"json.dump(data.gather_corpus({int(min_chars)}), sys.stdout)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8")
     if out.returncode != 0:
-        raise DataError(f"gathering the default corpus failed: {(out.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+        raise ConfigError(f"gathering the default corpus failed: {(out.stderr.strip().splitlines() or ['?'])[-1][:200]}")
     return json.loads(out.stdout)
 
 
@@ -359,7 +357,7 @@ def gather_corpus(min_chars):
 
 
 def _missing_column(where, field, found):
-    return DataError(f"{where}: no column {field!r} (columns found: {', '.join(map(str, found)) or 'none'}); "
+    return ConfigError(f"{where}: no column {field!r} (columns found: {', '.join(map(str, found)) or 'none'}); "
                      f"choose the text column with text_field=NAME (CLI: --text_field NAME)")
 
 
@@ -370,21 +368,21 @@ def _source_files(source):
     else:
         files = sorted(glob.glob(source, recursive=True))
     if not files:
-        raise DataError(f"no files match {source!r} (a source is 'default', 'hf:ID[:CONFIG][@SPLIT]', "
+        raise ConfigError(f"no files match {source!r} (a source is 'default', 'hf:ID[:CONFIG][@SPLIT]', "
                         f"or a path / glob / folder of .txt, .jsonl, .parquet files)")
     for f in files:
         if not f.endswith(exts):
-            raise DataError(f"{f}: unsupported file type (supported: {', '.join(exts)})")
+            raise ConfigError(f"{f}: unsupported file type (supported: {', '.join(exts)})")
     return files
 
 
 def _iter_file(path, text_field):
     """The documents of one file. A file that is not UTF-8 text (a binary given by mistake) or a JSON line
-    that does not parse is a DataError naming the file and line, not a traceback from deep inside."""
+    that does not parse is a ConfigError naming the file and line, not a traceback from deep inside."""
     try:
         yield from _read_file(path, text_field)
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); is it a binary file? give text, "
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); is it a binary file? give text, "
                         ".jsonl or .parquet files") from None
 
 
@@ -399,12 +397,12 @@ def _read_file(path, text_field):
                     try:
                         obj = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise DataError(f"{path} line {lineno} is not valid JSON ({e.msg} at column {e.colno}): "
+                        raise ConfigError(f"{path} line {lineno} is not valid JSON ({e.msg} at column {e.colno}): "
                                         "fix or remove that line") from None
                     if not isinstance(obj, dict) or text_field not in obj:
                         raise _missing_column(f"{path} line {lineno}", text_field, list(obj) if isinstance(obj, dict) else [])
                     if not isinstance(obj[text_field], str):
-                        raise DataError(f"{path} line {lineno}: field {text_field!r} holds a {type(obj[text_field]).__name__}, "
+                        raise ConfigError(f"{path} line {lineno}: field {text_field!r} holds a {type(obj[text_field]).__name__}, "
                                         "not text")
                     yield obj[text_field]
     else:  # parquet, read in record batches so large files stream
@@ -413,7 +411,7 @@ def _read_file(path, text_field):
         try:
             pf = pq.ParquetFile(path)
         except pyarrow.ArrowException as e:
-            raise DataError(f"{path} is not a readable parquet file ({str(e).splitlines()[0][:120]})") from None
+            raise ConfigError(f"{path} is not a readable parquet file ({str(e).splitlines()[0][:120]})") from None
         if text_field not in pf.schema_arrow.names:
             raise _missing_column(path, text_field, pf.schema_arrow.names)
         for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
@@ -542,7 +540,7 @@ def prepare(source, tokenizer="bytes", out_dir=None, val_fraction=0.005, max_tok
     tok = get_tokenizer(tokenizer)  # fail on a missing tokenizer before reading any data
     out_dir = out_dir or default_out_dir(source, tokenizer)
     if not 0 <= val_fraction <= 0.5:
-        raise DataError(f"val_fraction must be in [0, 0.5], got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in [0, 0.5], got {val_fraction}")
     max_tokens = None if max_tokens is None else int(max_tokens)
     args = dict(source=source, tokenizer=tokenizer, val_fraction=val_fraction,
                 max_tokens=max_tokens, text_field=text_field)  # num_workers does not change the output
@@ -565,7 +563,7 @@ def prepare(source, tokenizer="bytes", out_dir=None, val_fraction=0.005, max_tok
     try:
         splits = _tokenize_into(tmp, docs, tokenizer, k, max_tokens, num_workers, chunk_docs)
         if splits["train"]["docs"] + splits["val"]["docs"] == 0:
-            raise DataError(f"{source}: no documents found")
+            raise ConfigError(f"{source}: no documents found")
     except BaseException:
         for p in tmp.values():
             if os.path.exists(p):
@@ -597,15 +595,15 @@ def load_prepared(data_dir, split="train"):
     """(read-only np.memmap of the split's token ids, meta dict)."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(meta_path):
-        raise DataError(f"{data_dir}: no prepared data (meta.json missing); "
+        raise ConfigError(f"{data_dir}: no prepared data (meta.json missing); "
                         f"run: python data.py prepare SOURCE --out {data_dir}")
     with open(meta_path) as f:
         meta = json.load(f)
     if split not in meta["splits"]:
-        raise DataError(f"{data_dir}: no split {split!r} (have {', '.join(meta['splits'])})")
+        raise ConfigError(f"{data_dir}: no split {split!r} (have {', '.join(meta['splits'])})")
     path, n = os.path.join(data_dir, f"{split}.bin"), meta["splits"][split]["tokens"]
     if not _bins_complete(data_dir, meta):
-        raise DataError(f"{path}: size does not match meta.json ({n} tokens); the preparation was "
+        raise ConfigError(f"{path}: size does not match meta.json ({n} tokens); the preparation was "
                         f"interrupted or the files were changed: prepare again")
     if n == 0:
         return np.zeros(0, dtype=meta["dtype"]), meta
@@ -615,7 +613,7 @@ def load_prepared(data_dir, split="train"):
 def check_tokenizer(meta, tokenizer_name, vocab_size):
     t = meta["tokenizer"]
     if t["name"] != tokenizer_name or t["vocab_size"] != vocab_size:
-        raise DataError(f"data prepared with tokenizer {t['name']} (vocab {t['vocab_size']}) but the model "
+        raise ConfigError(f"data prepared with tokenizer {t['name']} (vocab {t['vocab_size']}) but the model "
                         f"uses {tokenizer_name} (vocab {vocab_size}): prepare the data with "
                         f"--tokenizer {tokenizer_name}, or use a model made for {t['name']}")
 
@@ -644,7 +642,7 @@ def allocate_rows(weights, global_rows):
     earlier source); every source with a positive weight gets at least one row when there are enough."""
     w = np.asarray(weights, dtype=np.float64)
     if len(w) == 0 or (w < 0).any() or w.sum() <= 0:
-        raise DataError(f"mixture weights must be >= 0 with a positive sum, got {list(weights)}")
+        raise ConfigError(f"mixture weights must be >= 0 with a positive sum, got {list(weights)}")
     quota = w / w.sum() * global_rows
     counts = np.floor(quota).astype(int)
     by_remainder = sorted(range(len(w)), key=lambda s: (-(quota[s] - counts[s]), s))
@@ -678,9 +676,9 @@ class BatchLoader:
         dirs = [data_dirs] if isinstance(data_dirs, (str, os.PathLike)) else list(data_dirs)
         weights = [1.0] * len(dirs) if weights is None else list(weights)
         if len(weights) != len(dirs):
-            raise DataError(f"{len(dirs)} data dirs but {len(weights)} weights")
+            raise ConfigError(f"{len(dirs)} data dirs but {len(weights)} weights")
         if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} outside world_size {world_size}")
+            raise ConfigError(f"rank {rank} outside world_size {world_size}")
         self.batch_size, self.seq_len, self.grad_accum = batch_size, seq_len, grad_accum
         self.rank, self.world_size, self.seed, self.max_tokens = rank, world_size, seed, max_tokens
         self.weights, self.device = weights, device
@@ -697,7 +695,7 @@ class BatchLoader:
                 rows = rows[:max_tokens // seq_len]
             n_rows = len(rows)
             if c > n_rows:
-                raise DataError(f"{d}: {n_rows} rows of seq_len+1 = {seq_len + 1} tokens "
+                raise ConfigError(f"{d}: {n_rows} rows of seq_len+1 = {seq_len + 1} tokens "
                                 f"({len(tokens)} tokens{f', capped at max_tokens={max_tokens}' if max_tokens else ''}) but "
                                 f"each step needs {c}: use more data or a smaller batch")
             name = os.path.basename(os.path.normpath(d))
@@ -716,7 +714,7 @@ class BatchLoader:
     def row_ids(self, step, micro_step=0):
         """[(source index, row index)] of this rank's micro-batch."""
         if not 0 <= micro_step < self.grad_accum:
-            raise DataError(f"micro_step {micro_step} outside grad_accum {self.grad_accum}")
+            raise ConfigError(f"micro_step {micro_step} outside grad_accum {self.grad_accum}")
         k = micro_step * self.world_size + self.rank
         out = []
         for s, j in self.layout[k * self.batch_size:(k + 1) * self.batch_size]:
@@ -761,7 +759,7 @@ def val_batches(data_dir, batch_size, seq_len, n_batches, device="cpu"):
     tokens, _ = load_prepared(data_dir, "val")
     T, n_rows = seq_len, max(0, (len(tokens) - 1) // seq_len)
     if n_rows == 0:
-        raise DataError(f"{data_dir}: the val split has {len(tokens)} tokens, fewer than seq_len+1 = {T + 1}; "
+        raise ConfigError(f"{data_dir}: the val split has {len(tokens)} tokens, fewer than seq_len+1 = {T + 1}; "
                         f"prepare with a larger --val_fraction")
     n = min(n_rows, n_batches * batch_size)
     batches = []
@@ -788,7 +786,7 @@ def describe(data_dir):
         try:
             head = get_tokenizer(tok["name"]).decode(tokens[:200])
             lines.append(f"  train begins: {head[:160]!r}")
-        except DataError:
+        except ConfigError:
             pass
     return "\n".join(lines)
 
@@ -815,7 +813,7 @@ def main(argv=None):
             print(describe(out))
         else:
             print(describe(a.dir))
-    except DataError as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -8,7 +8,7 @@ and the command line of the series report and scaling-law fits (their code is in
     python eval.py --report RUN_DIR [--tasks ...]    # RUN_DIR/report.md (Table 1), RUN_DIR/series.png (Figure 2)
     python eval.py --fit RUN_DIR                     # fit scaling laws on the smaller members, predict the largest
 
-A CKPT is a nanogrow checkpoint (.pt) or a Hugging Face folder (model.py export-hf writes one), scored with the
+A CKPT is a nanogrow checkpoint (.pt) or a Hugging Face folder (hf.py export-hf writes one), scored with the
 folder's own tokenizer. The table has one row per checkpoint; --out writes {ckpt: {task: {metric: {"value", "stderr",
 "n"}}}}; --samples writes a JSON line per document with its requests and their scores (the harness's --log_samples).
 
@@ -36,18 +36,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from checkpoint import CheckpointError, load_checkpoint
-from model import import_hf, model_from_checkpoint
-from report import SeriesError, fit_series, load_eval, load_series, markdown_table, number, plot_series, series_report
-
-
-class EvalError(Exception):
-    """A problem the user can fix; the CLI prints the one-line message without a traceback."""
+from checkpoint import load_checkpoint, model_from_checkpoint
+from common import CheckpointError, ConfigError
+from hf import import_hf
+from report import fit_series, load_eval, load_series, markdown_table, number, plot_series, series_report
 
 
 def load_model(path, device="cpu"):
     """(Llama in eval mode, data.Tokenizer) from a checkpoint file or a Hugging Face folder. A folder is scored with
-    its own tokenizer (model.import_hf): one of nanogrow's, never one guessed from the vocabulary size."""
+    its own tokenizer (hf.import_hf): one of nanogrow's, never one guessed from the vocabulary size."""
     path = os.fspath(path)
     if os.path.isdir(path):
         model, tokenizer = import_hf(path)
@@ -82,7 +79,7 @@ def make_request(ctx, cont, max_len):
     """(tokens, n): score the last n tokens given the ones before. Too long for the model: the context
     is cut from the left, as the harness does ((context + continuation)[-(max_length + 1):])."""
     if not 0 < len(cont) <= max_len:
-        raise EvalError(f"a continuation of {len(cont)} tokens cannot be scored with max_seq_len={max_len}")
+        raise ConfigError(f"a continuation of {len(cont)} tokens cannot be scored with max_seq_len={max_len}")
     return (ctx + cont)[-(max_len + 1):], len(cont)
 
 
@@ -95,7 +92,7 @@ def rolling_windows(n_tokens, max_len, context_len=1):
     the tokens before them (context_len=1, the harness's choice: disjoint windows; larger means overlap,
     i.e. a stride of max_len - context_len + 1 and every token with at least context_len tokens before it)."""
     if not 1 <= context_len <= max_len:
-        raise EvalError(f"context_len must be in [1, {max_len}], got {context_len}")
+        raise ConfigError(f"context_len must be in [1, {max_len}], got {context_len}")
     if n_tokens <= 0:
         return []
     first = min(max_len, n_tokens)
@@ -125,7 +122,7 @@ def score(model, requests, batch_size=16, device="cpu", desc="scoring", progress
         rows = order[start:start + batch_size]
         T = len(requests[rows[0]][0]) - 1
         if T > max_len:
-            raise EvalError(f"request of {T + 1} tokens is longer than max_seq_len + 1 = {max_len + 1}")
+            raise ConfigError(f"request of {T + 1} tokens is longer than max_seq_len + 1 = {max_len + 1}")
         x = torch.zeros(len(rows), T, dtype=torch.long)
         y = torch.zeros(len(rows), T, dtype=torch.long)
         scored = torch.zeros(len(rows), T, dtype=torch.bool)
@@ -303,7 +300,7 @@ def load_docs(name, source=None, limit=None):
         try:
             ds = datasets.load_dataset(task.path, task.config, split=task.split)
         except Exception as e:  # offline, no such dataset, ...: one line, and the way around it
-            raise EvalError(f"could not load {task.path} ({task.config}, {task.split}) through datasets "
+            raise ConfigError(f"could not load {task.path} ({task.config}, {task.split}) through datasets "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); without the hub, "
                             f"give --task_data {name}=FILE.jsonl (or a folder) in the same schema") from None
         ds = ds.select(range(min(limit, len(ds)))) if limit is not None else ds
@@ -312,10 +309,10 @@ def load_docs(name, source=None, limit=None):
         found = [os.path.join(source, (task.file or name) + ext) for ext in (".jsonl", ".parquet", ".json")]
         found = [f for f in found if os.path.exists(f)]
         if not found:
-            raise EvalError(f"{source} has no {task.file or name}.jsonl, .parquet or .json for task {name}")
+            raise ConfigError(f"{source} has no {task.file or name}.jsonl, .parquet or .json for task {name}")
         source = found[0]
     if not os.path.exists(source):
-        raise EvalError(f"task data {source} not found")
+        raise ConfigError(f"task data {source} not found")
     return read_rows(source)[:limit]
 
 
@@ -384,10 +381,10 @@ def eval_valid(model, tok, data_dir, stride=None, limit=None, **kw):
     data.check_tokenizer(meta, tok.name, tok.vocab_size)
     L = model.config.max_seq_len
     if not 1 <= (stride or L) <= L:
-        raise EvalError(f"--stride must be in [1, max_seq_len={L}], got {stride}")
+        raise ConfigError(f"--stride must be in [1, max_seq_len={L}], got {stride}")
     windows = rolling_windows(len(tokens) - 1, L, context_len=L - (stride or L) + 1)[:limit]
     if not windows:
-        raise EvalError(f"{data_dir}: the val split has {len(tokens)} tokens; at least 2 are needed")
+        raise ConfigError(f"{data_dir}: the val split has {len(tokens)} tokens; at least 2 are needed")
     scores = score(model, [(tokens[a:b], n) for a, b, n in windows], **kw)
     nll, counts = [-s for s, _ in scores], [n for _, _, n in windows]
     split = meta["splits"]["val"]
@@ -417,7 +414,7 @@ def pass_until(sample_fn, check_fn, r=2, cap=1000, batch=1):
     are drawn `batch` at a time (one model call); those after the stopping point are ignored, so the
     stopping time is that of drawing one by one."""
     if r < 1 or cap < r:
-        raise EvalError(f"pass_until needs r >= 1 and cap >= r, got r={r}, cap={cap}")
+        raise ConfigError(f"pass_until needs r >= 1 and cap >= r, got r={r}, cap={cap}")
     passes = attempts = 0
     while passes < r and attempts < cap:
         for sample in sample_fn(min(batch, cap - attempts)):
@@ -475,12 +472,12 @@ def evaluate(model, tok, tasks, task_data=None, limit=None, batch_size=16, devic
     results, task_data = {}, task_data or {}
     unknown = [t for t in tasks if t != "valid" and t not in TASKS]
     if unknown:
-        raise EvalError(f"unknown task(s) {unknown}: choose from valid, {', '.join(TASKS)}")
+        raise ConfigError(f"unknown task(s) {unknown}: choose from valid, {', '.join(TASKS)}")
     for name in tasks:
         kw = dict(batch_size=batch_size, device=device, progress=progress, desc=name)
         if name == "valid":
             if not data_dir:
-                raise EvalError("task valid needs --data_dir (a folder made by data.py prepare)")
+                raise ConfigError("task valid needs --data_dir (a folder made by data.py prepare)")
             results[name], details = eval_valid(model, tok, data_dir, stride, limit, **kw)
             if samples is not None:
                 samples.extend({"task": name, "doc_id": i, **d} for i, d in enumerate(details))
@@ -538,7 +535,7 @@ def parse_task_data(items):
         elif not eq:
             out["*"] = item  # a folder (or file) for every task
         else:
-            raise EvalError(f"--task_data {item}: unknown task {name!r}")
+            raise ConfigError(f"--task_data {item}: unknown task {name!r}")
     return out
 
 
@@ -549,7 +546,7 @@ def open_samples(path):
     try:
         return open(path, "w", encoding="utf-8")
     except OSError as e:
-        raise EvalError(f"--samples {path}: cannot write there ({e.strerror or e})") from None
+        raise ConfigError(f"--samples {path}: cannot write there ({e.strerror or e})") from None
 
 
 def write_samples(f, ckpt, samples):
@@ -624,7 +621,7 @@ def main(argv=None):
         if a.out:
             with open(a.out, "w") as f:
                 json.dump(results, f, indent=1)
-    except (EvalError, SeriesError, CheckpointError, data.DataError) as e:
+    except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:

@@ -1,39 +1,38 @@
 """
-grow.py: make a trained Llama wider and deeper, the step between the stages of the series
-(Yano et al. 2025, section 2.2, eq. (1): theta_{i+1} = f(theta_i; X_{i+1}), with f = bert2BERT, which
-"copies the weights of linear layers to widen the hidden dims, and stacks trained layers upward").
+grow.py: make a trained Llama wider and deeper, the step between the stages of the series (Yano et al. 2025,
+section 2.2, eq. (1): theta_{i+1} = f(theta_i; X_{i+1}), with f = bert2BERT, which "copies the weights of linear
+layers to widen the hidden dims, and stacks trained layers upward").
 
     python grow.py out/cpu-1.pt --to cpu-2 --width fpi --depth zero --out out/cpu-2-init.pt
     python grow.py out/cpu-4.pt --to cpu-4,moe_experts=8,moe_top_k=2 --out out/cpu-4-8x.pt   # upcycle (U)
     python grow.py out/cpu-1/final.pt --to cpu-2 --optimizer grown --out g.pt  # AdamW's state too (A), for
     python train.py --init_from=g.pt --init_optimizer ...                      # a run that continues it
-    python grow.py --explain     # a worked example (width 4 -> 6, 3 -> 5 layers), printed and drawn
+    python grow_explain.py       # a worked example (width 4 -> 6, 3 -> 5 layers), printed and drawn
 
-Width first (every existing layer), then depth. Notation: the source has residual width d, FFN width
-F, H query heads in Hk KV groups of G = H/Hk, L layers; the target D, F', H', Hk', G', L'. head_dim
-stays fixed: width grows by adding heads (the paper's 1B -> 2B: 16 -> 20 heads of 128).
+Width first (every existing layer), then depth. Notation: the source has residual width d, FFN width F, H query
+heads in Hk KV groups of G = H/Hk, L layers; the target D, F', H', Hk', G', L'. head_dim stays fixed: width grows
+by adding heads (the paper's 1B -> 2B: 16 -> 20 heads of 128).
 
-Width, "fpi" (bert2BERT, Chen et al. 2022, ACL, width-wise expansion: "function preserving
-initialization", which extends Net2Net to Transformers). Each new unit copies an old one through a map
-g: new index -> old index, the identity on the old indices followed by seeded random picks without
-replacement, one round per multiple (any ratio, 2048 -> 2560 included). k_j = #{i : g(i) = j} copies
-of old unit j. The maps are a WidthMaps; a grown checkpoint's last history record holds them as lists.
+Width, "fpi" (bert2BERT, Chen et al. 2022, ACL, width-wise expansion: "function preserving initialization", which
+extends Net2Net to Transformers). Each new unit copies an old one through a map g: new index -> old index, the
+identity on the old indices followed by seeded random picks without replacement, one round per multiple (any
+ratio, 2048 -> 2560 included). k_j = #{i : g(i) = j} copies of old unit j. The maps are a WidthMaps; a grown
+checkpoint's last history record holds them as lists.
 
 Why fpi keeps the function. The rules are named; the lines that apply them cite the names.
-  H1  hidden units (FFN neurons, attention heads: between an in- and an out-projection).
-      In-weights copied, out-weights divided by the copy count:
+  H1  hidden units (FFN neurons, attention heads: between an in- and an out-projection). In-weights copied,
+      out-weights divided by the copy count:
           W_in'[i, :] = W_in[g(i), :]        W_out'[:, i] = W_out[:, g(i)] / k_g(i)
-      (rows of gate/up and of q/k/v per head_dim block; columns of down_proj and o_proj). Copy i
-      computes h'_i = h_g(i), and sum_{i: g(i)=j} W_out[:, j] h_j / k_j = W_out[:, j] h_j.
-  H2  GQA: query head h reads KV head h // G'. KV heads are mapped first; the G' query slots of every
-      new KV head that copies old KV head m get old query heads of m's group (its G heads once each,
-      then seeded repeats), so every query copy reads a copy of the keys and values it was trained
-      with. KV heads are never divided (each query reads exactly one KV head); o_proj divides by the
-      copies of each query head (H1). Possible iff floor(Hk'/Hk) G' >= G; otherwise ValueError.
-  Residual dims (d -> D). Copying as in H1 is not exact here: RMSNorm divides by sqrt(mean over all
-  D dims), and a dim copied k times counts k times in that mean. Three rules instead:
-  R1  writers (embed_tokens columns, o_proj and down_proj rows) are copied times 1/sqrt(k), so the
-      stream carries
+      (rows of gate/up and of q/k/v per head_dim block; columns of down_proj and o_proj). Copy i computes
+      h'_i = h_g(i), and sum_{i: g(i)=j} W_out[:, j] h_j / k_j = W_out[:, j] h_j.
+  H2  GQA: query head h reads KV head h // G'. KV heads are mapped first; the G' query slots of every new KV head
+      that copies old KV head m get old query heads of m's group (its G heads once each, then seeded repeats), so
+      every query copy reads a copy of the keys and values it was trained with. KV heads are never divided (each
+      query reads exactly one KV head); o_proj divides by the copies of each query head (H1). Possible iff
+      floor(Hk'/Hk) G' >= G; otherwise ValueError.
+  Residual dims (d -> D). Copying as in H1 is not exact here: RMSNorm divides by sqrt(mean over all D dims), and
+  a dim copied k times counts k times in that mean. Three rules instead:
+  R1  writers (embed_tokens columns, o_proj and down_proj rows) are copied times 1/sqrt(k), so the stream carries
           x'_i = x_g(i) / sqrt(k_g(i)),   hence   sum_i x'_i^2 = sum_j x_j^2,   mean'(x'^2) = (d/D) mean(x^2).
       A residual add keeps R1: both of its terms follow it.
   R2  every RMSNorm (the two of each block and the final one):
@@ -41,79 +40,79 @@ Why fpi keeps the function. The rules are named; the lines that apply them cite 
       so that, with j = g(i),
           gain'_i x'_i / sqrt(mean'(x'^2) + eps')
               = gain_j sqrt(d/D) (x_j / sqrt k_j) / sqrt((d/D) (mean(x^2) + eps)) = RMSNorm(x)_j / sqrt(k_j):
-      the normalized stream follows R1's rule too. Without the gain rule every copy is sqrt(D/d) too
-      large; without the eps rule the norm divides by sqrt(mean + eps D/d) instead. The grown config
-      therefore carries norm_eps = source eps d/D (the target config's own norm_eps is not used).
+      the normalized stream follows R1's rule too. Without the gain rule every copy is sqrt(D/d) too large;
+      without the eps rule the norm divides by sqrt(mean + eps D/d) instead. The grown config therefore carries
+      norm_eps = source eps d/D (the target config's own norm_eps is not used).
   R3  readers (q/k/v, gate/up, an untied lm_head: columns) are copied times 1/sqrt(k):
           sum_i W[:, g(i)] / sqrt(k_g(i)) * y_g(i) / sqrt(k_g(i)) = sum_j k_j W[:, j] y_j / k_j = W y.
-  By induction over the blocks (R1 in, R2 + R3 into the hidden units, H1/H2 through them, R1 out) and
-  R2 + R3 at the final norm and lm_head, the grown model computes the old logits. Tied embeddings: one
-  matrix is writer (R1) and reader (R3), both want 1/sqrt(k): consistent, no logit scale needed.
-  N   symmetry breaking (noise > 0, seeded). Exact copies get equal gradients forever (the tests show
-      duplicated neurons stay equal after a step with noise=0). Where copies carry equal inputs their
-      READER weights only matter through their sum, so those get noise z_c with sum_c z_c = 0 over the
-      copies c of each unit: down_proj columns (copied neurons), o_proj columns (copied query heads),
-      q/k/v/gate/up and untied lm_head columns (copied residual dims), and the zeroed o_proj/down_proj
-      of depth "zero" layers. z_c = y_c - y_next(c), next going round the copies of the unit in a
-      cycle, y ~ N(0, (noise std(source weight))^2 / 2): the sum telescopes to 0. A tied embedding is
-      also a writer: no noise there. Function preserving up to float rounding. The copies then drift
-      apart under training, slowly at first with AdamW, whose first step is sign(grad) for every
-      weight (equal for nearly equal gradients).
+  By induction over the blocks (R1 in, R2 + R3 into the hidden units, H1/H2 through them, R1 out) and R2 + R3 at
+  the final norm and lm_head, the grown model computes the old logits. Tied embeddings: one matrix is writer (R1)
+  and reader (R3), both want 1/sqrt(k): consistent, no logit scale needed.
+  N   symmetry breaking (noise > 0, seeded). Exact copies get equal gradients forever (the tests show duplicated
+      neurons stay equal after a step with noise=0). Where copies carry equal inputs their READER weights only
+      matter through their sum, so those get noise z_c with sum_c z_c = 0 over the copies c of each unit:
+      down_proj columns (copied neurons), o_proj columns (copied query heads), q/k/v/gate/up and untied lm_head
+      columns (copied residual dims), and the zeroed o_proj/down_proj of depth "zero" layers. z_c = y_c - y_next(c),
+      next going round the copies of the unit in a cycle, y ~ N(0, (noise std(source weight))^2 / 2): the sum
+      telescopes to 0. A tied embedding is also a writer: no noise there. Function preserving up to float rounding.
+      The copies then drift apart under training, slowly at first with AdamW, whose first step is sign(grad) for
+      every weight (equal for nearly equal gradients).
 
-Width, "aki" (bert2BERT, width-wise expansion: "advanced knowledge initialization"): as fpi, but the
-in-weights of the new units (the copies beyond the first of each FFN neuron and KV head) come from the same
-units of the layer ABOVE (layer l+1); the top layer has none above and uses its own (fpi there). A query head
-reads layer l+1 exactly when its KV head does (H2 again: it attends with the keys it was trained with), so
-growth that adds query heads but no KV heads takes every query head from layer l. Out-weights are split as in
-fpi (H1), residual dims as in fpi (R1-R3). Not function preserving: the gap is reported, never claimed 0.
+Width, "aki" (bert2BERT, width-wise expansion: "advanced knowledge initialization"): as fpi, but the in-weights
+of the new units (the copies beyond the first of each FFN neuron and KV head) come from the same units of the
+layer ABOVE (layer l+1); the top layer has none above and uses its own (fpi there). A query head reads layer l+1
+exactly when its KV head does (H2 again: it attends with the keys it was trained with), so growth that adds query
+heads but no KV heads takes every query head from layer l. Out-weights are split as in fpi (H1), residual dims as
+in fpi (R1-R3). Not function preserving: the gap is reported, never claimed 0.
 
 Depth (after width; L -> L'):
-  * "zero": L'-L new layers spread evenly over the L-1 gaps between old layers: new layer i goes
-    after old layer floor((2i+1)(L-1) / 2(L'-L)) (midpoints of equal stretches; 18 -> 22 inserts after
-    2, 6, 10, 14). Never after the top layer (unless L = 1): the first and last layers, which face the
-    embedding and lm_head, stay at the ends, and trained layers stay in runs of similar length.
-    Z: a new layer copies the (widened) layer below it, with o_proj and down_proj set to zero (plus
-    the paired noise N, which sums to zero): each new block adds 0 to the residual stream, so the
-    function is preserved. Copying the neighbor instead of zeros everywhere gives the new block
-    trained attention patterns and activations, so o_proj/down_proj get useful gradients (as the
-    identity blocks of LLaMA-Pro's block expansion, Wu et al. 2024, ACL, which copy a block and zero
-    its output projections).
+  * "zero": L'-L new layers spread evenly over the L-1 gaps between old layers: new layer i goes after old layer
+    floor((2i+1)(L-1) / 2(L'-L)) (midpoints of equal stretches; 18 -> 22 inserts after 2, 6, 10, 14). Never after
+    the top layer (unless L = 1): the first and last layers, which face the embedding and lm_head, stay at the
+    ends, and trained layers stay in runs of similar length.
+    Z: a new layer copies the (widened) layer below it, with o_proj and down_proj set to zero (plus the paired
+    noise N, which sums to zero): each new block adds 0 to the residual stream, so the function is preserved.
+    Copying the neighbor instead of zeros everywhere gives the new block trained attention patterns and
+    activations, so o_proj/down_proj get useful gradients (as the identity blocks of LLaMA-Pro's block
+    expansion, Wu et al. 2024, ACL, which copy a block and zero its output projections).
   * "zero_groups" (LLaMA-Pro's placement, Wu et al. 2024, section 3.1): the L layers in L'-L groups of
     consecutive layers, a new layer (Z, as above) after each group's top layer, the top layer's included
     (32 -> 40: after layers 3, 7, ..., 31). Function preserving.
-  * "stack" (bert2BERT's depth-wise expansion, after StackBERT): the trained stack is stacked on
-    itself: new layer L+j copies layer j mod L (L' = 2L copies the whole stack once; a remainder takes
-    the bottom layers, 18 -> 22 appends 0-3). "stack_top": a remainder takes the top layers, as
-    bert2BERT's Algorithm 1 does (18 -> 22 appends 14-17). Not function preserving.
-  * "dus" (SOLAR Depth Up-Scaling, Kim et al. 2024, arXiv 2312.15166): two copies of the L layers,
-    the last m dropped from the first and the first m from the second, concatenated: layers
-    0..L-m-1, m..L-1, L' = 2L - 2m (m from the target or --dus_overlap). Not function preserving.
+  * "stack" (bert2BERT's depth-wise expansion, after StackBERT): the trained stack is stacked on itself: new
+    layer L+j copies layer j mod L (L' = 2L copies the whole stack once; a remainder takes the bottom layers,
+    18 -> 22 appends 0-3). "stack_top": a remainder takes the top layers, as bert2BERT's Algorithm 1 does
+    (18 -> 22 appends 14-17). Not function preserving.
+  * "dus" (SOLAR Depth Up-Scaling, Kim et al. 2024, arXiv 2312.15166): two copies of the L layers, the last m
+    dropped from the first and the first m from the second, concatenated: layers 0..L-m-1, m..L-1, L' = 2L - 2m
+    (m from the target or --dus_overlap). Not function preserving.
 
 The optimizer (grow_checkpoint(optimizer="grown"), grow.py --optimizer grown):
-  A   AdamW's moments are grown with the weights, through the same maps, so that the next stage starts from the
-      state the grown model would have if it had followed the source's trajectory in grown form: a weight copied
-      with scale c into K copies has gradient grad / (c K) there, so m' = m / (c K) and v' = v / (c K)^2 (the
-      derivation at moment_scales). Each parameter keeps its step count; a new zero block (Z) and an upcycled
-      router with its experts (U) have no history and start fresh (step 0), as a fresh AdamW starts them.
+  A   AdamW's moments are grown with the weights, by parameter name through the same maps, so that the next stage
+      starts from the state the grown model would have if it had followed the source's trajectory in grown form:
+      a weight copied with scale c into K copies has gradient grad / (c K) there, so m' = m / (c K) and
+      v' = v / (c K)^2 (the derivation at moment_scales). Each parameter keeps its step count; a new zero block
+      (Z) and an upcycled router with its experts (U) have no history and start fresh (step 0), as a fresh AdamW.
 
 Precision: every tensor is filled in float32 (or float64) and rounded once into the model's dtype, so a bf16 model
 grows to the float32 growth of its weights, cast. RoPE's tables are float64, as a fresh model's.
 
 Mixture of experts (a target with moe_experts = E > 0, model.SparseMoE's Mixtral layout):
-  U   upcycling (Komatsuzaki et al. 2023, ICLR, "Sparse Upcycling"): from a dense source, every expert of
-      a layer is a copy of its (widened) MLP and the router is new (random, std ROUTER_STD). The block gives
+  U   upcycling (Komatsuzaki et al. 2023, ICLR, "Sparse Upcycling"): from a dense source, every expert of a layer
+      is a copy of its (widened) MLP and the router is new (random, std ROUTER_STD). The block gives
           sum_{e in top-k(x)} w_e(x) MLP_e(x),   w_e = p_e / sum_{e' in top-k(x)} p_e'   so  sum_e w_e = 1,
-      and with MLP_e = MLP for every e that is MLP(x) * sum_e w_e = MLP(x), whatever the router picks:
-      the upcycled model computes the dense function (up to the rounding of the sum of the w's).
-      The width rules hold for each expert as for the MLP (H1, R1, R3), with its own noise draws (N):
-      where neurons or residual dims are copied, the experts then differ in their weights and agree in
-      their function. At the same width there are no copies to hide noise in, and the experts start
-      identical: routing breaks the symmetry, since each expert is trained on the tokens routed to it with
-      their weights, so the experts' gradients differ from the first step (tests/test_moe.py checks).
-      Depth zero's new layers zero every expert's down_proj (Z: a weighted sum of zeros is zero).
-      A mixture of experts grows into one with the same E and k: every expert is widened with the same
-      maps, and the router reads the stream (R3, with N). Another E or k would change which experts a
-      token reaches, so it is refused.
+      and with MLP_e = MLP for every e that is MLP(x) * sum_e w_e = MLP(x), whatever the router picks: the
+      upcycled model computes the dense function (up to the rounding of the sum of the w's). The width rules hold
+      for each expert as for the MLP (H1, R1, R3), with its own noise draws (N): where neurons or residual dims
+      are copied, the experts then differ in their weights and agree in their function. At the same width there
+      are no copies to hide noise in, and the experts start identical: routing breaks the symmetry, since each
+      expert is trained on the tokens routed to it with their weights, so the experts' gradients differ from the
+      first step (tests/test_moe.py checks). Depth zero's new layers zero every expert's down_proj (Z: a weighted
+      sum of zeros is zero). A mixture of experts grows into one with the same E and k: every expert is widened
+      with the same maps, and the router reads the stream (R3, with N). Another E or k would change which experts
+      a token reaches, so it is refused.
+
+The file reads in that order: the depth plan, the width maps, expanding one tensor, widening a block, the grown
+model and its measured gap (the proof, checked), grow() and grow_checkpoint(), AdamW's state, the command line.
 """
 
 import argparse
@@ -121,14 +120,14 @@ import copy
 import math
 import os
 import re
-import sys
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
-from checkpoint import CheckpointError, Lineage, find_non_finite, load_checkpoint, make_checkpoint, save_checkpoint
-from common import make_optimizer
-from model import Llama, ModelConfig, config_from_dict, config_from_shape, model_from_checkpoint, rope_cos_sin
+from checkpoint import (CheckpointError, Lineage, checkpoint_config, find_non_finite, load_checkpoint, make_checkpoint,
+                        model_from_checkpoint, optimizer_state_by_name, save_checkpoint)
+from common import cli_errors, decay_groups
+from model import Llama, ModelConfig, config_from_shape, rope_cos_sin
 
 WIDTHS = ("fpi", "aki")
 OPTIMIZERS = ("fresh", "grown")  # after growth: a fresh AdamW, or the source's state grown with the weights (A)
@@ -138,7 +137,7 @@ GAP_FLOAT64_MAX_PARAMS = 500_000_000  # grow_checkpoint measures the gap in floa
 ROUTER_STD = 0.02  # an upcycled router's init: Llama._init_weights' std (transformers' initializer_range too)
 
 # -----------------------------------------------------------------------------
-# checks and plans
+# the depth plan: which old layer every new layer copies
 
 
 def depth_plan(n_old, n_new, depth, dus_overlap=None):
@@ -162,47 +161,8 @@ def depth_plan(n_old, n_new, depth, dus_overlap=None):
     return [(s, False) for s in range(n_old - m)] + [(s, False) for s in range(m, n_old)]
 
 
-def check_growth(src, tgt, width, depth, noise, dus_overlap):
-    """Raise ValueError (one line: what, and what to do) unless src can grow into tgt."""
-    if width not in WIDTHS or depth not in DEPTHS:
-        raise ValueError(f"width must be one of {WIDTHS} and depth one of {DEPTHS}, "
-                         f"got width={width!r} depth={depth!r}")
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not (math.isfinite(noise) and noise >= 0):
-        raise ValueError(f"noise must be a finite number >= 0 (a relative std, e.g. 1e-3; 0 for exact copies), "
-                         f"got {noise!r}")
-    for name in ("vocab_size", "head_dim", "rope_theta", "tie_embeddings"):
-        if getattr(src, name) != getattr(tgt, name):
-            have, want = getattr(src, name), getattr(tgt, name)
-            raise ValueError(f"growth keeps {name} fixed ({have}) but the target has {want}: set {name}={have} in the target")
-    if src.moe_experts and (tgt.moe_experts, tgt.moe_top_k) != (src.moe_experts, src.moe_top_k):  # U
-        raise ValueError(f"a mixture of experts grows only into one with the same moe_experts={src.moe_experts} and "
-                         f"moe_top_k={src.moe_top_k} (other experts or another k would change which experts a token "
-                         f"reaches), but the target has {tgt.moe_experts} and {tgt.moe_top_k}: set those in the target")
-    for name in ("d_model", "ffn_dim", "n_heads", "n_kv_heads", "n_layers"):
-        if getattr(tgt, name) < getattr(src, name):
-            raise ValueError(f"target {name}={getattr(tgt, name)} is smaller than the source's {getattr(src, name)}: "
-                             f"growth only adds; pick a target at least as large in every dimension")
-    G, Gn, per_kv = src.n_heads // src.n_kv_heads, tgt.n_heads // tgt.n_kv_heads, tgt.n_kv_heads // src.n_kv_heads
-    if per_kv * Gn < G:  # H2
-        raise ValueError(f"cannot keep GQA groups: {src.n_kv_heads} KV heads with {G} query heads each -> "
-                         f"{tgt.n_kv_heads} KV heads with {Gn} each leaves some KV head only {per_kv * Gn} query slots "
-                         f"for its {G} heads; make floor(n_kv_heads'/{src.n_kv_heads}) * n_heads'/n_kv_heads' >= {G}")
-    L, Ln = src.n_layers, tgt.n_layers
-    if depth == "dus":
-        m = dus_overlap
-        if m is None and Ln != L and (Ln % 2 or Ln > 2 * L):
-            raise ValueError(f"depth 'dus' gives 2L-2m layers, so from L={L} it reaches only even depths up to "
-                             f"{2 * L}, not n_layers={Ln}: pick an even n_layers in [{L}, {2 * L}] or use depth zero/stack")
-        if m is not None and not (0 <= m < L and 2 * L - 2 * m == Ln):
-            raise ValueError(f"dus_overlap={m} gives 2*{L}-2*{m}={2 * L - 2 * m} layers but the target has "
-                             f"n_layers={Ln}: leave dus_overlap out (m follows from the target) "
-                             f"or pick n_layers=2*{L}-2m with 0 <= m < {L}")
-    elif dus_overlap is not None:
-        raise ValueError(f"dus_overlap is only for depth 'dus', not {depth!r}")
-
-
 # -----------------------------------------------------------------------------
-# index maps: new unit -> old unit
+# the width maps: new unit -> old unit
 
 
 @dataclass
@@ -257,7 +217,7 @@ def width_maps(src, tgt, gen):
     """All maps of the width growth (a WidthMaps). The draws, in this order: residual, FFN, KV heads,
     then the query heads of each old KV group."""
     hd, G, Gn = src.head_dim, src.n_heads // src.n_kv_heads, tgt.n_heads // tgt.n_kv_heads
-    r, f = unit_map(src.d_model, tgt.d_model, gen), unit_map(src.ffn_dim, tgt.ffn_dim, gen)
+    residual, ffn = unit_map(src.d_model, tgt.d_model, gen), unit_map(src.ffn_dim, tgt.ffn_dim, gen)
     kv = unit_map(src.n_kv_heads, tgt.n_kv_heads, gen)
     q = torch.empty(tgt.n_heads, dtype=torch.long)
     for m in range(src.n_kv_heads):  # H2: the query slots of every new KV head copying old KV head m
@@ -270,11 +230,11 @@ def width_maps(src, tgt, gen):
 
     kv_new = ~first_copies(kv)
     return WidthMaps(
-        residual=r, residual_scale=(1.0 / copy_counts(r, src.d_model).double()).sqrt(),  # R1, R3: 1/sqrt(k)
-        ffn=f, ffn_div=1.0 / copy_counts(f, src.ffn_dim).double(),  # H1: 1/k
+        residual=residual, residual_scale=(1.0 / copy_counts(residual, src.d_model).double()).sqrt(),  # R1, R3
+        ffn=ffn, ffn_div=1.0 / copy_counts(ffn, src.ffn_dim).double(),  # H1: 1/k
         kv_heads=kv, q_heads=q, kv_rows=per_row(kv), q_rows=per_row(q),
         q_div=(1.0 / copy_counts(q, src.n_heads).double()).repeat_interleave(hd),  # H1: 1/k
-        ffn_new=~first_copies(f), kv_new=kv_new.repeat_interleave(hd),
+        ffn_new=~first_copies(ffn), kv_new=kv_new.repeat_interleave(hd),
         # AKI keeps H2: a query head reads layer l+1 exactly when its KV head does, so it attends with the keys
         # and values it was trained with (the G' query slots of KV head h are h G' .. h G' + G' - 1)
         q_new=kv_new[torch.arange(tgt.n_heads) // Gn].repeat_interleave(hd),
@@ -282,7 +242,45 @@ def width_maps(src, tgt, gen):
 
 
 # -----------------------------------------------------------------------------
-# filling one matrix
+# expanding one tensor: rows and columns copied through the maps, scaled, (AKI) new rows read one layer up, N added
+
+
+def work_dtype(dtype):
+    """The dtype a grown tensor is computed in: float32 for bfloat16/float16 targets, so that every value is rounded
+    once, when it is stored (in bf16 a 1/sqrt(3) would be rounded first, then its product: a gap of 0.05-0.12)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def row_chunks(out, n_old):
+    """Fill `out` a block of rows at a time, about CHUNK elements each, so no temporary is full size: yields
+    (first row, end row, chunk) where chunk is out's own rows, or for a bf16/fp16 `out` a float32 buffer that is
+    rounded into out once, after the caller has filled it."""
+    wdtype = work_dtype(out.dtype)
+    step = max(1, CHUNK // max(out.shape[1], n_old))
+    for i0 in range(0, out.shape[0], step):
+        i1 = min(i0 + step, out.shape[0])
+        same = wdtype == out.dtype
+        chunk = out[i0:i1] if same else torch.empty(i1 - i0, out.shape[1], dtype=wdtype, device=out.device)
+        yield i0, i1, chunk
+        if not same:
+            out[i0:i1].copy_(chunk)  # bf16/fp16: rounded once, here
+
+
+def gather_rows(W, rows, dtype, above=None, from_above=None):
+    """W's rows `rows` in `dtype`; AKI: a row where from_above is True is read from `above` (the layer above)."""
+    part = W.index_select(0, rows).to(dtype)
+    if above is not None and bool(from_above.any()):
+        mask = from_above.to(part.device)
+        part[mask] = above.index_select(0, rows[mask]).to(dtype)
+    return part
+
+
+def scale_(chunk, row_scale=None, col_scale=None):
+    """chunk[i, c] *= row_scale[i], then *= col_scale[c] (None: 1)."""
+    if row_scale is not None:
+        chunk *= row_scale[:, None]
+    if col_scale is not None:
+        chunk *= col_scale
 
 
 def noise_pairs(cols, n_old):
@@ -303,76 +301,75 @@ class Noise:
     std of each source matrix (depth zero's new layers reuse their source layer's)."""
 
     def __init__(self, scale, gen):
-        self.scale, self.gen, self._pairs, self._stds = scale, gen, {}, {}
+        self.scale, self.gen, self.pairings, self.stds = scale, gen, {}, {}
 
-    def pairs(self, cols, n_old):
-        key = (id(cols), n_old)  # the maps live as long as the growth; the value keeps cols alive, so ids stay unique
-        if key not in self._pairs:
-            self._pairs[key] = (cols, noise_pairs(cols, n_old))
-        return self._pairs[key][1]
+    def for_matrix(self, W, cols, device):
+        """What one matrix W, read through column map cols, needs for N: (its copied columns on `device`, nxt, std
+        of y), or None where it gets no noise (scale 0, or no column copied)."""
+        if self.scale == 0:
+            return None
+        key = (id(cols), W.shape[1])  # the maps live as long as the growth, and the value keeps cols alive: unique
+        if key not in self.pairings:
+            self.pairings[key] = (cols, noise_pairs(cols, W.shape[1]))
+        noisy, nxt = self.pairings[key][1]
+        if not len(noisy):
+            return None
+        if id(W) not in self.stds:  # the difference of two draws has std sqrt(2) std(y) = scale * std(W)
+            self.stds[id(W)] = (W, self.scale * float(W.to(work_dtype(W.dtype)).std()) / math.sqrt(2))
+        return noisy.to(device), nxt, self.stds[id(W)][1]
 
-    def std(self, W):
-        """std of y: the difference of two draws has std sqrt(2) times it, scale * std(W)."""
-        if id(W) not in self._stds:
-            self._stds[id(W)] = (W, self.scale * float(W.to(work_dtype(W.dtype)).std()) / math.sqrt(2))
-        return self._stds[id(W)][1]
-
-
-def work_dtype(dtype):
-    """The dtype a fill computes in: float32 for bfloat16/float16 targets, so that every value is rounded once, when
-    it is stored (in bf16 itself a 1/sqrt(3) would be rounded first, then its product: a gap of 0.05-0.12)."""
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    def add_(self, chunk, noisy, nxt, std):
+        """N on a row chunk: column noisy[t] gets y[t] - y[nxt[t]], y ~ N(0, std^2) drawn on the CPU (the same draws on
+        any device), so the noise sums to zero over the copies of every column, in every row."""
+        # len(nxt) + 1 draws per row, the last unused: the random stream (and so every grown weight for a seed)
+        # stays what it was when the noise was scattered over all columns through a zero column
+        y = torch.randn(chunk.shape[0], len(nxt) + 1, generator=self.gen, dtype=chunk.dtype)
+        y = y[:, :len(nxt)] * std
+        y -= y.index_select(1, nxt)  # y[t] - y[nxt[t]]: only the copied columns, no full-width temporaries
+        chunk.index_add_(1, noisy, y.to(chunk.device))
 
 
 @torch.no_grad()
-def expand_(out, W, rows=None, cols=None, row_scale=None, col_scale=None, noise=None, alt=None, alt_rows=None,
-            zero=False):
-    """out[i, c] = W[rows[i], cols[c]] * row_scale[i] * col_scale[c], written in row chunks straight into
-    `out` (no full-size temporary). alt/alt_rows (AKI): rows where alt_rows is True are read from alt.
-    zero: start from zeros instead of W. noise (a Noise with scale > 0): add noise of std scale*std(W) on
-    the columns whose source column is copied k > 1 times, summing to zero over the copies (in every row): N."""
-    n_rows, n_old = out.shape[0], W.shape[1]
-    rows = torch.arange(n_rows) if rows is None else rows
-    cols = torch.arange(n_old) if cols is None else cols
-    noisy, nxt = noise.pairs(cols, n_old) if noise is not None and noise.scale > 0 else (None, None)
-    n_noisy = 0 if noisy is None else len(noisy)
-    std = noise.std(W) if n_noisy else 0.0
-    wdtype, dev = work_dtype(out.dtype), out.device
-    rows, cols = rows.to(dev), cols.to(dev)
-    noisy_dev = noisy.to(dev) if n_noisy else None
+def expand_(out, W, rows=None, cols=None, row_scale=None, col_scale=None, noise=None, above=None, from_above=None):
+    """out[i, c] = W[rows[i], cols[c]] * row_scale[i] * col_scale[c] (None: the identity map, a scale of 1), written
+    a chunk of rows at a time straight into `out`. AKI: rows where from_above is True are read from `above`.
+    noise (a Noise): N on the columns whose source column is copied."""
+    dev, wdtype = out.device, work_dtype(out.dtype)
+    rows = (torch.arange(out.shape[0]) if rows is None else rows).to(dev)
+    cols = torch.arange(W.shape[1]) if cols is None else cols
+    draws = noise.for_matrix(W, cols, dev) if noise is not None else None
+    cols = cols.to(dev)
     row_scale = None if row_scale is None else row_scale.to(dev, wdtype)
     col_scale = None if col_scale is None else col_scale.to(dev, wdtype)
-    step = max(1, CHUNK // max(out.shape[1], n_old))
-    for i0 in range(0, n_rows, step):
-        i1 = min(i0 + step, n_rows)
-        chunk = out[i0:i1] if wdtype == out.dtype else torch.empty(i1 - i0, out.shape[1], dtype=wdtype, device=dev)
-        if zero:
-            chunk.zero_()
-        else:
-            part = W.index_select(0, rows[i0:i1]).to(wdtype)  # (chunk rows, n_old)
-            if alt is not None and bool(alt_rows[i0:i1].any()):
-                m = alt_rows[i0:i1].to(dev)
-                part[m] = alt.index_select(0, rows[i0:i1][m]).to(wdtype)
-            torch.index_select(part, 1, cols, out=chunk)
-            del part
-            if row_scale is not None:
-                chunk *= row_scale[i0:i1, None]
-            if col_scale is not None:
-                chunk *= col_scale
-        if n_noisy:
-            # n_noisy + 1 draws per row, the last unused: the random stream (and so every grown weight for a
-            # seed) stays what it was when the noise was scattered over all columns through a zero column
-            # a CPU generator: the same draws on any device
-            y = torch.randn(i1 - i0, n_noisy + 1, generator=noise.gen, dtype=wdtype)
-            y = y[:, :n_noisy] * std
-            y -= y.index_select(1, nxt)  # y[t] - y[nxt[t]]: only the copied columns, no full-width temporaries
-            chunk.index_add_(1, noisy_dev, y.to(dev))
-        if chunk.dtype != out.dtype:
-            out[i0:i1].copy_(chunk)  # bf16/fp16: rounded once, here
+    for i0, i1, chunk in row_chunks(out, W.shape[1]):
+        part = gather_rows(W, rows[i0:i1], wdtype, above, None if above is None else from_above[i0:i1])
+        torch.index_select(part, 1, cols, out=chunk)
+        del part
+        scale_(chunk, None if row_scale is None else row_scale[i0:i1], col_scale)
+        if draws:
+            noise.add_(chunk, *draws)
+
+
+@torch.no_grad()
+def zero_out_(out, W, cols, noise):
+    """Z: out = 0, plus N on the columns that cols copies (std from the source matrix W): the output projection of a
+    new block, which then adds zero to the stream."""
+    draws = noise.for_matrix(W, cols, out.device)
+    for _, _, chunk in row_chunks(out, W.shape[1]):
+        chunk.zero_()
+        if draws:
+            noise.add_(chunk, *draws)
+
+
+@torch.no_grad()
+def copy_norm_(dst, src, residual, scale):
+    """An RMSNorm gain (R2): dst[i] = src[residual[i]] * scale[i], computed in float32 or float64, rounded once."""
+    wdtype = work_dtype(dst.dtype)
+    dst.copy_(src.to(wdtype)[residual.to(src.device)] * scale.to(dst.device, wdtype))
 
 
 # -----------------------------------------------------------------------------
-# growing a model
+# widening a block, building the grown model
 
 
 @dataclass
@@ -394,112 +391,143 @@ def weight_scales(maps, gain):
                   kv_in=None, norm=torch.full_like(maps.residual_scale, gain))
 
 
-def moment_scales(maps, gain, power):
-    """A, the AdamW state through growth. Adam's moments are running averages of the gradient (exp_avg, power 1)
-    and of its square (exp_avg_sq, power 2). At the grown point theta' = M theta of an fpi growth (noise 0) the grown
-    model computes the source's function, so by the chain rule M^T grad' = grad; and the K copies of a weight, each
-    c times it, carry equal gradients by symmetry, so K c grad'_copy = grad:
-        grad'_copy = grad / (c K)
-    per factor of a matrix entry (c and K are products of a row and a column part): residual dims c = 1/sqrt(k),
-    K = k: 1/sqrt(k), as the weight; copied in-weights (q/k/v, gate/up rows) c = 1: 1/k; divided out-weights
-    (o_proj/down_proj columns) c = 1/k: 1; gains c = sqrt(d/D), K = k: 1/(k sqrt(d/D)). Had the grown model
-    followed the source's trajectory in grown form, each of its gradients would have been this multiple of the
-    source's, so its moments are m' = m / (c K) and v' = v / (c K)^2 (tests/test_grow_recipe.py checks the gradients
-    and one step). KV rows are exact when every copy of a KV head serves its group's query heads in equal proportions
-    (so when H'/Hk' = H/Hk); otherwise 1/k is their mean share."""
-    d = Scales(residual=maps.residual_scale, ffn_in=maps.ffn_div, ffn_out=None, q_in=maps.q_div, q_out=None,
-               kv_in=maps.kv_div, norm=maps.residual_scale ** 2 / gain)
-    return Scales(**{k: None if v is None else v ** power for k, v in vars(d).items()})
+def widen_attention(new_block, block, above, maps, scales, noise):
+    """q/k/v: rows copied per head (H1, H2; AKI: a new KV head's rows from the layer above), columns read the stream
+    (R3, N on copied dims); o_proj: rows write the stream (R1), columns split over copied query heads (H1, N)."""
+    new, old = new_block.self_attn, block.self_attn
+    for name, rows, row_scale, from_above in (("q_proj", maps.q_rows, scales.q_in, maps.q_new),
+                                              ("k_proj", maps.kv_rows, scales.kv_in, maps.kv_new),
+                                              ("v_proj", maps.kv_rows, scales.kv_in, maps.kv_new)):
+        expand_(getattr(new, name).weight, getattr(old, name).weight, rows=rows, row_scale=row_scale,
+                cols=maps.residual, col_scale=scales.residual, noise=noise,
+                above=None if above is None else getattr(above.self_attn, name).weight, from_above=from_above)
+    expand_(new.o_proj.weight, old.o_proj.weight, rows=maps.residual, row_scale=scales.residual, cols=maps.q_rows,
+            col_scale=scales.q_out, noise=noise)
+
+
+def widen_ffns(new_block, block, above, maps, scales, noise):
+    """The MLP, or each expert (U: a dense source's one MLP into every expert; an MoE source's expert e into e):
+    gate/up rows copied (H1; AKI: new neurons from the layer above), columns read the stream (R3, N); down_proj rows
+    write it (R1), columns split over copied neurons (H1, N). Every expert draws its own noise N, so copies differ
+    in their weights but not in their function."""
+    old_ffns, above_ffns = block.ffns(), None if above is None else above.ffns()
+    for e, mlp in enumerate(new_block.ffns()):
+        old, old_above = old_ffns[e % len(old_ffns)], None if above is None else above_ffns[e % len(above_ffns)]
+        for name in ("gate_proj", "up_proj"):
+            expand_(getattr(mlp, name).weight, getattr(old, name).weight, rows=maps.ffn, row_scale=scales.ffn_in,
+                    cols=maps.residual, col_scale=scales.residual, noise=noise,
+                    above=None if above is None else getattr(old_above, name).weight, from_above=maps.ffn_new)
+        expand_(mlp.down_proj.weight, old.down_proj.weight, rows=maps.residual, row_scale=scales.residual,
+                cols=maps.ffn, col_scale=scales.ffn_out, noise=noise)
 
 
 @torch.no_grad()
-def copy_norm_(dst, src, r, scale):
-    """An RMSNorm gain (R2): dst[i] = src[r[i]] * scale[i], computed in float32 or float64, rounded once."""
-    wdtype = work_dtype(dst.dtype)
-    dst.copy_(src.to(wdtype)[r.to(src.device)] * scale.to(dst.device, wdtype))
-
-
-@torch.no_grad()
-def widen_block(dst, src_layers, s, maps, sc, width, noise):
-    """Fill block dst with old layer s widened (fpi or aki; for aki the new units read layer s+1), every copy times
-    its scale in sc. noise None: AdamW moments (rule A), no N, and an upcycled router's are zero (no history)."""
-    b = src_layers[s]
-    up = src_layers[min(s + 1, len(src_layers) - 1)] if width == "aki" else None
-    reader = dict(cols=maps.residual, col_scale=sc.residual, noise=noise)  # R3: columns read the stream; N on copied dims
-    for name, rows, row_scale, new in (("q_proj", maps.q_rows, sc.q_in, maps.q_new),  # H1, H2: rows copied per head
-                                       ("k_proj", maps.kv_rows, sc.kv_in, maps.kv_new),
-                                       ("v_proj", maps.kv_rows, sc.kv_in, maps.kv_new)):
-        expand_(getattr(dst.self_attn, name).weight, getattr(b.self_attn, name).weight, rows=rows, row_scale=row_scale,
-                **reader, alt=getattr(up.self_attn, name).weight if up else None, alt_rows=new)
-    # o_proj and down_proj: rows write the stream (R1), columns split over copied heads/neurons (H1)
-    expand_(dst.self_attn.o_proj.weight, b.self_attn.o_proj.weight, rows=maps.residual, row_scale=sc.residual,
-            cols=maps.q_rows, col_scale=sc.q_out, noise=noise)
-    # the MLP, or each expert: U, a dense source's one MLP into every expert; an MoE source's expert e into e.
-    # Every expert draws its own noise N, so copies differ in their weights but not in their function.
-    src_ffns, up_ffns = b.ffns(), up.ffns() if up else None
-    for e, mlp in enumerate(dst.ffns()):
-        old, above = src_ffns[e % len(src_ffns)], up_ffns[e % len(up_ffns)] if up else None
-        for name in ("gate_proj", "up_proj"):  # H1: rows copied
-            expand_(getattr(mlp, name).weight, getattr(old, name).weight, rows=maps.ffn, row_scale=sc.ffn_in, **reader,
-                    alt=getattr(above, name).weight if above else None, alt_rows=maps.ffn_new)
-        expand_(mlp.down_proj.weight, old.down_proj.weight, rows=maps.residual, row_scale=sc.residual, cols=maps.ffn,
-                col_scale=sc.ffn_out, noise=noise)
-    if dst.moe:
-        router = dst.block_sparse_moe.gate.weight
-        if b.moe:  # R3: the router reads the stream like q/k/v; N on copied dims
-            expand_(router, b.block_sparse_moe.gate.weight, **reader)
-        elif noise is None:  # U's new router has no optimizer history
+def widen_block(new_block, layers, s, maps, scales, width, noise, moments):
+    """Fill new_block with old layer s widened, every copy times its scale (fpi; aki: the new units' in-weights
+    from layer s+1, the top layer's from itself)."""
+    block = layers[s]
+    above = layers[min(s + 1, len(layers) - 1)] if width == "aki" else None
+    widen_attention(new_block, block, above, maps, scales, noise)
+    widen_ffns(new_block, block, above, maps, scales, noise)
+    if new_block.moe:
+        router = new_block.block_sparse_moe.gate.weight
+        if block.moe:  # R3: the router reads the stream like q/k/v; N on copied dims
+            expand_(router, block.block_sparse_moe.gate.weight, cols=maps.residual, col_scale=scales.residual,
+                    noise=noise)
+        elif moments:  # U's new router has no optimizer history
             router.zero_()
         else:  # U: a new router, random as a fresh model's (std 0.02), so routing depends on the token at once
             router.copy_(ROUTER_STD * torch.randn(router.shape, generator=noise.gen, dtype=torch.float64))
     for name in ("input_layernorm", "post_attention_layernorm"):  # R2: gain times sqrt(d/D)
-        copy_norm_(getattr(dst, name).weight, getattr(b, name).weight, maps.residual, sc.norm)
+        copy_norm_(getattr(new_block, name).weight, getattr(block, name).weight, maps.residual, scales.norm)
 
 
 @torch.no_grad()
-def fill(new, model, maps, plan, sc, width, noise):
-    """Write every weight of `new` from `model` through the width maps and the depth plan, each copy times its
-    scale in sc. noise None fills AdamW moments (rule A): no N, and depth zero's new blocks are all zero."""
-    # the stream's ends: embedding (writer, R1), final norm (R2), untied lm_head (reader, R3)
-    expand_(new.embed_tokens.weight, model.embed_tokens.weight, cols=maps.residual, col_scale=sc.residual)
-    if not new.config.tie_embeddings:
-        expand_(new.lm_head.weight, model.lm_head.weight, cols=maps.residual, col_scale=sc.residual, noise=noise)
-    copy_norm_(new.norm.weight, model.norm.weight, maps.residual, sc.norm)
+def copy_block(new_block, widened, block, maps, zero_out, noise, moments):
+    """Depth: new_block copies `widened` (old layer `block` after width growth). zero_out (Z): its o_proj and every
+    down_proj are zero plus N, so the block adds zero to the stream; for moments, all of a Z block is zero."""
+    if zero_out and moments:  # a new block has no optimizer history: zero moments (and step 0, A)
+        for p in new_block.parameters():
+            p.zero_()
+        return
+    for p, q in zip(new_block.parameters(), widened.parameters()):
+        p.copy_(q)
+    if zero_out:
+        zero_out_(new_block.self_attn.o_proj.weight, block.self_attn.o_proj.weight, maps.q_rows, noise)
+        old_ffns = block.ffns()
+        for e, mlp in enumerate(new_block.ffns()):  # every expert outputs zero: so does their weighted sum
+            zero_out_(mlp.down_proj.weight, old_ffns[e % len(old_ffns)].down_proj.weight, maps.ffn, noise)
 
-    # width: every old layer once, into the first target layer that copies it (same random stream
-    # whatever the depth operator); then depth: the other target layers copy it
-    primary = {}
+
+@torch.no_grad()
+def grow_into(new, model, maps, plan, scales, width, noise=None, moments=False):
+    """Write every tensor of `new` from `model` through the width maps and the depth plan, each copy times its
+    scale. noise: the growth's Noise (N, and an upcycled router's init). moments=True: the tensors are one of AdamW's
+    moments (rule A): no noise, and what has no history (depth zero's new blocks, an upcycled router) is zero."""
+    # the stream's ends: embedding (writer, R1), final norm (R2), untied lm_head (reader, R3)
+    expand_(new.embed_tokens.weight, model.embed_tokens.weight, cols=maps.residual, col_scale=scales.residual)
+    if not new.config.tie_embeddings:
+        expand_(new.lm_head.weight, model.lm_head.weight, cols=maps.residual, col_scale=scales.residual, noise=noise)
+    copy_norm_(new.norm.weight, model.norm.weight, maps.residual, scales.norm)
+    # width: every old layer once, into the first target layer that copies it (the same random stream whatever the
+    # depth operator); then depth: the other target layers copy it
+    widened_at = {}  # old layer -> the target layer it was widened into
     for t, (s, zero_out) in enumerate(plan):
-        if s not in primary and not zero_out:
-            widen_block(new.layers[t], model.layers, s, maps, sc, width, noise)
-            primary[s] = t
+        if s not in widened_at and not zero_out:
+            widen_block(new.layers[t], model.layers, s, maps, scales, width, noise, moments)
+            widened_at[s] = t
     for t, (s, zero_out) in enumerate(plan):
-        if primary[s] == t:
-            continue
-        if zero_out and noise is None:  # a new block has no optimizer history: zero moments (and step 0, A)
-            for p in new.layers[t].parameters():
-                p.zero_()
-            continue
-        for p, q in zip(new.layers[t].parameters(), new.layers[primary[s]].parameters()):
-            p.copy_(q)
-        if zero_out:  # Z: the block outputs zero, plus zero-sum noise (N) on duplicated heads/neurons
-            b = model.layers[s]
-            expand_(new.layers[t].self_attn.o_proj.weight, b.self_attn.o_proj.weight, rows=maps.residual,
-                    cols=maps.q_rows, noise=noise, zero=True)
-            src_ffns = b.ffns()
-            for e, mlp in enumerate(new.layers[t].ffns()):  # every expert outputs zero: so does their weighted sum
-                expand_(mlp.down_proj.weight, src_ffns[e % len(src_ffns)].down_proj.weight, rows=maps.residual,
-                        cols=maps.ffn, noise=noise, zero=True)
+        if widened_at[s] != t:
+            copy_block(new.layers[t], new.layers[widened_at[s]], model.layers[s], maps, zero_out, noise, moments)
 
 
 def empty_like_config(config, dtype, device):
-    """A Llama of `config` with uninitialized weights (every tensor is filled by fill), tied as the config says."""
+    """A Llama of `config` with uninitialized weights (grow_into writes every tensor), tied as the config says."""
     with torch.device("meta"):  # no memory and no init: every tensor is written afterwards
         new = Llama(config)
     new = new.to(dtype=dtype).to_empty(device=device)
     if config.tie_embeddings:
         new.lm_head.weight = new.embed_tokens.weight
     return new
+
+
+def check_growth(src, tgt, width, depth, noise, dus_overlap):
+    """Raise ValueError (one line: what, and what to do) unless src can grow into tgt."""
+    if width not in WIDTHS or depth not in DEPTHS:
+        raise ValueError(f"width must be one of {WIDTHS} and depth one of {DEPTHS}, "
+                         f"got width={width!r} depth={depth!r}")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not (math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"noise must be a finite number >= 0 (a relative std, e.g. 1e-3; 0 for exact copies), "
+                         f"got {noise!r}")
+    for name in ("vocab_size", "head_dim", "rope_theta", "tie_embeddings"):
+        if getattr(src, name) != getattr(tgt, name):
+            have, want = getattr(src, name), getattr(tgt, name)
+            raise ValueError(f"growth keeps {name} fixed ({have}) but the target has {want}: set {name}={have} in the target")
+    if src.moe_experts and (tgt.moe_experts, tgt.moe_top_k) != (src.moe_experts, src.moe_top_k):  # U
+        raise ValueError(f"a mixture of experts grows only into one with the same moe_experts={src.moe_experts} and "
+                         f"moe_top_k={src.moe_top_k} (other experts or another k would change which experts a token "
+                         f"reaches), but the target has {tgt.moe_experts} and {tgt.moe_top_k}: set those in the target")
+    for name in ("d_model", "ffn_dim", "n_heads", "n_kv_heads", "n_layers"):
+        if getattr(tgt, name) < getattr(src, name):
+            raise ValueError(f"target {name}={getattr(tgt, name)} is smaller than the source's {getattr(src, name)}: "
+                             f"growth only adds; pick a target at least as large in every dimension")
+    G, Gn, per_kv = src.n_heads // src.n_kv_heads, tgt.n_heads // tgt.n_kv_heads, tgt.n_kv_heads // src.n_kv_heads
+    if per_kv * Gn < G:  # H2
+        raise ValueError(f"cannot keep GQA groups: {src.n_kv_heads} KV heads with {G} query heads each -> "
+                         f"{tgt.n_kv_heads} KV heads with {Gn} each leaves some KV head only {per_kv * Gn} query slots "
+                         f"for its {G} heads; make floor(n_kv_heads'/{src.n_kv_heads}) * n_heads'/n_kv_heads' >= {G}")
+    L, Ln = src.n_layers, tgt.n_layers
+    if depth == "dus":
+        m = dus_overlap
+        if m is None and Ln != L and (Ln % 2 or Ln > 2 * L):
+            raise ValueError(f"depth 'dus' gives 2L-2m layers, so from L={L} it reaches only even depths up to "
+                             f"{2 * L}, not n_layers={Ln}: pick an even n_layers in [{L}, {2 * L}] or use depth zero/stack")
+        if m is not None and not (0 <= m < L and 2 * L - 2 * m == Ln):
+            raise ValueError(f"dus_overlap={m} gives 2*{L}-2*{m}={2 * L - 2 * m} layers but the target has "
+                             f"n_layers={Ln}: leave dus_overlap out (m follows from the target) "
+                             f"or pick n_layers=2*{L}-2m with 0 <= m < {L}")
+    elif dus_overlap is not None:
+        raise ValueError(f"dus_overlap is only for depth 'dus', not {depth!r}")
 
 
 @torch.no_grad()
@@ -511,92 +539,21 @@ def grow_with_maps(model, target_config, width="fpi", depth="zero", seed=0, nois
     gain = math.sqrt(src.d_model / target_config.d_model)
     cfg = replace(target_config, norm_eps=src.norm_eps * src.d_model / target_config.d_model)
     plan = depth_plan(src.n_layers, cfg.n_layers, depth, dus_overlap)
-    ref = model.embed_tokens.weight
+    like = model.embed_tokens.weight  # the grown model's dtype and device
     if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64:
         raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
     gen = torch.Generator().manual_seed(seed)  # one stream: the maps first, then the noise of every matrix
     maps = width_maps(src, cfg, gen)
-    new = empty_like_config(cfg, ref.dtype, ref.device)
+    new = empty_like_config(cfg, like.dtype, like.device)
     # RoPE's tables are float64, as a fresh model's (Llama.forward casts them once per call)
-    new.rope_cos, new.rope_sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=ref.device)
-    fill(new, model, maps, plan, weight_scales(maps, gain), width, Noise(noise, gen))
+    new.rope_cos, new.rope_sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=like.device)
+    grow_into(new, model, maps, plan, weight_scales(maps, gain), width, noise=Noise(noise, gen))
     new.train(model.training)
     return new, maps, plan
 
 
-# the optimizer through growth (A)
-
-
-def optimizer_names(model, decay_embeddings=False):
-    """The parameter names of each of AdamW's groups, in its order (common.make_optimizer): a state dict's keys
-    0, 1, ... count through them."""
-    opt = make_optimizer(model, 0.0, 0.0, (0.9, 0.95), torch.device("cpu"), decay_embeddings)
-    name_of = {id(p): name for name, p in model.named_parameters()}
-    return [[name_of[id(p)] for p in g["params"]] for g in opt.param_groups]
-
-
-def moment_model(config, tensors):
-    """A Llama on the meta device whose weights are `tensors` ({name: one AdamW moment}), for fill to read."""
-    with torch.device("meta"):
-        m = Llama(config)
-    if config.tie_embeddings:
-        tensors = {**tensors, "lm_head.weight": tensors["embed_tokens.weight"]}
-    m.load_state_dict(tensors, assign=True)
-    return m
-
-
-def grow_optimizer_state(model, new, state, maps, plan, width, decay_embeddings=False):
-    """AdamW's state dict for `new` (grown from `model` with maps and plan) from `model`'s (full_state's layout):
-    moments through rule A, each parameter's step count from the parameter it copies. Parameters with no history
-    start fresh (step 0, zero moments), as a fresh AdamW would start them: depth zero's new blocks, and an
-    upcycled router and its experts (U: which expert a token reaches, so each expert's gradient, depends on a
-    router that was never trained). Raises ValueError for a state that does not fit the model."""
-    src_groups, new_groups = optimizer_names(model, decay_embeddings), optimizer_names(new, decay_embeddings)
-    src_order = [name for g in src_groups for name in g]
-    sizes = [len(g.get("params", [])) for g in state.get("param_groups", [])]
-    entries = state.get("state", {})
-    if sizes != [len(g) for g in src_groups] or sorted(entries) != list(range(len(src_order))) or any(
-            set(e) != {"step", "exp_avg", "exp_avg_sq"} for e in entries.values()):
-        raise ValueError(f"the optimizer state does not fit the model (groups of {sizes} parameters, "
-                         f"{len(entries)} entries, for {[len(g) for g in src_groups]}; decay_embeddings="
-                         f"{decay_embeddings}): grow without the optimizer (fresh AdamW)")
-    by_name = {src_order[i]: e for i, e in entries.items()}
-    gain = math.sqrt(model.config.d_model / new.config.d_model)
-    moments = {}
-    for key, power in (("exp_avg", 1), ("exp_avg_sq", 2)):
-        src = moment_model(model.config, {name: by_name[name][key] for name in src_order})
-        dst = empty_like_config(new.config, src.embed_tokens.weight.dtype, "cpu")
-        fill(dst, src, maps, plan, moment_scales(maps, gain, power), width, None)
-        moments[key] = dict(dst.named_parameters())
-    upcycled = new.config.moe_experts and not model.config.moe_experts
-    grown = {}
-    for i, name in enumerate(n for g in new_groups for n in g):
-        parts = name.split(".")
-        if parts[0] == "layers":  # the depth plan says which source layer a layer copies
-            t = int(parts[1])
-            source, fresh = ".".join(["layers", str(plan[t][0])] + parts[2:]), plan[t][1]
-            fresh = fresh or bool(upcycled and parts[2] == "block_sparse_moe")
-        else:
-            source, fresh = name, False
-        moment = {key: moments[key][name].detach() for key in ("exp_avg", "exp_avg_sq")}
-        if fresh:
-            grown[i] = {"step": torch.zeros_like(by_name[src_order[0]]["step"]),
-                        **{key: torch.zeros_like(v) for key, v in moment.items()}}
-        else:
-            grown[i] = {"step": by_name[source]["step"].clone(), **moment}
-    groups, first = [], 0
-    for g, names in zip(state["param_groups"], new_groups):  # the source's settings, the new model's parameters
-        groups.append({**g, "params": list(range(first, first + len(names)))})
-        first += len(names)
-    return {"state": grown, "param_groups": groups}
-
-
-def grow(model, target_config, width="fpi", depth="zero", seed=0, noise=1e-3, dus_overlap=None):
-    """A new Llama grown from `model` (left untouched) to target_config, same dtype and device. Its
-    config is target_config with norm_eps = source norm_eps * d/D (R2).
-    width: fpi | aki; depth: zero | stack | dus; noise: relative std of the zero-sum symmetry-breaking
-    noise N (0: exact copies); dus_overlap: SOLAR's m (default: from the target depth)."""
-    return grow_with_maps(model, target_config, width, depth, seed, noise, dus_overlap)[0]
+# -----------------------------------------------------------------------------
+# the proof, measured: the function gap
 
 
 @torch.no_grad()
@@ -612,44 +569,14 @@ def function_gap(model_a, model_b, idx, dtype=torch.float64):
 
 
 def is_function_preserving(width, depth, n_old, n_new):
+    """Whether the rules at the top make the growth exact: fpi with a depth that adds zero blocks (Z) or no layers."""
     return width == "fpi" and (depth in ("zero", "zero_groups") or n_old == n_new)
 
 
-def grow_checkpoint(ckpt, target_config, optimizer="fresh", **grow_kwargs):
-    """(grown checkpoint, gap). The lineage goes on (Lineage.after: stage, flops, history), tokens carry
-    over, a 'grow' record is appended to history. optimizer "fresh": no optimizer state (a fresh AdamW after
-    growth); "grown": the source's AdamW state grown with the weights (rule A), for the next run to start from
-    (train.py init_optimizer, series.py grow_optimizer). The record holds the operator, the configs, the gap and
-        unit_maps   {"residual", "ffn", "kv_heads", "q_heads"}: lists of ints, new index -> old index
-        depth_plan  one {"from": old layer, "zero_out": bool} per new layer (zero_out: depth zero's Z)
-    The gap is measured on 2 x 64 seeded random tokens (fewer if either model's max_seq_len is shorter),
-    in float64 unless the two models are too large (> GAP_FLOAT64_MAX_PARAMS together), then in the
-    model's dtype; the record says which. A float32 checkpoint evaluated in float64 shows the float32
-    rounding of its scaled copies (~1e-6), not 1e-15. Raises CheckpointError for weights that do not fit
-    their config, ValueError for a bad target or arguments, and ValueError rather than return a grown
-    model with a NaN or inf in its weights or its gap."""
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    if optimizer == "grown" and not isinstance(ckpt.get("optimizer"), dict):
-        raise ValueError("the checkpoint holds no optimizer state to grow (train.py's ckpt_*.pt and final.pt do): "
-                         "grow one of those, or grow with a fresh optimizer")
-    model = model_from_checkpoint(ckpt)  # validated against its config; the source held once
-    new, maps, plan = grow_with_maps(model, target_config, **grow_kwargs)
-    noise = grow_kwargs.get("noise", 1e-3)
-    bad = find_non_finite(new.state_dict())
-    if bad:
-        raise ValueError(f"the grown weight {bad} holds NaN or inf (noise={noise:g} times the weights' std "
-                         "overflowed?): nothing written; use a small noise such as 1e-3")
-    extra = {}
-    if optimizer == "grown":
-        decay_embeddings = bool((ckpt.get("train_config") or {}).get("decay_embeddings", False))
-        extra["optimizer"] = grow_optimizer_state(model, new, ckpt["optimizer"], maps, plan,
-                                                  grow_kwargs.get("width", "fpi"), decay_embeddings)
-        bad = find_non_finite({f"{i}.{k}": v for i, e in extra["optimizer"]["state"].items() for k, v in e.items()})
-        if bad:
-            raise ValueError(f"the grown optimizer state {bad} holds NaN or inf: nothing written; grow with a fresh "
-                             "optimizer, or from an earlier checkpoint")
-    gen = torch.Generator().manual_seed(grow_kwargs.get("seed", 0))
+def measured_gap(model, new, seed):
+    """(gap, dtype name): the function gap on 2 x 64 seeded random tokens (fewer if either model's max_seq_len is
+    shorter), in float64 unless the two models together pass GAP_FLOAT64_MAX_PARAMS, then in the model's dtype."""
+    gen = torch.Generator().manual_seed(seed)
     # RoPE has no learned positions, so max_seq_len may change; the gap runs on a length both models take
     seq = min(64, model.config.max_seq_len, new.config.max_seq_len)
     idx = torch.randint(0, model.config.vocab_size, (2, seq), generator=gen)
@@ -659,14 +586,149 @@ def grow_checkpoint(ckpt, target_config, optimizer="fresh", **grow_kwargs):
     if not math.isfinite(gap):
         raise ValueError(f"the function gap of the grown model is {gap} ({str(gap_dtype).removeprefix('torch.')} "
                          "logits overflow): nothing written; check the source checkpoint's weights and the noise")
-    record = dict(op="grow", width=grow_kwargs.get("width", "fpi"), depth=grow_kwargs.get("depth", "zero"),
-                  seed=grow_kwargs.get("seed", 0), noise=noise, optimizer=optimizer,
-                  dus_overlap=grow_kwargs.get("dus_overlap"), **{"from": asdict(model.config)}, to=asdict(new.config),
-                  gap=gap, gap_dtype=str(gap_dtype).removeprefix("torch."), unit_maps=maps.as_lists(),
-                  depth_plan=[{"from": s, "zero_out": z} for s, z in plan])
-    out = make_checkpoint(new.state_dict(), new.config, ckpt["tokenizer"], Lineage.after(ckpt).then(record),
+    return gap, str(gap_dtype).removeprefix("torch.")
+
+
+# -----------------------------------------------------------------------------
+# growing a model, growing a checkpoint
+
+
+def grow(model, target_config, width="fpi", depth="zero", seed=0, noise=1e-3, dus_overlap=None):
+    """A new Llama grown from `model` (left untouched) to target_config, same dtype and device. Its
+    config is target_config with norm_eps = source norm_eps * d/D (R2).
+    width: fpi | aki; depth: zero | zero_groups | stack | stack_top | dus; noise: relative std of the zero-sum
+    symmetry-breaking noise N (0: exact copies); dus_overlap: SOLAR's m (default: from the target depth)."""
+    return grow_with_maps(model, target_config, width, depth, seed, noise, dus_overlap)[0]
+
+
+def grow_checkpoint(ckpt, target_config, optimizer="fresh", **grow_kwargs):
+    """(grown checkpoint, gap). The lineage goes on (Lineage.from_weights: stage, flops, history), tokens carry
+    over, a 'grow' record is appended to history. optimizer "fresh": no optimizer state (a fresh AdamW after
+    growth); "grown": the source's AdamW state grown with the weights (rule A, keyed by parameter name), for the
+    next run to start from (train.py init_optimizer, series.py grow_optimizer). The record holds the operator,
+    the configs, the gap (measured_gap; a float32 checkpoint evaluated in float64 shows the float32 rounding of
+    its scaled copies, ~1e-6, not 1e-15) and
+        unit_maps   {"residual", "ffn", "kv_heads", "q_heads"}: lists of ints, new index -> old index
+        depth_plan  one {"from": old layer, "zero_out": bool} per new layer (zero_out: depth zero's Z)
+    Raises CheckpointError for weights that do not fit their config, ValueError for a bad target or arguments,
+    and ValueError rather than return a grown model with a NaN or inf in its weights or its gap."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if optimizer == "grown" and not isinstance(ckpt.get("optimizer"), dict):
+        raise ValueError("the checkpoint holds no optimizer state to grow (train.py's ckpt_*.pt and final.pt do): "
+                         "grow one of those, or grow with a fresh optimizer")
+    model = model_from_checkpoint(ckpt)  # validated against its config; the source held once
+    new, maps, plan = grow_with_maps(model, target_config, **grow_kwargs)
+    width, noise = grow_kwargs.get("width", "fpi"), grow_kwargs.get("noise", 1e-3)
+    bad = find_non_finite(new.state_dict())
+    if bad:
+        raise ValueError(f"the grown weight {bad} holds NaN or inf (noise={noise:g} times the weights' std "
+                         "overflowed?): nothing written; use a small noise such as 1e-3")
+    extra = {}
+    if optimizer == "grown":
+        decay_embeddings = bool((ckpt.get("train_config") or {}).get("decay_embeddings", False))
+        extra["optimizer"] = grow_optimizer_state(model, new, ckpt["optimizer"], maps, plan, width, decay_embeddings)
+        bad = find_non_finite(extra["optimizer"]["state"])
+        if bad:
+            raise ValueError(f"the grown optimizer state {bad} holds NaN or inf: nothing written; grow with a fresh "
+                             "optimizer, or from an earlier checkpoint")
+    gap, gap_dtype = measured_gap(model, new, grow_kwargs.get("seed", 0))
+    record = dict(op="grow", width=width, depth=grow_kwargs.get("depth", "zero"), seed=grow_kwargs.get("seed", 0),
+                  noise=noise, optimizer=optimizer, dus_overlap=grow_kwargs.get("dus_overlap"),
+                  **{"from": asdict(model.config)}, to=asdict(new.config), gap=gap, gap_dtype=gap_dtype,
+                  unit_maps=maps.as_lists(), depth_plan=[{"from": s, "zero_out": z} for s, z in plan])
+    out = make_checkpoint(new.state_dict(), new.config, ckpt["tokenizer"], Lineage.from_weights(ckpt).then(record),
                           run_flops=0, tokens=ckpt.get("tokens", 0), **extra)
     return out, gap
+
+
+# -----------------------------------------------------------------------------
+# the optimizer through growth (A): AdamW's state, by parameter name, through the same maps as the weights
+
+
+def moment_scales(maps, gain, power):
+    """A, the AdamW state through growth. Adam's moments are running averages of the gradient (exp_avg, power 1)
+    and of its square (exp_avg_sq, power 2). At the grown point theta' = M theta of an fpi growth (noise 0) the grown
+    model computes the source's function, so by the chain rule M^T grad' = grad; and the K copies of a weight, each
+    c times it, carry equal gradients by symmetry, so K c grad'_copy = grad:
+        grad'_copy = grad / (c K)
+    per factor of a matrix entry (c and K are products of a row and a column part): residual dims c = 1/sqrt(k),
+    K = k: 1/sqrt(k), as the weight; copied in-weights (q/k/v, gate/up rows) c = 1: 1/k; divided out-weights
+    (o_proj/down_proj columns) c = 1/k: 1; gains c = sqrt(d/D), K = k: 1/(k sqrt(d/D)). Had the grown model
+    followed the source's trajectory in grown form, each of its gradients would have been this multiple of the
+    source's, so its moments are m' = m / (c K) and v' = v / (c K)^2 (tests/test_grow_recipe.py checks the gradients
+    and one step). KV rows are exact when every copy of a KV head serves its group's query heads in equal proportions
+    (so when H'/Hk' = H/Hk); otherwise 1/k is their mean share."""
+    gradient = Scales(residual=maps.residual_scale, ffn_in=maps.ffn_div, ffn_out=None, q_in=maps.q_div, q_out=None,
+                      kv_in=maps.kv_div, norm=maps.residual_scale ** 2 / gain)  # 1/(c K) per role
+    return Scales(**{role: None if v is None else v ** power for role, v in vars(gradient).items()})
+
+
+def moment_model(config, tensors):
+    """A Llama on the meta device whose weights are `tensors` ({name: one AdamW moment}), for grow_into to read."""
+    with torch.device("meta"):
+        m = Llama(config)
+    if config.tie_embeddings:
+        tensors = {**tensors, "lm_head.weight": tensors["embed_tokens.weight"]}
+    m.load_state_dict(tensors, assign=True)
+    return m
+
+
+def source_state(model, state, decay_embeddings):
+    """The source's AdamW state keyed by name (an old integer-keyed one renamed, checkpoint.optimizer_state_by_name),
+    checked: ValueError unless it has step and both moments for every parameter, in decay_groups' two groups."""
+    state = optimizer_state_by_name(state, model, decay_embeddings)
+    groups = decay_groups(model, decay_embeddings)
+    entries = state.get("state", {})
+    have = [sorted(map(str, g.get("params", []))) for g in state.get("param_groups", [])]
+    if have != [sorted(g) for g in groups] or set(entries) != {n for g in groups for n in g} or any(
+            set(e) != {"step", "exp_avg", "exp_avg_sq"} for e in entries.values()):
+        raise ValueError(f"the optimizer state does not fit the model (groups of {[len(g) for g in have]} parameters, "
+                         f"{len(entries)} entries, for {[len(g) for g in groups]}; decay_embeddings="
+                         f"{decay_embeddings}): grow without the optimizer (fresh AdamW)")
+    return state
+
+
+def moment_source(name, plan, upcycled):
+    """(the source parameter whose history parameter `name` of the grown model takes, fresh): a layer's parameters
+    come from the layer the depth plan copies; fresh (no history): depth zero's new blocks (Z), and an upcycled
+    router and its experts (U: which expert a token reaches, so each expert's gradient, depends on a router that
+    was never trained)."""
+    parts = name.split(".")
+    if parts[0] != "layers":
+        return name, False
+    s, zero_out = plan[int(parts[1])]
+    return ".".join(["layers", str(s)] + parts[2:]), zero_out or bool(upcycled and parts[2] == "block_sparse_moe")
+
+
+def grow_optimizer_state(model, new, state, maps, plan, width, decay_embeddings=False):
+    """AdamW's state dict for `new` (grown from `model` with maps and plan) from `model`'s, keyed by parameter name:
+    moments through rule A, each parameter's step count from the parameter it copies; parameters with no history
+    start fresh (step 0, zero moments), as a fresh AdamW would start them. The groups keep the source's settings,
+    with the new model's names in decay_groups' order. Raises ValueError for a state that does not fit the model."""
+    state = source_state(model, state, decay_embeddings)
+    entries = state["state"]
+    gain = math.sqrt(model.config.d_model / new.config.d_model)
+    moments = {}
+    for key, power in (("exp_avg", 1), ("exp_avg_sq", 2)):
+        old_moment = moment_model(model.config, {name: e[key] for name, e in entries.items()})
+        new_moment = empty_like_config(new.config, old_moment.embed_tokens.weight.dtype, "cpu")
+        grow_into(new_moment, old_moment, maps, plan, moment_scales(maps, gain, power), width, moments=True)
+        moments[key] = dict(new_moment.named_parameters())
+    upcycled = new.config.moe_experts and not model.config.moe_experts
+    step = next(iter(entries.values()))["step"]
+    new_groups = decay_groups(new, decay_embeddings)
+    grown = {}
+    for name in (n for g in new_groups for n in g):
+        source, fresh = moment_source(name, plan, upcycled)
+        moment = {key: moments[key][name].detach() for key in ("exp_avg", "exp_avg_sq")}
+        if fresh:
+            grown[name] = {"step": torch.zeros_like(step), **{key: torch.zeros_like(v) for key, v in moment.items()}}
+        else:
+            grown[name] = {"step": entries[source]["step"].clone(), **moment}
+    # the source's settings (lr, betas, weight decay), the new model's parameters
+    groups = [{**g, "params": list(names)} for g, names in zip(state["param_groups"], new_groups)]
+    return {"state": grown, "param_groups": groups}
 
 
 # -----------------------------------------------------------------------------
@@ -694,7 +756,7 @@ def parse_value(key, text, kind):
 
 
 def parse_target(spec, src):
-    """--to: a shape name (model.SHAPES), or field=value overrides of the source config, or both
+    """--to: a shape name (budget.SHAPES), or field=value overrides of the source config, or both
     ('cpu-2,max_seq_len=512'). ValueError (one line) for an unknown shape or field, a value not of its
     field's type, a field given twice, or norm_eps (it follows from the source, R2)."""
     parts = [p.strip() for p in spec.split(",") if p.strip()]
@@ -727,153 +789,6 @@ def param_counts(config):
     return m.num_params(True), m.num_params(False), m.num_params(True, active=True)
 
 
-# --explain: a worked example small enough to read every map, printed, then drawn for a slide
-
-
-def explain_growth(width="fpi", depth="zero", seed=0, noise=0.0):
-    """(source, grown, maps, plan): a random float64 Llama of width 4, FFN 6, 2 heads of head_dim 2 and
-    3 layers, grown to width 6, FFN 9, 3 heads and 5 layers (4 for dus, whose 2L - 2m is even)."""
-    src = ModelConfig(vocab_size=16, d_model=4, n_layers=3, n_heads=2, n_kv_heads=2, head_dim=2, ffn_dim=6,
-                      max_seq_len=16)
-    tgt = replace(src, d_model=6, n_heads=3, n_kv_heads=3, ffn_dim=9, n_layers=4 if depth == "dus" else 5)
-    model = Llama(src).to(torch.float64)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # unit-scale weights and gains far from 1: a wrong scale cannot hide in a tiny init
-        for p in model.parameters():
-            z = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-            p.copy_(z / math.sqrt(p.shape[1]) if p.dim() == 2 else 1 + 0.5 * z)
-    new, maps, plan = grow_with_maps(model, tgt, width, depth, seed, noise)
-    return model, new, maps, plan
-
-
-def print_map(title, g, n_old, scales):
-    """One unit map as a table: new index, old index, copy count k, and the scales ({label: list of floats})."""
-    k = copy_counts(g, n_old)
-    print(title)
-    for label, values in [("new", range(len(g))), ("old", g.tolist()), ("k", k.tolist())] + list(scales.items()):
-        print(f"  {label:<10}" + "".join(f"{v:>8.4g}" if isinstance(v, float) else f"{v:>8}" for v in values))
-
-
-def explain(width="fpi", depth="zero", seed=0, noise=0.0, png="docs/growth_explain.png"):
-    """Print the worked example's maps, scales, depth plan and measured gap; draw the maps to png."""
-    model, new, maps, plan = explain_growth(width, depth, seed, noise)
-    src, cfg = model.config, new.config
-    idx = torch.randint(0, src.vocab_size, (2, src.max_seq_len), generator=torch.Generator().manual_seed(seed))
-    gap = function_gap(model, new, idx)
-    print(f"Worked example in float64: width {width}, depth {depth}, seed {seed}, noise {noise:g}")
-    for label, c in (("source", src), ("grown ", cfg)):
-        print(f"  {label}: d_model {c.d_model}, ffn_dim {c.ffn_dim}, {c.n_heads} query heads / {c.n_kv_heads} KV heads "
-              f"of head_dim {c.head_dim}, {c.n_layers} layers")
-    print("\nWidth: every new unit copies an old one (new index -> old index); the old units keep their\n"
-          "index, the rest are seeded random picks. k = number of copies of that old unit.\n")
-    print_map(f"residual dims (d_model {src.d_model} -> {cfg.d_model})", maps.residual, src.d_model,
-              {"1/sqrt(k)": maps.residual_scale.tolist()})
-    print("  R1 writers: embed_tokens columns, o_proj and down_proj rows copied times 1/sqrt(k)")
-    print("  R3 readers: q/k/v, gate/up and lm_head columns copied times 1/sqrt(k)")
-    print(f"  R2 RMSNorm: every gain times sqrt(d/D) = sqrt({src.d_model}/{cfg.d_model}) = "
-          f"{math.sqrt(src.d_model / cfg.d_model):.4f}; eps times d/D: {src.norm_eps:g} -> {cfg.norm_eps:.4g}\n")
-    print_map(f"FFN neurons (ffn_dim {src.ffn_dim} -> {cfg.ffn_dim})", maps.ffn, src.ffn_dim,
-              {"1/k": maps.ffn_div.tolist()})
-    print("  H1: gate/up rows copied, down_proj columns times 1/k\n")
-    print_map(f"KV heads ({src.n_kv_heads} -> {cfg.n_kv_heads}; never divided, H2)", maps.kv_heads, src.n_kv_heads, {})
-    print_map(f"query heads ({src.n_heads} -> {cfg.n_heads})", maps.q_heads, src.n_heads,
-              {"1/k": maps.q_div[::src.head_dim].tolist()})
-    print(f"  H1, H2: q_proj rows copied per block of head_dim {src.head_dim}, o_proj columns times 1/k;\n"
-          "          each query head reads a copy of its old KV head")
-    if width == "aki":
-        print("  aki: the in-weights of every copy beyond the first come from the layer above (the top layer: its own)")
-    print(f"\nDepth ({depth}, {src.n_layers} -> {cfg.n_layers} layers): new layer <- old layer")
-    for t, (s, z) in enumerate(plan):
-        zero_note = "   Z: a copy of the layer below with o_proj = down_proj = 0: adds 0 to the stream"
-        print(f"  {t} <- {s}" + (zero_note if z else ""))
-    with torch.no_grad():
-        logit = model(idx)[0].abs().max().item()
-    print(f"\nfunction gap: max |logit difference| = {gap:.3e} (float64, {idx.shape[0]} x {idx.shape[1]} random "
-          f"tokens; the logits themselves reach {logit:.3g})")
-    if is_function_preserving(width, depth, src.n_layers, cfg.n_layers):
-        print(f"{width} + {depth} is function preserving (H1, H2, R1-R3, Z{', N' if noise > 0 else ''}): "
-              "the grown model computes the same logits, up to float64 rounding")
-    else:
-        print(f"width={width} depth={depth} is not function preserving: a nonzero gap is expected")
-    draw_explain(src, cfg, maps, plan, f"bert2BERT growth, width {width} + depth {depth} (seed {seed}): "
-                 f"measured max |logit difference| {gap:.1e}", png)
-    print(f"wrote {png}")
-
-
-def draw_explain(src, cfg, maps, plan, title, path):
-    """The maps of the worked example as one figure: three width panels (old units left, new units right,
-    a line from every new unit to the old unit it copies, colored by k, the scale at the new end) and
-    the depth plan (old layers left, new layers right, bottom to top)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-
-    color = {1: "0.55", 2: "tab:blue", 3: "tab:orange", 4: "tab:red"}
-    width_panels = [
-        (f"residual dims {src.d_model} → {cfg.d_model}", "writers (R1) and readers (R3) × 1/√k", maps.residual,
-         src.d_model, lambda k: "×1" if k == 1 else f"×1/√{k}"),
-        (f"FFN neurons {src.ffn_dim} → {cfg.ffn_dim}", "down_proj columns × 1/k (H1)", maps.ffn, src.ffn_dim,
-         lambda k: "×1" if k == 1 else f"×1/{k}"),
-        (f"query heads {src.n_heads} → {cfg.n_heads}", "o_proj columns × 1/k (H1)", maps.q_heads, src.n_heads,
-         lambda k: "×1" if k == 1 else f"×1/{k}"),
-    ]
-    fig, axes = plt.subplots(1, 4, figsize=(17, 7.5))
-    y_max = max(cfg.ffn_dim, cfg.n_layers) / 2 + 0.3
-    for ax, (name, rule, g, n_old, scale) in zip(axes, width_panels):
-        k = copy_counts(g, n_old).tolist()
-        y_old = [(n_old - 1) / 2 - j for j in range(n_old)]  # index 0 at the top
-        y_new = [(len(g) - 1) / 2 - i for i in range(len(g))]
-        for i, j in enumerate(g.tolist()):
-            ax.plot([0, 1], [y_old[j], y_new[i]], color=color.get(k[i], "k"), lw=2.5, zorder=1)
-            ax.text(1.16, y_new[i], scale(k[i]), va="center", fontsize=12, color=color.get(k[i], "k"))
-        ax.scatter([0] * n_old, y_old, s=420, c="white", edgecolors="k", zorder=2)
-        ax.scatter([1] * len(g), y_new, s=420, c=[color.get(x, "k") for x in k], edgecolors="k", zorder=2)
-        for j, y in enumerate(y_old):
-            ax.text(0, y, str(j), ha="center", va="center", fontsize=10, zorder=3)
-        for i, y in enumerate(y_new):
-            ax.text(1, y, str(i), ha="center", va="center", fontsize=10, color="white", zorder=3)
-        ax.set_title(f"{name}\n{rule}", fontsize=12)
-    ratio = f"{src.d_model}/{cfg.d_model}"
-    axes[0].text(0.5, -y_max + 0.2, f"RMSNorm (R2): gains × √({ratio}),\neps × {ratio}", ha="center", va="bottom",
-                 fontsize=11)
-    if torch.equal(maps.kv_heads, maps.q_heads):
-        axes[2].text(0.5, -y_max + 0.2, "KV heads: the same map\n(k/v rows copied, never divided)", ha="center",
-                     va="bottom", fontsize=11)
-    depth_ax = axes[3]
-    y_old = [s - (src.n_layers - 1) / 2 for s in range(src.n_layers)]  # layer 0 at the bottom
-    y_new = [t - (cfg.n_layers - 1) / 2 for t in range(cfg.n_layers)]
-    for t, (s, z) in enumerate(plan):
-        depth_ax.plot([0.2, 0.8], [y_old[s], y_new[t]], color="tab:green" if z else "0.55", lw=2.5, zorder=1)
-        depth_ax.add_patch(plt.Rectangle((0.8, y_new[t] - 0.3), 0.4, 0.6, facecolor="white" if z else "0.85",
-                                         edgecolor="tab:green" if z else "k", hatch="//" if z else None, lw=1.5))
-        depth_ax.text(1.0, y_new[t], str(t), ha="center", va="center", fontsize=11,
-                      bbox=dict(facecolor="white", edgecolor="none", pad=1) if z else None)
-        depth_ax.text(1.27, y_new[t], f"copy of {s}" + ("\no_proj = down_proj = 0" if z else ""), va="center",
-                      fontsize=10, color="tab:green" if z else "k")
-    for s, y in enumerate(y_old):
-        depth_ax.add_patch(plt.Rectangle((-0.2, y - 0.3), 0.4, 0.6, facecolor="0.85", edgecolor="k", lw=1.5))
-        depth_ax.text(0, y, str(s), ha="center", va="center", fontsize=11)
-    depth_rule = "hatched: new block that adds 0 (Z)" if any(z for _, z in plan) else "new layers copy old ones"
-    depth_ax.set_title(f"layers {src.n_layers} → {cfg.n_layers} (bottom to top)\n{depth_rule}", fontsize=12)
-    for ax in axes:
-        ax.set_xlim(-0.45, 1.9)
-        ax.set_ylim(-y_max, y_max)
-        ax.text(0, y_max - 0.1, "old", ha="center", va="top", fontsize=12, weight="bold")
-        ax.text(1, y_max - 0.1, "new", ha="center", va="top", fontsize=12, weight="bold")
-        ax.axis("off")
-    ks = sorted(set(copy_counts(maps.residual, src.d_model).tolist() + copy_counts(maps.ffn, src.ffn_dim).tolist()
-                    + copy_counts(maps.q_heads, src.n_heads).tolist()))
-    handles = [Line2D([], [], color=color.get(k, "k"), lw=3, label=f"k = {k}: the old unit has {k} "
-                      + ("copy" if k == 1 else "copies")) for k in ks]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=12, frameon=False)
-    fig.suptitle(title, fontsize=14)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def check_out(path, overwrite):
     """--out, before any work: a file the user has is never replaced unasked, and a path that cannot be
     written fails now rather than after the growth."""
@@ -898,64 +813,49 @@ def write_checkpoint(ckpt, path):
         raise OSError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def fail(e):
-    """A bad input's answer: one line on stderr saying what was wrong and what to do, exit code 2."""
-    print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Grow a nanogrow checkpoint (bert2BERT width, zero/stack/DUS depth).")
-    p.add_argument("ckpt", nargs="?", help="the checkpoint to grow (not with --explain)")
+    p = argparse.ArgumentParser(description="Grow a nanogrow checkpoint (bert2BERT width, zero/stack/DUS depth). "
+                                "A worked example, printed and drawn: python grow_explain.py")
+    p.add_argument("ckpt", nargs="?", help="the checkpoint to grow")
     p.add_argument("--to", help="a shape name (e.g. cpu-2, paper-2B) or d_model=..,n_layers=..,... or both "
                    "(cpu-4,moe_experts=8,moe_top_k=2 upcycles into a mixture of experts); "
                    "booleans are true/false, and norm_eps follows from the source")
     p.add_argument("--width", default="fpi", choices=WIDTHS)
     p.add_argument("--depth", default="zero", choices=DEPTHS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--noise", type=float, default=None,
-                   help="relative std of the zero-sum symmetry-breaking noise, finite and >= 0 "
-                   "(default 1e-3; 0 with --explain; series.py grows with 0.3, the best of docs/ablation.md)")
+    p.add_argument("--noise", type=float, default=1e-3, help="relative std of the zero-sum symmetry-breaking noise, "
+                   "finite and >= 0 (series.py grows with 0.3, the best of docs/ablation.md)")
     p.add_argument("--dus_overlap", type=int, default=None, help="SOLAR's m (layers dropped from each copy)")
     p.add_argument("--optimizer", default="fresh", choices=OPTIMIZERS, help="grown: also grow the checkpoint's AdamW "
                    "state (rule A), for train.py --init_from=OUT --init_optimizer; fresh: weights only")
     p.add_argument("--out", help="the grown checkpoint; an existing file is kept unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--explain", action="store_true", help="print and draw a worked example (width 4 -> 6, 3 -> 5 "
-                   "layers) with --width/--depth/--seed/--noise; needs no checkpoint")
-    p.add_argument("--explain_png", default="docs/growth_explain.png", help="where --explain draws the maps")
+    p.add_argument("--explain", action="store_true", help=argparse.SUPPRESS)  # moved: say where
     args = p.parse_args(argv)
     if args.explain:
-        try:
-            explain(args.width, args.depth, args.seed, args.noise or 0.0, args.explain_png)
-        except (ValueError, OSError) as e:
-            fail(e)
-        return
+        p.error("the worked example is a command of its own now: python grow_explain.py (same flags)")
     if not (args.ckpt and args.to and args.out):
-        p.error("give a checkpoint, --to and --out (or --explain for a worked example)")
-    noise = 1e-3 if args.noise is None else args.noise
-    try:
+        p.error("give a checkpoint, --to and --out (a worked example: python grow_explain.py)")
+    with cli_errors(ValueError, OSError):
         if not os.path.isfile(args.ckpt):  # the input first; then --out, before the (long) load and growth
             raise CheckpointError(f"no checkpoint at {args.ckpt}")
         check_out(args.out, args.overwrite)
         ckpt = load_checkpoint(args.ckpt)
-        old = config_from_dict(ckpt.get("model_config"))
+        old = checkpoint_config(ckpt)
         target = parse_target(args.to, old)
         new_ckpt, gap = grow_checkpoint(ckpt, target, width=args.width, depth=args.depth, seed=args.seed,
-                                        noise=noise, dus_overlap=args.dus_overlap, optimizer=args.optimizer)
+                                        noise=args.noise, dus_overlap=args.dus_overlap, optimizer=args.optimizer)
         del ckpt  # the source's tensors: only the grown model is held while writing
         write_checkpoint(new_ckpt, args.out)
-    except (CheckpointError, ValueError, OSError) as e:
-        fail(e)
-    new = config_from_dict(new_ckpt["model_config"])
+    new = checkpoint_config(new_ckpt)
     for label, c in (("source", old), ("grown", new)):
-        ne, tot, act = param_counts(c)
+        non_embedding, total, active = param_counts(c)
         moe = f" experts={c.moe_experts} top_k={c.moe_top_k}" if c.moe_experts else ""
         print(f"{label:<7} d_model={c.d_model} ffn_dim={c.ffn_dim} n_layers={c.n_layers} "
-              f"heads={c.n_heads}/{c.n_kv_heads}{moe}: non-embedding {ne:,} (active per token {act:,}) "
-              f"total {tot:,} parameters")
-    rec = new_ckpt["history"][-1]
-    print(f"function gap: max |logit difference| = {gap:.3e} ({rec['gap_dtype']}, 2 random sequences)")
+              f"heads={c.n_heads}/{c.n_kv_heads}{moe}: non-embedding {non_embedding:,} (active per token {active:,}) "
+              f"total {total:,} parameters")
+    gap_dtype = new_ckpt["history"][-1]["gap_dtype"]
+    print(f"function gap: max |logit difference| = {gap:.3e} ({gap_dtype}, 2 random sequences)")
     if not is_function_preserving(args.width, args.depth, old.n_layers, new.n_layers):
         print(f"width={args.width} depth={args.depth} is not function preserving: a nonzero gap is expected")
     print(f"norm_eps {old.norm_eps:.4g} -> {new.norm_eps:.4g} (scaled by d/D); wrote {args.out}")

@@ -32,17 +32,13 @@ import urllib.request
 import torch
 
 import posttrain
-from data import DataError
-from checkpoint import CheckpointError
+from chat_data import load_rows
+from common import CheckpointError, ConfigError, check_config, read_jsonl
 
 # MT-Bench's sampling temperature per category (deterministic for math and code, loose for writing)
 TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,
                "stem": 0.1, "humanities": 0.1}
 NEED_REFERENCE = ("math", "reasoning", "coding")
-
-
-class JudgeError(Exception):
-    """A problem the user can fix, or one judge call that failed; one line."""
 
 
 def load_questions(source, limit=0):
@@ -52,16 +48,16 @@ def load_questions(source, limit=0):
         try:
             rows = load_dataset(source[3:], split="train").to_list()
         except Exception as e:
-            raise JudgeError(f"could not load {source} ({type(e).__name__}); offline, pass a local .jsonl in its schema") from None
+            raise ConfigError(f"could not load {source} ({type(e).__name__}); offline, pass a local .jsonl in its schema") from None
     elif source.endswith((".jsonl", ".parquet")) and os.path.isfile(source):
-        rows = posttrain.load_rows(source, "train", [])
+        rows = load_rows(source, "train", [])
     else:
-        raise JudgeError(f"questions {source!r}: use hf:ID or an existing .jsonl / .parquet file")
+        raise ConfigError(f"questions {source!r}: use hf:ID or an existing .jsonl / .parquet file")
     out = []
     for i, r in enumerate(rows[:limit] if limit else rows):
         turns = r.get("prompt", r.get("turns"))  # H4's "prompt", or lmsys' question.jsonl "turns"
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
-            raise JudgeError(f"{source} row {i}: no column 'prompt' holding the list of user turns (columns found: {', '.join(r)})")
+            raise ConfigError(f"{source} row {i}: no column 'prompt' holding the list of user turns (columns found: {', '.join(r)})")
         out.append({"prompt_id": r.get("prompt_id", r.get("question_id", i)), "category": r.get("category", ""),
                     "turns": turns, "reference": r.get("reference") or []})
     return out
@@ -70,17 +66,17 @@ def load_questions(source, limit=0):
 def load_answers(path):
     """The rows of an answers.jsonl to grade (as generate_answers writes them); a malformed line or a row without
     the columns grading reads is one error naming the file and the row."""
-    rows = posttrain.read_jsonl(path)
+    rows = read_jsonl(path, drop_cut_last_line=False)
     for i, r in enumerate(rows):
         missing = [c for c in ("prompt_id", "category", "turns", "answers") if c not in r]
         if missing:
-            raise JudgeError(f"{path} row {i}: no column {', '.join(map(repr, missing))} (columns found: {', '.join(r) or 'none'}); "
+            raise ConfigError(f"{path} row {i}: no column {', '.join(map(repr, missing))} (columns found: {', '.join(r) or 'none'}); "
                              "expected the rows of answers.jsonl that judge.py CKPT writes")
         for c in ("turns", "answers"):
             if not isinstance(r[c], list) or not r[c] or not all(isinstance(t, str) for t in r[c]):
-                raise JudgeError(f"{path} row {i}: column {c!r} must be a non-empty list of strings, got {str(r[c])[:80]!r}")
+                raise ConfigError(f"{path} row {i}: column {c!r} must be a non-empty list of strings, got {str(r[c])[:80]!r}")
     if not rows:
-        raise JudgeError(f"{path} holds no answers")
+        raise ConfigError(f"{path} holds no answers")
     return rows
 
 
@@ -144,11 +140,11 @@ def chat_completion(url, model, messages, api_key=None, timeout=120.0, max_token
             reply = json.loads(r.read().decode("utf-8"))
         return reply["choices"][0]["message"]["content"]
     except urllib.error.HTTPError as e:
-        raise JudgeError(f"HTTP {e.code} from {url}: {e.read()[:200].decode('utf-8', 'replace')}") from None
+        raise ConfigError(f"HTTP {e.code} from {url}: {e.read()[:200].decode('utf-8', 'replace')}") from None
     except (urllib.error.URLError, TimeoutError, OSError) as e:
-        raise JudgeError(f"no answer from {url}: {e}") from None
+        raise ConfigError(f"no answer from {url}: {e}") from None
     except (ValueError, KeyError, IndexError, TypeError) as e:
-        raise JudgeError(f"reply from {url} is not a chat completion ({type(e).__name__}: {e})") from None
+        raise ConfigError(f"reply from {url} is not a chat completion ({type(e).__name__}: {e})") from None
 
 
 def parse_rating(text):
@@ -175,7 +171,7 @@ def grade(rows, url, model, api_key=None, attempts=3, backoff=1.0, timeout=120.0
                     if j["score"] is not None:
                         break
                     j["error"] = "no [[rating]] from 1 to 10 in the judge's reply"
-                except JudgeError as e:
+                except ConfigError as e:
                     j["error"] = str(e)
                 if attempt < attempts:
                     time.sleep(backoff * 2 ** (attempt - 1))
@@ -244,8 +240,8 @@ def main(argv):
                                ("judge_backoff", 0 <= args.judge_backoff < float("inf"), ">= 0"),
                                ("judge_timeout", 0 < args.judge_timeout < float("inf"), "> 0")):
             if not ok:
-                raise JudgeError(f"--{key} must be {valid}, got {getattr(args, key)!r}")
-        posttrain.check_config(posttrain.PostTrainConfig(device=args.device), "chat")  # --device as chat takes it
+                raise ConfigError(f"--{key} must be {valid}, got {getattr(args, key)!r}")
+        check_config(posttrain.PostTrainConfig(device=args.device))  # --device as chat takes it
         if args.answers:
             out = args.out or os.path.dirname(os.path.abspath(args.answers))
             rows = load_answers(args.answers)
@@ -260,7 +256,7 @@ def main(argv):
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
             print(f"answers: {os.path.join(out, 'answers.jsonl')}")
         else:
-            raise JudgeError("give a checkpoint to answer with, or --answers FILE to grade")
+            raise ConfigError("give a checkpoint to answer with, or --answers FILE to grade")
         if not args.judge_url:
             print(f"no judge configured, so nothing graded: run python judge.py --answers {os.path.join(out, 'answers.jsonl')} "
                   f"--judge_url URL --judge_model NAME (an OpenAI-compatible chat-completions endpoint, e.g. "
@@ -279,9 +275,9 @@ def main(argv):
         print(format_table(summary))
         print(f"scores: {os.path.join(out, 'scores.json')}")
         if judgments and not summary["graded"]:
-            raise JudgeError(f"every judgment failed (last: {judgments[-1].get('error')}); check --judge_url, --judge_model and the key")
+            raise ConfigError(f"every judgment failed (last: {judgments[-1].get('error')}); check --judge_url, --judge_model and the key")
         return summary
-    except (JudgeError, CheckpointError, DataError, posttrain.PostTrainError, OSError, ValueError) as e:
+    except (ConfigError, CheckpointError, OSError, ValueError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
 

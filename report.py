@@ -22,9 +22,7 @@ import os
 
 import numpy as np
 
-
-class SeriesError(Exception):
-    """A series or fit that cannot be used; eval.py's CLI prints the one-line message."""
+from common import ConfigError
 
 
 # -----------------------------------------------------------------------------
@@ -44,7 +42,7 @@ REPORT_COLUMNS = [("Valid PPL", "valid", "perplexity", 1), ("WikiText PPL", "wik
 def load_series(run_dir):
     path = os.path.join(run_dir, "series.json")
     if not os.path.exists(path):
-        raise SeriesError(f"{run_dir} has no series.json: is it the RUN_DIR of a finished series?")
+        raise ConfigError(f"{run_dir} has no series.json: is it the RUN_DIR of a finished series?")
     with open(path) as f:
         return json.load(f)
 
@@ -213,7 +211,7 @@ def fit_task_law(N, pu):
     Needs 0 < PU < 1 and at least two sizes. Returns (c, alpha)."""
     N, pu = np.asarray(N, dtype=np.float64), np.asarray(pu, dtype=np.float64)
     if len(N) < 2 or not ((pu > 0) & (pu < 1)).all():
-        raise SeriesError("the task law needs >= 2 sizes with 0 < PU < 1")
+        raise ConfigError("the task law needs >= 2 sizes with 0 < PU < 1")
     slope, intercept = np.polyfit(np.log(N), np.log(-np.log(pu)), 1)
     return math.exp(intercept), -slope
 
@@ -286,7 +284,7 @@ def fit_series(run_dir):
             try:
                 c, a = fit_task_law(N, means)
                 task_pred = f"{float(task_law(last['params'], c, a)):.4g} (c={c:.4g}, alpha={a:.4g})"
-            except SeriesError as e:
+            except ConfigError as e:
                 task_pred = f"not fitted ({e})"
             preds = []
             for i in range(pu.shape[1]):  # instance level: one law per document

@@ -26,6 +26,7 @@ import checkpoint
 from checkpoint import Lineage, load_checkpoint, make_checkpoint, payload_digest, save_checkpoint
 from common import make_optimizer, rng_state
 from model import Llama, config_from_shape
+from parallel import optimizer_state
 
 
 def timed(fn):
@@ -43,7 +44,7 @@ def train_checkpoint(shape):
         p.grad = torch.randn_like(p) * 1e-3
     optimizer.step()
     return make_checkpoint(model.state_dict(), model.config, {"name": "gpt2", "vocab_size": model.config.vocab_size}, Lineage(),
-                           step=1, optimizer=optimizer.state_dict(), rng=rng_state())
+                           step=1, optimizer=optimizer_state(model, optimizer), rng=rng_state())
 
 
 def main():

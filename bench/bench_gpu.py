@@ -8,7 +8,7 @@ markdown table for BENCHMARKS.md.
     torchrun --standalone --nproc_per_node=2 bench_gpu.py --device cpu --steps 3 --warmup 1 --compile false  # smoke test
 
 Every setting (--parallel x --compile x --activation_checkpointing, each a comma-separated list) builds
-the model afresh and runs train.py's own step (train.parallelize, train.forward_backward, AdamW) on
+the model afresh and runs train.py's own step (parallel.parallelize, train.forward_backward, AdamW) on
 random tokens: the code a run trains with, without data loading or evaluation. A step is grad_accum
 micro-batches of batch_size x seq_len tokens per GPU, bf16 on CUDA as train.py runs it, with its one host
 sync per step. Timing starts after --warmup steps (which include torch.compile's compilation).
@@ -39,7 +39,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules, one folder up
 import budget
 import train
-from common import ConfigError, autocast_for, cli_errors, cpu_matmul_peak, make_optimizer, rank0_first, setup_distributed
+from common import ConfigError, autocast_for, cli_errors, cpu_matmul_peak, make_optimizer
+from parallel import on_rank0_then_share, parallelize, setup_distributed
 from model import Llama, config_from_shape
 
 
@@ -61,10 +62,10 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def bench(cfg, model_config, steps, warmup, rank, world, local_rank, device):
+def bench(cfg, model_config, steps, warmup, rank, world, device):
     """One setting: (tokens/s over all ranks, peak memory in bytes), or (None, None) if it ran out of memory."""
     fsdp = cfg.parallel == "fsdp"
-    ctx, dtype_name = autocast_for(device, cfg.dtype)
+    ctx, _ = autocast_for(device, cfg.dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model = raw = optimizer = None
@@ -72,14 +73,14 @@ def bench(cfg, model_config, steps, warmup, rank, world, local_rank, device):
         torch.manual_seed(cfg.seed)
         with torch.device("meta") if fsdp and rank != 0 else contextlib.nullcontext():  # as train.starting_model
             model = Llama(model_config)
-        model, raw = train.parallelize(model, cfg, fsdp, cfg.compile == "true", rank, world, device, local_rank, dtype_name)
+        model, raw = parallelize(model, cfg, device, fsdp, cfg.compile == "true")
         optimizer = make_optimizer(raw, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
         loader = RandomBatches(model_config.vocab_size, cfg.batch_size, cfg.seq_len, rank)
         for step in range(warmup + steps):
             if step == warmup:
                 synchronize(device)
                 t0 = time.perf_counter()
-            loss, grad_norm, *_ = train.forward_backward(model, loader, step, cfg, ctx, world, device)
+            loss, grad_norm, *_ = train.forward_backward(model, loader, step, cfg, ctx, device)
             torch.stack([loss, grad_norm.to(loss.dtype)]).tolist()  # train.py's one host sync per step
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -113,7 +114,7 @@ def choices(text, allowed, flag):
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--shape", help="a model.SHAPES name (default paper-1B on CUDA, tiny on the CPU)")
+    p.add_argument("--shape", help="a budget.SHAPES name (default paper-1B on CUDA, tiny on the CPU)")
     p.add_argument("--seq_len", type=int, help="context (default 1024 on CUDA, the paper's; 256 on the CPU)")
     p.add_argument("--batch_size", type=int, default=8, help="micro-batch per GPU")
     p.add_argument("--grad_accum", type=int, default=1)
@@ -140,7 +141,7 @@ def main(argv):
             model_config = config_from_shape(shape, max_seq_len=seq_len)
         except ValueError as e:
             raise ConfigError(f"--shape: {e}") from None
-        rank, local_rank, world, device = setup_distributed(args.device)
+        rank, _, world, device = setup_distributed(args.device)
         if any(par == "fsdp" for par, _, _ in settings) and not dist.is_initialized():
             raise ConfigError("--parallel fsdp needs a process group, one GPU too: launch with torchrun --standalone "
                               "--nproc_per_node=N bench_gpu.py ...")
@@ -150,7 +151,7 @@ def main(argv):
             name = torch.cuda.get_device_name(device)
             peak, how = budget.peak_flops(name), f"bf16 dense datasheet peak of {name}"
         else:  # rank 0 alone prints it: a CPU peak measured by every rank at once would be a fraction of it
-            peak, path = rank0_first(cpu_matmul_peak, rank, world) or (None, "")
+            peak, path = on_rank0_then_share(cpu_matmul_peak, rank, world) or (None, "")
             how = f"float32 matmul peak of this CPU, measured once ({path})"
         with torch.device("meta"):
             flops_per_token = Llama(model_config).flops_per_token(seq_len)
@@ -166,7 +167,7 @@ def main(argv):
             cfg = train.TrainConfig(shape=shape, batch_size=args.batch_size, seq_len=seq_len, grad_accum=args.grad_accum,
                                     device=args.device, compile=compile_, parallel=parallel,
                                     activation_checkpointing=checkpointing == "true")
-            tok_s, memory = bench(cfg, model_config, args.steps, args.warmup, rank, world, local_rank, device)
+            tok_s, memory = bench(cfg, model_config, args.steps, args.warmup, rank, world, device)
             if rank != 0:
                 continue
             step_tokens = f"{world} x {args.grad_accum} x {args.batch_size} x {seq_len}"

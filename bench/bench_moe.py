@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules, one folder up
 import data
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
 from common import ConfigError, cli_errors
-from model import Llama, config_from_shape, model_from_checkpoint
+from model import Llama, config_from_shape
 
 
 def step_time(model, optimizer, idx, steps, train):
@@ -123,7 +123,7 @@ def main():
     p.add_argument("--val", default=os.path.join("data_cache", "default-bytes"), help="prepared data (data.py) for --load")
     p.add_argument("--batches", type=int, default=8, help="validation batches for --load")
     args = p.parse_args()
-    with cli_errors(data.DataError, ValueError):  # a missing file or folder, a bad shape: one line, exit code 2
+    with cli_errors(ValueError):  # a missing file or folder, a bad shape: one line, exit code 2
         load(args) if args.load else throughput(args)
 
 

@@ -1,5 +1,5 @@
-# The growth-recipe ablation at CPU scale (ablate.py, issue 14): which growth settings make the grown series cheapest?
-#   python ablate.py configs/ablate_cpu.py --docs_dir=docs
+# The growth-recipe ablation at CPU scale (experiments/ablate.py, issue 14): which growth settings make the grown series cheapest?
+#   python experiments/ablate.py configs/ablate_cpu.py --docs_dir=docs
 # The CPU demo's series (configs/series_cpu.py: cpu-1 .. cpu-4, 0.1M-0.9M non-embedding parameters, its learning
 # rates and batch) at 5 tokens per parameter, validated every 25 steps. Base: its growth recipe (FPI width, zero-initialized
 # layers, noise 1e-3, fresh AdamW with a 20-step warmup, each stage its own cosine) with the scratch twins of every

@@ -1,5 +1,5 @@
-# Every experiment of the paper at CPU scale (reproduce.py): about an hour on 2 cores, no network.
-#   python reproduce.py configs/reproduce_cpu.py --docs_dir=docs
+# Every experiment of the paper at CPU scale (experiments/reproduce.py): about an hour on 2 cores, no network.
+#   python experiments/reproduce.py configs/reproduce_cpu.py --docs_dir=docs
 # The main series is the CPU demo's (configs/series_cpu.py: cpu-1 .. cpu-4, 5 tokens per parameter, per-stage
 # learning rates 3e-3 .. 1.5e-3) on the embedded corpus minus its held-out tenth; beside it Table 4's one-rate
 # series, the tokens-per-parameter study (the first two members at 20 and 40), SFT + DPO of every member, and

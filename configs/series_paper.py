@@ -14,7 +14,7 @@ grad_accum = 8  # 8 x 1024 x 8 GPUs x 8 = 524,288 tokens per step
 # 16 bytes per parameter, 135 GB for the 8B member before activations, so the 4B and 8B cannot run. FSDP
 # shards those 16 bytes over the 8 GPUs: the 1B then needs 19.2 GiB, the 4B 39.9, the 8B 62.4, under the
 # 72 GiB a plan may use. Activation checkpointing (one block's activations at a time, for a third more
-# compute) is kept for the 8B alone, which it brings to 27.5 GiB, as a guard until bench_gpu.py has measured
+# compute) is kept for the 8B alone, which it brings to 27.5 GiB, as a guard until bench/bench_gpu.py has measured
 # the 8B's peak on a GPU: its estimate leaves the least room.
 parallel = "fsdp"
 activation_checkpointing = False

@@ -2,10 +2,10 @@
 ablate.py: which growth recipe makes the grown series cheapest? (nanogrow issue 14) The CPU demo's grown series
 under variants of its growth settings, one changed at a time from a base, then combinations, at equal FLOPs.
 
-    python ablate.py configs/ablate_cpu.py                       # the grid
-    python ablate.py configs/ablate_cpu.py --resume              # after a kill: finished runs kept, the cut one resumed
-    python ablate.py configs/ablate_cpu.py --docs_dir=docs       # also write docs/ablation.md and docs/ablation.png
-    python ablate.py configs/ablate_cpu.py --resume --only=stack # one variant alone (base done first): what jobs > 1 runs
+    python experiments/ablate.py configs/ablate_cpu.py                        # the grid
+    python experiments/ablate.py configs/ablate_cpu.py --resume               # after a kill: the cut run resumed
+    python experiments/ablate.py configs/ablate_cpu.py --docs_dir=docs        # also docs/ablation.md and .png
+    python experiments/ablate.py configs/ablate_cpu.py --resume --only=stack  # one variant (base done), as jobs > 1 runs it
 
 The grid, each a series.py run in OUT/<name>:
 
@@ -29,7 +29,6 @@ ablation.png the figure.
 """
 
 import json
-import math
 import os
 import re
 import shlex
@@ -42,11 +41,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules, one folder up
-import data
 import report
 import series
 from checkpoint import claim_grid
-from common import ConfigError, type_ok, cli_errors, configure, fmt_time, require
+from common import ConfigError, above, at_least, cli_errors, configure, fmt_time, require, type_ok, within
 from reproduce import run_seconds
 
 # SeriesConfig keys that act only when a stage is grown: stage 1 (trained from scratch) is the same run under any
@@ -58,26 +56,26 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # a variant's name is a folde
 REACH_GOAL = 0.70  # issue 14: the largest grown member matches its scratch twin within 70% of the FLOPs
 
 
-class AblationError(Exception):
-    """A grid that cannot go on (a failed variant, a stage 1 that is not base's); one line saying what to do."""
-
-
 @dataclass
 class AblationConfig:
     out_dir: str = "out/ablate"
     docs_dir: str = ""  # also write ablation.md and ablation.png here ("docs" for the committed copy)
     series: str = "configs/series_cpu.py"  # the base series: members, per-stage learning rates, batch, schedule
-    tokens_per_param: float = 5.0  # every series' (the base config's value is replaced by this)
+    tokens_per_param: float = field(default=5.0, metadata=above(0))  # every series' (replaces the base config's)
     variants: list = field(default_factory=list)  # [[name, {SeriesConfig key: value}], ...]; "base" is implicit
     combos: list = field(default_factory=list)  # the same, run after the variants (labeled as combinations)
-    jobs: int = 1  # variants run in this many processes at a time (after base), each on cores // jobs threads
+    # variants run in this many processes at a time (after base), each on cores // jobs threads
+    jobs: int = field(default=1, metadata=at_least(1, "an integer >= 1"))
     overrides: list = field(default_factory=list)  # extra --key=value for every series run (e.g. a tiny test grid)
     only: str = ""  # run just this variant or combo, on cores // jobs threads (base must be done): a parallel grid's process
     # the goal measured with a finished schedule: the best entry's largest stage again, shortened so that the series
     # spends this fraction of the largest scratch member's FLOPs, with its own full schedule (0: off)
-    budget_check: float = 0.0
+    budget_check: float = field(default=0.0, metadata=within(0, 1, "in [0, 1] (0: off)"))
     resume: bool = False
     overwrite: bool = False
+
+    def check(self):
+        require(os.path.isfile(self.series), "series", self.series, "a series config file (e.g. configs/series_cpu.py)")
 
 
 # -----------------------------------------------------------------------------
@@ -136,13 +134,13 @@ def shares_stage1(overrides):
 
 
 def link_stage1(base, entry):
-    """Hard-link every file of base's stage-1 folder into the variant's (series.run_stage keeps a finished stage
+    """Hard-link every file of base's stage-1 folder into the variant's (series.train_member keeps a finished stage
     under resume): one run on disk, no second training. Files already linked are kept; a file there that is not
     base's is refused, since it would be a stage 1 this variant trained itself."""
     src = os.path.join(base.cfg.out_dir, "grow", entry.first_stage)
     dst = os.path.join(entry.cfg.out_dir, "grow", entry.first_stage)
     if not os.path.exists(os.path.join(src, "final.pt")):
-        raise AblationError(f"{src}/final.pt is missing: base's stage 1 is not done; run the grid without --only first")
+        raise ConfigError(f"{src}/final.pt is missing: base's stage 1 is not done; run the grid without --only first")
     os.makedirs(dst, exist_ok=True)
     for name in sorted(os.listdir(src)):
         s, d = os.path.join(src, name), os.path.join(dst, name)
@@ -150,7 +148,7 @@ def link_stage1(base, entry):
             continue
         if os.path.exists(d):
             if not os.path.samefile(s, d):
-                raise AblationError(f"{d} is not base's {name}: delete {entry.cfg.out_dir} and rerun with --resume to share base's stage 1")
+                raise ConfigError(f"{d} is not base's {name}: delete {entry.cfg.out_dir} and rerun with --resume to share base's stage 1")
             continue
         os.link(s, d)
 
@@ -223,7 +221,7 @@ def run_parallel(cfg, entries, argv, t0):
         name, code, log_path = failed[0]
         with open(log_path, errors="replace") as f:
             last = ([line.strip() for line in f if line.strip()] or ["(empty log)"])[-1]
-        raise AblationError(f"variant {name} failed (exit code {code}): {last[:300]}; see {log_path}, fix it and rerun with --resume")
+        raise ConfigError(f"variant {name} failed (exit code {code}): {last[:300]}; see {log_path}, fix it and rerun with --resume")
 
 
 # -----------------------------------------------------------------------------
@@ -253,7 +251,7 @@ def measure(cfg, entries):
     for e in entries:
         grown = report.series_chains(report.load_series(e.cfg.out_dir)["runs"])["grow"]
         if len(grown) != len(scratch):
-            raise AblationError(f"{e.cfg.out_dir} holds {len(grown)} of {len(scratch)} grown members: rerun with --resume to finish it")
+            raise ConfigError(f"{e.cfg.out_dir} holds {len(grown)} of {len(scratch)} grown members: rerun with --resume to finish it")
         members = [{"stage": g["stage"], "params": g["params"], "val_loss": g["val_loss"], "scratch_loss": s["val_loss"],
                     "rel": g["val_loss"] / s["val_loss"] - 1, "flops": g["flops"]} for g, s in zip(grown, scratch)]
         points, is_val = report.read_curve(os.path.join(e.cfg.out_dir, grown[-1]["metrics"]))
@@ -419,13 +417,6 @@ def plot(cfg, results, path):
 # -----------------------------------------------------------------------------
 
 
-def check_config(cfg):
-    require(math.isfinite(cfg.tokens_per_param) and cfg.tokens_per_param > 0, "tokens_per_param", cfg.tokens_per_param, "a finite number > 0")
-    require(cfg.jobs >= 1, "jobs", cfg.jobs, "an integer >= 1")
-    require(0 <= cfg.budget_check <= 1, "budget_check", cfg.budget_check, "in [0, 1] (0: off)")
-    require(os.path.isfile(cfg.series), "series", cfg.series, "a series config file (e.g. configs/series_cpu.py)")
-
-
 def command(argv):
     """The command line that makes the report (without the flags that only say how to treat an old out_dir)."""
     kept = [a for a in argv if not a.startswith(("--resume", "--overwrite", "--only"))]
@@ -433,9 +424,8 @@ def command(argv):
 
 
 def main(argv):
-    with cli_errors(data.DataError, report.SeriesError, AblationError):
-        cfg = configure(AblationConfig, argv)
-        check_config(cfg)
+    with cli_errors():
+        cfg = configure(AblationConfig, argv)  # every field's range is declared beside it (common.check_config)
         entries = grid(cfg)
         base, rest = entries[0], entries[1:]
         if cfg.only:  # one variant, in a process of a parallel grid (or by hand); each series holds its own lock
@@ -443,7 +433,7 @@ def main(argv):
             require(bool(chosen), "only", cfg.only, "a configured variant or combo: " + ", ".join(e.name for e in rest))
             torch.set_num_threads(max(1, cores() // cfg.jobs))
             if not base_done(base):
-                raise AblationError(f"base is not done in {base.cfg.out_dir}: run the grid without --only first")
+                raise ConfigError(f"base is not done in {base.cfg.out_dir}: run the grid without --only first")
             run_entry(base, chosen[0], time.time())
             return
         lock = claim_grid(cfg.out_dir, cfg.resume, cfg.overwrite)

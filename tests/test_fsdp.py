@@ -5,7 +5,7 @@
 - an FSDP run killed by SIGKILL resumes exactly; a diverging one stops with one error line and saves
   nothing non-finite;
 - its checkpoints are today's single file: one process loads, grows and exports them, their optimizer
-  state has the layout a single process writes, and DDP and FSDP resume each other's checkpoints;
+  state has the layout a single process writes (keyed by parameter name), and DDP and FSDP resume each other's checkpoints;
 - budget.py's activation formula against the bytes torch saves for backward, and the memory plan;
 - the CPU matmul peak measured once and cached; bench_gpu.py's CPU smoke test and its refusal without CUDA.
 Each torchrun launch costs seconds, so the runs are shared by a module-scoped fixture."""
@@ -28,9 +28,10 @@ sys.path.insert(0, ROOT)
 import budget  # noqa: E402
 import common  # noqa: E402
 import grow  # noqa: E402
-import train  # noqa: E402
-from checkpoint import checkpoint_paths, load_checkpoint  # noqa: E402
-from model import Llama, ModelConfig, export_hf, import_hf, model_from_checkpoint  # noqa: E402
+import parallel  # noqa: E402
+from checkpoint import checkpoint_paths, load_checkpoint, model_from_checkpoint  # noqa: E402
+from hf import export_hf, import_hf  # noqa: E402
+from model import Llama, ModelConfig  # noqa: E402
 from test_train import run_args, train_losses  # noqa: E402  (the same small runs as the DDP and resume tests)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -94,12 +95,13 @@ def assert_same_training(a, b, tol=1e-5):
 def test_fsdp_matches_one_process_with_accumulation(runs):
     # FSDP with grad_accum 2 (a reduce-scatter after each micro-step) against one process
     assert_same_training(runs / "single", runs / "fsdp")
-    # the optimizer state is written in the single process's layout (numbered parameters), with the same moments
+    # the optimizer state is written in the single process's layout (keyed by parameter name), with the same moments
     a, b = final(runs / "single")["optimizer"], final(runs / "fsdp")["optimizer"]
     assert [g["params"] for g in a["param_groups"]] == [g["params"] for g in b["param_groups"]]
     assert [{k: v for k, v in g.items() if k != "params"} for g in a["param_groups"]] == \
         [{k: v for k, v in g.items() if k != "params"} for g in b["param_groups"]]
-    assert list(a["state"]) == list(b["state"]) == list(range(len(a["state"])))
+    assert list(a["state"]) == list(b["state"]) == [name for g in a["param_groups"] for name in g["params"]]
+    assert set(a["state"]) == {name for name, _ in model_from_checkpoint(final(runs / "single")).named_parameters()}
     for i in a["state"]:
         assert a["state"][i]["step"] == b["state"][i]["step"] == 24
         for k in ("exp_avg", "exp_avg_sq"):
@@ -116,6 +118,8 @@ def test_fsdp_tied_with_activation_checkpointing_matches_one_process(tmp_path, d
     assert_same_training(tmp_path / "single", tmp_path / "fsdp")
     state = final(tmp_path / "fsdp")["model"]
     assert state["lm_head.weight"] is state["embed_tokens.weight"]  # one tensor in the file, as a single process saves it
+    # and one AdamW entry, under the name a single process gives it
+    assert list(final(tmp_path / "fsdp")["optimizer"]["state"]) == list(final(tmp_path / "single")["optimizer"]["state"])
 
 
 def kill_run(out_dir):
@@ -167,7 +171,7 @@ def test_ddp_and_fsdp_resume_each_others_checkpoints(runs, data_dir):
     # each continues the uninterrupted FSDP run: a fresh optimizer or a lost moment would not
     for out in (ddp, fsdp):
         assert_same_training(runs / "fsdp", out)
-        assert final(out)["optimizer"]["state"][0]["step"] == 24
+        assert final(out)["optimizer"]["state"]["embed_tokens.weight"]["step"] == 24
 
 
 def test_series_under_fsdp_grows_between_sharded_stages(tmp_path, data_dir):
@@ -188,7 +192,7 @@ def test_series_under_fsdp_grows_between_sharded_stages(tmp_path, data_dir):
     assert abs(val("b")[0] - val("a")[-1]) < 1e-5
     assert [r["stage"] for r in json.load(open(out / "series.json"))["runs"]] == ["a", "b"]
     a, b = final(out / "grow" / "a"), final(out / "grow" / "b")
-    assert b["optimizer"]["state"][0]["step"] == a["step"] + b["step"]  # the embedding's AdamW steps, carried
+    assert b["optimizer"]["state"]["embed_tokens.weight"]["step"] == a["step"] + b["step"]  # the embedding's AdamW steps, carried
 
 
 def test_fsdp_divergence_stops_with_one_line_and_saves_nothing_non_finite(tmp_path, data_dir):
@@ -235,7 +239,7 @@ def saved_bytes(config, precision, batch=2, seq=32, checkpointed=False):
     torch.manual_seed(0)
     model = Llama(config)
     if checkpointed:
-        train.checkpoint_blocks(model)
+        parallel.checkpoint_blocks(model)
     if precision == "bf16":
         model = model.to(torch.bfloat16)  # as FSDP's MixedPrecisionPolicy gathers them
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
@@ -282,7 +286,7 @@ def test_activation_checkpointing_saves_no_block_activations_and_gives_the_same_
         torch.manual_seed(0)
         model = Llama(config)
         if checkpointed:
-            train.checkpoint_blocks(model)
+            parallel.checkpoint_blocks(model)
         model(idx[:, :-1], idx[:, 1:])[1].backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])  # the recomputation is the same arithmetic
@@ -364,7 +368,7 @@ def test_ranks_that_read_different_files_stop_together_with_one_line(tmp_path):
     # (what each rank "reads" is simulated here). Every rank stops with the same one line, none trains apart.
     script = tmp_path / "ranks.py"
     script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\n"
-                      "from common import cli_errors, same_on_every_rank, setup_distributed\n"
+                      "from common import cli_errors\nfrom parallel import same_on_every_rank, setup_distributed\n"
                       "with cli_errors():\n"
                       "    rank, _, world, _ = setup_distributed('cpu')\n"
                       "    same_on_every_rank(('out/ckpt_000008.pt', 8), 'agreeing', world)\n"

@@ -1,6 +1,6 @@
 """grow.py: function preservation measured over random shapes (non-integer ratios, GQA, tied and untied
 embeddings, noise on and off), layer order of every depth operator, symmetry breaking, errors, the grow
-record (unit maps, depth plan) against the weights, the checkpoint schema, CLI and --explain."""
+record (unit maps, depth plan) against the weights, the checkpoint schema, CLI and grow_explain.py."""
 
 import errno
 import json
@@ -19,11 +19,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import grow as growmod  # noqa: E402
-from checkpoint import CheckpointError, Lineage, make_checkpoint  # noqa: E402
-from grow import (Noise, depth_plan, expand_, explain_growth, function_gap, grow, grow_checkpoint, main,  # noqa: E402
-                  parse_target, unit_map)
-from model import (Llama, ModelConfig, config_from_shape, load_checkpoint, model_from_checkpoint,  # noqa: E402
-                   save_checkpoint)
+import grow_explain  # noqa: E402
+from checkpoint import (CheckpointError, Lineage, load_checkpoint, make_checkpoint, model_from_checkpoint,  # noqa: E402
+                        save_checkpoint)
+from grow import (Noise, depth_plan, expand_, function_gap, grow, grow_checkpoint, main, parse_target,  # noqa: E402
+                  unit_map)
+from grow_explain import explain_growth  # noqa: E402
+from model import Llama, ModelConfig, config_from_shape  # noqa: E402
 
 GAPS = {}  # largest gap seen per check, printed by test_zz_report (pytest -s)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -336,7 +338,7 @@ def test_grown_checkpoint_follows_the_schema(tmp_path):
 
 def test_explain(tmp_path, capsys):
     png = tmp_path / "explain.png"
-    r = subprocess.run([sys.executable, "grow.py", "--explain", "--explain_png", str(png)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "grow_explain.py", "--explain_png", str(png)], cwd=ROOT,
                        capture_output=True, text=True, env={**ENV, "MPLBACKEND": "Agg"})
     assert r.returncode == 0, r.stderr
     gap = float(re.search(r"max \|logit difference\| = (\S+)", r.stdout).group(1))
@@ -352,21 +354,25 @@ def test_explain(tmp_path, capsys):
     assert scales == pytest.approx(maps.residual_scale.tolist(), rel=1e-4) and min(scales) < 1  # some dims copied
     assert r.stdout.count("adds 0 to the stream") == sum(z for _, z in plan) == 2
     # another operator, in-process: not function preserving, and said so
-    main(["--explain", "--depth", "stack", "--explain_png", str(tmp_path / "stack.png")])
+    grow_explain.main(["--depth", "stack", "--explain_png", str(tmp_path / "stack.png")])
     out = capsys.readouterr().out
     assert "not function preserving" in out and float(re.search(r"difference\| = (\S+)", out).group(1)) > 1e-3
-    with pytest.raises(SystemExit):  # without --explain a checkpoint, --to and --out are needed
+    with pytest.raises(SystemExit):  # grow.py needs a checkpoint, --to and --out
         main(["--to", "cpu-2"])
+    with pytest.raises(SystemExit):  # grow.py --explain moved to grow_explain.py, and says so
+        main(["--explain"])
+    assert "grow_explain.py" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------
 # bad inputs: one "error: ..." line on stderr, exit code 2, nothing written
 
 
-def cli_fails(capsys, argv, *words):
-    """main(argv) must exit 2 with a single 'error: ...' line on stderr that contains every one of words."""
+def cli_fails(capsys, argv, *words, command=main):
+    """command(argv) (grow.py's main) must exit 2 with a single 'error: ...' line on stderr that contains every
+    one of words."""
     with pytest.raises(SystemExit) as e:
-        main(argv)
+        command(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert all(w in err for w in words), (words, err)
@@ -405,7 +411,7 @@ def test_noise_must_be_finite_and_nothing_non_finite_is_written(tmp_path, capsys
     cli_fails(capsys, [a, "--to", "d_model=48", "--out", out, "--noise", "inf"], "noise", "finite")
     cli_fails(capsys, [a, "--to", "d_model=48", "--out", out, "--noise", "nan"], "noise")
     cli_fails(capsys, [a, "--to", "d_model=48", "--out", out, "--noise", "1e300"], "NaN or inf")
-    cli_fails(capsys, ["--explain", "--noise", "inf", "--explain_png", str(tmp_path / "x.png")], "noise")
+    cli_fails(capsys, ["--noise", "inf", "--explain_png", str(tmp_path / "x.png")], "noise", command=grow_explain.main)
     # a gap that is not a number (overflowing logits) is refused too
     monkeypatch.setattr(growmod, "function_gap", lambda *a, **k: math.nan)
     with pytest.raises(ValueError, match="gap"):

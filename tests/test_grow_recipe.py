@@ -18,8 +18,9 @@ sys.path.insert(0, ROOT)
 import grow  # noqa: E402
 import series  # noqa: E402
 from checkpoint import Lineage, load_checkpoint, make_checkpoint, save_checkpoint  # noqa: E402
-from common import configure, lr_at, make_optimizer  # noqa: E402
+from common import configure, decay_groups, lr_at, make_optimizer  # noqa: E402
 from model import Llama, ModelConfig, rope_cos_sin  # noqa: E402
+from parallel import load_optimizer_state  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -77,7 +78,8 @@ def test_the_grown_models_gradients_are_rule_A(case):
     g_src, g_new = gradients(model, idx, targets), gradients(new, idx, targets)
     predicted = grow.empty_like_config(new.config, torch.float64, "cpu")
     gain = math.sqrt(src_cfg.d_model / tgt_cfg.d_model)
-    grow.fill(predicted, grow.moment_model(src_cfg, g_src), maps, plan, grow.moment_scales(maps, gain, 1), "fpi", None)
+    grow.grow_into(predicted, grow.moment_model(src_cfg, g_src), maps, plan, grow.moment_scales(maps, gain, 1), "fpi",
+                   moments=True)
     fresh = fresh_names(new, plan)
     assert bool(fresh) == (tgt_cfg.n_layers > src_cfg.n_layers)  # depth zero's new blocks
     for name, p in predicted.named_parameters():
@@ -101,21 +103,21 @@ def test_one_adamw_step_after_growth_keeps_the_moments_mapped():
         opt.zero_grad()
     new, maps, plan = grow.grow_with_maps(model, tgt_cfg, seed=1, noise=0.0)
     new_opt = make_optimizer(new, 1e-2, 0.1, (0.9, 0.95), torch.device("cpu"))
-    new_opt.load_state_dict(grow.grow_optimizer_state(model, new, opt.state_dict(), maps, plan, "fpi"))
+    load_optimizer_state(new, new_opt, grow.grow_optimizer_state(model, new, opt.state_dict(), maps, plan, "fpi"))
     for m, o in ((model, opt), (new, new_opt)):
         m(*batch(src_cfg, 99))[1].backward()
         o.step()
     expected = grow.grow_optimizer_state(model, new, opt.state_dict(), maps, plan, "fpi")["state"]
     got = new_opt.state_dict()["state"]
-    names = [n for g in grow.optimizer_names(new) for n in g]
+    names = [n for g in decay_groups(new) for n in g]
     fresh = fresh_names(new, plan)
-    assert len(got) == len(expected) == len(names)
+    assert len(got) == len(expected) == len(names) and list(expected) == names  # keyed by name, in group order
     for i, name in enumerate(names):
         assert got[i]["step"].item() == (1 if name in fresh else 4), name
         if name in fresh:
             continue
         for key in ("exp_avg", "exp_avg_sq"):
-            ref = expected[i][key]
+            ref = expected[name][key]
             assert (got[i][key] - ref).abs().max().item() <= 1e-10 * ref.abs().max().item(), (name, key)
 
 

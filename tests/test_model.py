@@ -1,5 +1,6 @@
 """model.py against an independent reference: transformers' LlamaForCausalLM (a test-only
-dependency), plus the KV cache, the counts, and checkpoint validation."""
+dependency), plus the KV cache, the counts, checkpoint validation (checkpoint.model_from_checkpoint) and hf.py's
+safetensors and command line."""
 
 import json
 import os
@@ -12,8 +13,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import (CheckpointError, Llama, ModelConfig, config_from_shape, export_hf, import_hf,
-                   load_checkpoint, model_from_checkpoint, read_safetensors, save_checkpoint, write_safetensors)
+import budget
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from hf import export_hf, import_hf, read_safetensors, write_safetensors
+from model import KVCache, Llama, ModelConfig, config_from_shape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,7 +88,6 @@ def test_cached_generation_equals_uncached(n_kv_heads):
     sampled = [model.generate(prompt, 20, temperature=1.0, top_k=10, use_cache=c, generator=torch.Generator().manual_seed(3)) for c in (True, False)]
     assert torch.equal(*sampled)
     # the cached logits themselves, for a prompt fed in two chunks, equal one full forward
-    from model import KVCache
     seq = torch.randint(0, 64, (2, 30))
     cache = KVCache(model.config, 2, 30, "cpu", torch.float32)
     with torch.no_grad():
@@ -182,14 +184,19 @@ def test_safetensors_roundtrip(tmp_path):
 
 
 def test_cli_shapes_and_hf_roundtrip(tmp_path):
-    out = subprocess.run([sys.executable, "model.py", "shapes"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "budget.py", "--shapes"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "paper-8B" in out and "8,0" in out  # 8.03B non-embedding
+    # the table's closed forms are the Llama's own counts, shape by shape
+    for name in budget.SHAPES:
+        with torch.device("meta"):
+            m = Llama(config_from_shape(name))
+        assert f" {m.num_params(True):>14,} {m.num_params(False):>14,}" in out.split(f"\n{name} ", 1)[1].split("\n")[0], name
     _, path = make_ckpt(tmp_path)
-    subprocess.run([sys.executable, "model.py", "export-hf", str(path), str(tmp_path / "hf")], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "hf.py", "export-hf", str(path), str(tmp_path / "hf")], cwd=ROOT, check=True, capture_output=True)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
-    subprocess.run([sys.executable, "model.py", "import-hf", str(tmp_path / "hf"), str(tmp_path / "back.pt")], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "hf.py", "import-hf", str(tmp_path / "hf"), str(tmp_path / "back.pt")], cwd=ROOT, check=True, capture_output=True)
     a = load_checkpoint(path)["model"]
     b = load_checkpoint(tmp_path / "back.pt", tokenizer="bytes")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    bad = subprocess.run([sys.executable, "model.py", "export-hf", str(tmp_path / "missing.pt"), str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "hf.py", "export-hf", str(tmp_path / "missing.pt"), str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "no checkpoint" in bad.stderr

@@ -27,11 +27,11 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
-from checkpoint import Lineage, load_checkpoint, make_checkpoint, save_checkpoint  # noqa: E402
+from checkpoint import Lineage, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
 from common import configure  # noqa: E402
 from grow import function_gap, grow  # noqa: E402
-from model import (Llama, ModelConfig, SparseMoE, config_from_dict, config_from_shape, export_hf, import_hf,  # noqa: E402
-                   load_balancing_loss, model_from_checkpoint)
+from hf import export_hf, import_hf  # noqa: E402
+from model import Llama, ModelConfig, SparseMoE, config_from_dict, config_from_shape, load_balancing_loss  # noqa: E402
 from series import SeriesConfig, plan_series  # noqa: E402
 from test_grow import blocks_equal, cfg, make_model, tiny_checkpoint  # noqa: E402
 from test_train import run_args, train_losses  # noqa: E402

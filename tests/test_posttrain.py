@@ -1,4 +1,4 @@
-"""posttrain.py and judge.py: the chat template, SFT's masking and its normalization across gradient
+"""posttrain.py, chat_data.py and judge.py: the chat template, SFT's masking and its normalization across gradient
 accumulation, padding invariance, DPO and SimPO against their closed forms and the one preference loss that
 picks between them, precomputed vs live reference log-probs, LoRA merging, a few DPO steps raising the
 margin, the CLI end to end (sft -> dpo -> chat), exact resume of a killed SFT / DPO (LoRA) run, chat never
@@ -19,18 +19,20 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import chat_data  # noqa: E402
 import judge  # noqa: E402
 import posttrain as pt  # noqa: E402
+from checkpoint import checkpoint_paths, load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+from common import ConfigError, check_config, configure  # noqa: E402
 from data import SPECIALS, Tokenizer, get_tokenizer  # noqa: E402
-from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from model import IGNORE_INDEX, Llama, ModelConfig, model_from_checkpoint  # noqa: E402
+from model import IGNORE_INDEX, Llama, ModelConfig  # noqa: E402
 
 FIX = os.path.join(ROOT, "tests", "fixtures", "posttrain")
 SFT_DATA, DPO_DATA, MT_DATA = (os.path.join(FIX, f) for f in ("ultrachat_200k.jsonl", "ultrafeedback_binarized.jsonl", "mt_bench_prompts.jsonl"))
@@ -54,37 +56,37 @@ def base_ckpt(tmp_path_factory):
 
 
 def sft_examples(n=8):
-    rows = pt.load_rows(SFT_DATA, "train_sft", ["messages"])[:n]
-    return [pt.sft_example(TOK, r["messages"], 256) for r in rows]
+    rows = chat_data.load_rows(SFT_DATA, "train_sft", ["messages"])[:n]
+    return [chat_data.sft_example(TOK, r["messages"], 256) for r in rows]
 
 
 def dpo_pairs(n=6):
-    return [pt.dpo_example(TOK, r, 256, 128) for r in pt.load_rows(DPO_DATA, "train_prefs", ["chosen", "rejected"])[:n]]
+    return [chat_data.dpo_example(TOK, r, 256, 128) for r in chat_data.load_rows(DPO_DATA, "train_prefs", ["chosen", "rejected"])[:n]]
 
 
 def test_chat_template_prefix_and_mask():
-    ids, mask = pt.render_chat(TOK, CONV)
+    ids, mask = chat_data.render_chat(TOK, CONV)
     sp = TOK.special
     assert ids[0] == TOK.eot_id and all(sp[s] > 255 for s in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"))
     assert ids.count(sp["<|end|>"]) == len(CONV)  # an end-of-turn after every turn
     for k, m in enumerate(CONV):
         if m["role"] == "assistant":  # the prompt of turn k, as generation sees it, is a prefix of the whole
-            prompt, _ = pt.render_chat(TOK, CONV[:k], add_generation_prompt=True)
+            prompt, _ = chat_data.render_chat(TOK, CONV[:k], add_generation_prompt=True)
             assert ids[:len(prompt)] == prompt and prompt[-1] == sp["<|assistant|>"]
     # the mask covers exactly the answers and their <|end|>
     assert TOK.decode([i for i, m in zip(ids, mask) if m]) == "Hello!<|end|>4.<|end|>"
     # gpt2's layout (data.get_tokenizer; its BPE files come from the network or NANOGROW_GPT2_BPE): the specials sit in the ids that padding
     # the vocab to 50304 adds, so the embedding does not grow
     g = Tokenizer("gpt2", 50304, 50257, {"<|endoftext|>": 50256, **{s: 50257 + i for i, s in enumerate(SPECIALS[1:])}})
-    gids, _ = pt.render_chat(g, CONV, add_generation_prompt=True)
+    gids, _ = chat_data.render_chat(g, CONV, add_generation_prompt=True)
     assert gids[0] == 50256 and max(gids) < 50304 and {50257, 50258, 50259, 50260} <= set(gids)
-    with pytest.raises(pt.PostTrainError, match="bad message"):
-        pt.render_chat(TOK, [{"role": "robot", "content": "x"}])
+    with pytest.raises(ConfigError, match="bad message"):
+        chat_data.render_chat(TOK, [{"role": "robot", "content": "x"}])
 
 
 def test_sft_loss_ignores_everything_but_answers():
-    ids, mask = pt.render_chat(TOK, CONV)
-    x, y = pt.collate([pt.Example(ids, mask)], TOK.special["<|pad|>"], multiple=16)
+    ids, mask = chat_data.render_chat(TOK, CONV)
+    x, y = chat_data.collate([chat_data.Example(ids, mask)], TOK.special["<|pad|>"], multiple=16)
     assert x.shape[1] % 16 == 0
     kept = (y[0] != IGNORE_INDEX).nonzero().flatten().tolist()
     assert kept == [t for t in range(len(ids) - 1) if mask[t + 1]] and y[0, kept].tolist() == [ids[t + 1] for t in kept]
@@ -100,7 +102,7 @@ def test_sft_loss_ignores_everything_but_answers():
     model = tiny()
     assert torch.equal(pt.sequence_logps(model, x, y)[0], pt.sequence_logps(model, x, y2)[0])
     # loss_on="all" (the zephyr recipe, Tunstall et al. 2023) trains every token after the first
-    mask_all = pt.sft_example(TOK, CONV, 256, loss_on="all").mask
+    mask_all = chat_data.sft_example(TOK, CONV, 256, loss_on="all").mask
     assert mask_all.tolist() == [False] + [True] * (len(ids) - 1)
 
 
@@ -110,10 +112,10 @@ def grads(model):
 
 def test_accumulation_over_4_micro_batches_equals_one_batch():
     model, exs, pad = tiny(torch.float64), sft_examples(8), TOK.special["<|pad|>"]
-    loss_big, n_big = pt.sft_accumulate(model, [pt.collate(exs, pad)])
+    loss_big, n_big = pt.sft_accumulate(model, [chat_data.collate(exs, pad)])
     g_big = grads(model)
     model.zero_grad()
-    micro = [pt.collate(exs[i:i + 2], pad, multiple=8) for i in range(0, 8, 2)]  # other padding too
+    micro = [chat_data.collate(exs[i:i + 2], pad, multiple=8) for i in range(0, 8, 2)]  # other padding too
     loss_acc, n_acc = pt.sft_accumulate(model, micro)
     assert n_big == n_acc and torch.allclose(loss_big, loss_acc, rtol=0, atol=1e-12)
     assert torch.allclose(g_big, grads(model), rtol=0, atol=1e-12)
@@ -128,9 +130,9 @@ def test_log_probs_do_not_depend_on_padding():
     model, pad = tiny(torch.float64), TOK.special["<|pad|>"]
     exs = sft_examples(4)
     short = min(exs, key=lambda e: len(e.ids))
-    alone = pt.sequence_logps(model, *pt.collate([short], pad))[0]
-    padded = pt.sequence_logps(model, *pt.collate([short], pad, multiple=128))[0]
-    batched = pt.sequence_logps(model, *pt.collate([short] + exs, pad))[0][0]
+    alone = pt.sequence_logps(model, *chat_data.collate([short], pad))[0]
+    padded = pt.sequence_logps(model, *chat_data.collate([short], pad, multiple=128))[0]
+    batched = pt.sequence_logps(model, *chat_data.collate([short] + exs, pad))[0][0]
     assert torch.allclose(alone, padded, atol=1e-10) and torch.allclose(alone[0], batched, atol=1e-10)
 
 
@@ -179,7 +181,7 @@ def test_reference_log_probs_precomputed_equal_live():
     pairs = dpo_pairs(6)
     table = pt.reference_logps(ref, pairs, batch_size=4, pad_id=pad, device="cpu")
     idx = [5, 0, 2]  # a training micro-batch: other examples, other order, other padding
-    x, y = pt.collate([pairs[i].chosen for i in idx] + [pairs[i].rejected for i in idx], pad, multiple=32)
+    x, y = chat_data.collate([pairs[i].chosen for i in idx] + [pairs[i].rejected for i in idx], pad, multiple=32)
     live = pt.sequence_logps(ref, x, y)[0].view(2, -1).T
     assert torch.allclose(table[idx], live, rtol=0, atol=1e-10)
     assert (table < 0).all()
@@ -212,12 +214,12 @@ def test_lora_merged_equals_unmerged(moe):
     merged_logits = plain(x)[0]
     assert torch.allclose(lora_logits, merged_logits, rtol=0, atol=1e-10)
     assert not torch.allclose(merged_logits, Llama(model.config).to(torch.float64)(x)[0])
-    with pytest.raises(pt.PostTrainError, match="lora_targets"):
+    with pytest.raises(ConfigError, match="lora_targets"):
         pt.add_lora(tiny(), rank=2, alpha=2, targets="q,qq")
 
 
 def test_dpo_steps_raise_the_margin(base_ckpt, tmp_path):
-    cfg = pt.configure(pt.PostTrainConfig, [f"--out={tmp_path / 'dpo'}", f"--data={DPO_DATA}", "--batch_size=4", "--grad_accum=2",
+    cfg = configure(pt.PostTrainConfig, [f"--out={tmp_path / 'dpo'}", f"--data={DPO_DATA}", "--batch_size=4", "--grad_accum=2",
                                             "--max_steps=8", "--lr=1e-3", "--beta=0.1", "--log_interval=4", "--plot=false", "--device=cpu"])
     final = pt.train("dpo", base_ckpt, cfg, log=lambda *a: None)
     pairs, pad = dpo_pairs(24), TOK.special["<|pad|>"]
@@ -232,15 +234,15 @@ def test_dpo_steps_raise_the_margin(base_ckpt, tmp_path):
 def test_data_errors_name_the_column(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "hello"}) + "\n")
-    with pytest.raises(pt.PostTrainError, match=r"no column 'messages' \(columns found: text\).*ultrachat_200k"):
-        pt.load_rows(str(bad), "train_sft", ["messages"])
-    with pytest.raises(pt.PostTrainError, match=r"no column 'chosen', 'rejected'"):
-        pt.load_rows(str(bad), "train_prefs", ["chosen", "rejected"])
+    with pytest.raises(ConfigError, match=r"no column 'messages' \(columns found: text\).*ultrachat_200k"):
+        chat_data.load_rows(str(bad), "train_sft", ["messages"])
+    with pytest.raises(ConfigError, match=r"no column 'chosen', 'rejected'"):
+        chat_data.load_rows(str(bad), "train_prefs", ["chosen", "rejected"])
     import pyarrow as pa
     import pyarrow.parquet as pq
-    rows = pt.load_rows(SFT_DATA, "train_sft", ["messages"])
+    rows = chat_data.load_rows(SFT_DATA, "train_sft", ["messages"])
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "chat.parquet")
-    assert pt.load_rows(str(tmp_path / "chat.parquet"), "train_sft", ["messages"], limit=5) == rows[:5]
+    assert chat_data.load_rows(str(tmp_path / "chat.parquet"), "train_sft", ["messages"], limit=5) == rows[:5]
     cmd, ckpt, cfg = pt.parse_args(["dpo", "x.pt", os.path.join(ROOT, "configs", "dpo_paper.py"), "--ref", "r.pt", "--lr", "1e-6", "--compile"])
     assert (cmd, ckpt, cfg.ref, cfg.lr, cfg.beta, cfg.compile) == ("dpo", "x.pt", "r.pt", 1e-6, None, True)
     pt.resolve(cmd, cfg)  # beta left to the loss: DPO's 0.01 (with --loss=simpo it would be SimPO's 2.0)
@@ -359,7 +361,7 @@ def test_chat_never_samples_unused_ids():
         head.bias[unused] = 30.0
     model.lm_head = head
     msgs = [{"role": "user", "content": "Hi there"}]
-    prompt = torch.tensor([pt.render_chat(TOK, msgs, add_generation_prompt=True)[0]])
+    prompt = torch.tensor([chat_data.render_chat(TOK, msgs, add_generation_prompt=True)[0]])
     assert set(model.generate(prompt, 8, temperature=0)[0, prompt.shape[1]:].tolist()) <= set(unused)  # unmasked: only those
     gen = torch.Generator().manual_seed(0)
     for temperature, top_k in ((0, 0), (1.0, 0), (1.0, 5), (2.0, 50)):
@@ -408,25 +410,25 @@ def write_jsonl(path, rows):
 
 def test_dpo_prompt_longer_than_max_len_keeps_its_end(base_ckpt, tmp_path):
     # the defaults (max_len 1024, max_prompt_len 512) on a 256-token model: both clamped, with a note each
-    assert pt.sequence_lengths("dpo", 1024, 512, 256)[:2] == (256, 128)
-    assert pt.sequence_lengths("dpo", 1024, 200, 256)[:2] == (256, 200) and pt.sequence_lengths("sft", 1024, 512, 256)[:2] == (256, 512)
-    assert pt.sequence_lengths("dpo", 256, 100, 256) == (256, 100, [])
-    assert len(pt.sequence_lengths("dpo", 1024, 512, 256)[2]) == 2
+    assert chat_data.sequence_lengths("dpo", 1024, 512, 256)[:2] == (256, 128)
+    assert chat_data.sequence_lengths("dpo", 1024, 200, 256)[:2] == (256, 200) and chat_data.sequence_lengths("sft", 1024, 512, 256)[:2] == (256, 512)
+    assert chat_data.sequence_lengths("dpo", 256, 100, 256) == (256, 100, [])
+    assert len(chat_data.sequence_lengths("dpo", 1024, 512, 256)[2]) == 2
     # a 300-token question (the old code cut nothing from a prompt under max_prompt_len, so the pair overflowed
     # max_len and collate crashed): the prompt keeps its last max_prompt_len tokens, the question's end, as TRL
-    rows = pt.load_rows(DPO_DATA, "train_prefs", ["chosen", "rejected"])[:4]
+    rows = chat_data.load_rows(DPO_DATA, "train_prefs", ["chosen", "rejected"])[:4]
     for r in rows:
         long = "lorem ipsum " * 25 + r["prompt"]
         r["prompt"] = r["chosen"][0]["content"] = r["rejected"][0]["content"] = long
         r["chosen"][-1]["content"] *= 6
         r["rejected"][-1]["content"] *= 6
-    ex = pt.dpo_example(TOK, rows[0], 256, 128)
+    ex = chat_data.dpo_example(TOK, rows[0], 256, 128)
     prompt_len = int((~ex.chosen.mask).sum())  # the mask is 0 exactly over the prompt
-    full_prompt = pt.render_chat(TOK, rows[0]["chosen"][:-1], add_generation_prompt=True)[0]
+    full_prompt = chat_data.render_chat(TOK, rows[0]["chosen"][:-1], add_generation_prompt=True)[0]
     assert prompt_len == 128 and ex.chosen.ids[:128].tolist() == full_prompt[-128:]
     assert len(ex.chosen.ids) <= 256 and len(ex.rejected.ids) <= 256 and ex.rejected.mask[1:].any()
     notes = []
-    cfg = pt.configure(pt.PostTrainConfig, [f"--out={tmp_path / 'dpo'}", f"--data={write_jsonl(tmp_path / 'long.jsonl', rows)}",
+    cfg = configure(pt.PostTrainConfig, [f"--out={tmp_path / 'dpo'}", f"--data={write_jsonl(tmp_path / 'long.jsonl', rows)}",
                                             "--batch_size=2", "--grad_accum=1", "--max_steps=1", "--plot=false", "--device=cpu"])
     assert (cfg.max_len, cfg.max_prompt_len) == (1024, 512)  # the defaults
     assert os.path.exists(pt.train("dpo", base_ckpt, cfg, log=notes.append))
@@ -447,21 +449,21 @@ def test_ref_is_checked_when_loaded(base_ckpt, tmp_path, capsys):
 
 
 def test_preference_pair_with_different_prompts_is_refused(base_ckpt, tmp_path, capsys):
-    rows = pt.load_rows(DPO_DATA, "train_prefs", ["chosen", "rejected"])[:6]
+    rows = chat_data.load_rows(DPO_DATA, "train_prefs", ["chosen", "rejected"])[:6]
     rows[3]["rejected"][0]["content"] = "A question nobody asked."
     err = one_line_error(["dpo", base_ckpt, f"--data={write_jsonl(tmp_path / 'p.jsonl', rows)}", f"--out={tmp_path / 'o'}",
                           "--max_steps=1", "--plot=false", "--device=cpu"], capsys)
     assert "row 3" in err and "different prompts" in err
     # conversational rows: the whole message prefix must agree, an extra turn too
     row = {"chosen": CONV, "rejected": CONV[:1] + CONV[3:]}
-    with pytest.raises(pt.PostTrainError, match="different prompts"):
-        pt.dpo_example(TOK, row, 256, 128)
-    pt.dpo_example(TOK, {"chosen": CONV, "rejected": CONV[:-1] + [{"role": "assistant", "content": "5."}]}, 256, 128)
+    with pytest.raises(ConfigError, match="different prompts"):
+        chat_data.dpo_example(TOK, row, 256, 128)
+    chat_data.dpo_example(TOK, {"chosen": CONV, "rejected": CONV[:-1] + [{"role": "assistant", "content": "5."}]}, 256, 128)
 
 
 def test_simpo_has_its_own_defaults():
     def resolved(*args):
-        cfg = pt.configure(pt.PostTrainConfig, list(args))
+        cfg = configure(pt.PostTrainConfig, list(args))
         pt.resolve("dpo", cfg)
         return cfg.beta, cfg.gamma
     # SimPO (Meng et al. 2024): beta 2.0, gamma / beta 0.5 on Llama-3-Base, not DPO's beta 0.01
@@ -487,23 +489,23 @@ def test_chat_and_judge_keep_the_question_within_the_context(capsys):
     question = {"role": "user", "content": "What is 2 plus 3?"}
     msgs = [{"role": "system", "content": "Be brief."}] + history + [question]
     # the defaults on a 256-token model (max_new_tokens 256): the old code kept 1 prompt token, whatever was asked
-    ids, max_new, note = pt.fit_prompt(TOK, msgs, 256, 256)
-    q_ids = pt.render_chat(TOK, [question], add_generation_prompt=True)[0][1:]
+    ids, max_new, note = chat_data.fit_prompt(TOK, msgs, 256, 256)
+    q_ids = chat_data.render_chat(TOK, [question], add_generation_prompt=True)[0][1:]
     assert ids[-len(q_ids):] == q_ids and ids[0] == TOK.eot_id and sp["<|system|>"] in ids  # the system prompt fits
     assert len(ids) <= 128 and max_new == 256 - len(ids) and "dropped the" in note and "capped" in note
     kept = TOK.decode(ids)
     assert "old question 6" in kept and "old question 4" not in kept and "dropped the 6 oldest" in note  # whole exchanges, oldest first
-    assert pt.fit_prompt(TOK, [question], 256, 64) == (pt.render_chat(TOK, [question], add_generation_prompt=True)[0], 64, "")
+    assert chat_data.fit_prompt(TOK, [question], 256, 64) == (chat_data.render_chat(TOK, [question], add_generation_prompt=True)[0], 64, "")
     # the newest message alone is too long: it keeps its end inside the template, and says so
     huge = {"role": "user", "content": "x" * 500 + " What is 2 plus 3?"}
-    ids, max_new, note = pt.fit_prompt(TOK, [msgs[0], huge], 256, 256)
+    ids, max_new, note = chat_data.fit_prompt(TOK, [msgs[0], huge], 256, 256)
     assert len(ids) == 128 and ids[:2] == [TOK.eot_id, sp["<|user|>"]] and ids[-2:] == [sp["<|end|>"], sp["<|assistant|>"]]
     assert TOK.decode(ids[2:-2]).endswith("What is 2 plus 3?") and max_new == 128 and "last" in note and "system prompt" in note
     # chat (reply) and judge.py generate from exactly that prompt, and print the note on stderr
     model, seen = tiny().eval(), []
     model.generate = lambda idx, n, **kw: (seen.append((idx[0].tolist(), n)), torch.cat([idx, torch.full((1, 1), sp["<|end|>"])], 1))[1]
     pt.reply(model, TOK, msgs, max_new_tokens=256, temperature=0)
-    assert seen[-1] == pt.fit_prompt(TOK, msgs, 256, 256)[:2] and "note: " in capsys.readouterr().err
+    assert seen[-1] == chat_data.fit_prompt(TOK, msgs, 256, 256)[:2] and "note: " in capsys.readouterr().err
     judge.generate_answers(model, TOK, judge.load_questions(MT_DATA)[:1], max_new_tokens=512)
     first, second = seen[-2:]
     assert TOK.decode(first[0]).endswith("Write a two-line poem about the sea.<|end|><|assistant|>") and first[1] == 256 - len(first[0])
@@ -523,23 +525,26 @@ def test_settings_are_range_checked_up_front(tmp_path, capsys):
     missing = str(tmp_path / "missing.pt")  # checked before the checkpoint is read: no checkpoint error
     for key, value in BAD_SETTINGS:
         err = one_line_error(["dpo", missing, f"--{key}={value}"], capsys)
-        assert err.startswith(f"error: {key} must be ") and ("got" in err), (key, err)
+        assert err.startswith(f"error: {key}=") and ": must be " in err, (key, err)  # the key, the value given, its range
     assert "[0, 1]" in one_line_error(["sft", missing, "--warmup_frac=2"], capsys)
     assert "lora_targets" in one_line_error(["sft", missing, "--lora_rank=4", "--lora_targets=q,qq"], capsys)
     err = one_line_error(["--max_new_tokens", "0", "--answers", str(tmp_path / "a.jsonl")], capsys, main=judge.main)
     assert "--max_new_tokens must be >= 1" in err
-    # every numeric field of PostTrainConfig has a range, and the defaults are in it
-    numeric = {f.name for f in pt.fields(pt.PostTrainConfig) if f.type in (int, float)}
-    assert numeric == set(pt.RANGES) and set(pt.CHOICES) < {f.name for f in pt.fields(pt.PostTrainConfig)}
-    pt.check_config(pt.PostTrainConfig(device="cpu"), "dpo")
+    # every numeric field of PostTrainConfig declares its range beside it, and the defaults are in it
+    declared = {f.name: f.metadata["must"] for f in fields(pt.PostTrainConfig) if "ok" in f.metadata}
+    choices = {k for k, must in declared.items() if must.startswith("one of ")}
+    numeric = {f.name for f in fields(pt.PostTrainConfig) if f.type in (int, float)}
+    assert numeric == set(declared) - choices and choices < {f.name for f in fields(pt.PostTrainConfig)}
+    check_config(pt.PostTrainConfig(device="cpu"))
+    pt.resolve("dpo", pt.PostTrainConfig(device="cpu"))
 
 
 def test_malformed_data_is_one_line(base_ckpt, tmp_path, capsys):
-    rows = pt.load_rows(DPO_DATA, "train_prefs", ["chosen", "rejected"])[:6]
+    rows = chat_data.load_rows(DPO_DATA, "train_prefs", ["chosen", "rejected"])[:6]
     lines = [json.dumps(r) for r in rows]
     cases = []
     (tmp_path / "broken.jsonl").write_text("\n".join(lines[:2] + [lines[2][:-7]] + lines[3:]) + "\n")  # line 3 cut short
-    cases.append(("broken.jsonl", ["broken.jsonl line 3 is not valid JSON"]))
+    cases.append(("broken.jsonl", ["broken.jsonl line 3 is not JSON"]))
     (tmp_path / "binary.jsonl").write_bytes(bytes(range(256)) * 8)
     cases.append(("binary.jsonl", ["binary.jsonl is not UTF-8 text", "binary"]))
     (tmp_path / "array.jsonl").write_text("\n".join(lines[:1] + ["[1, 2]"]) + "\n")
@@ -556,7 +561,7 @@ def test_malformed_data_is_one_line(base_ckpt, tmp_path, capsys):
     assert "row 0" in err and "list" in err
     # judge.py: answers to grade, questions to answer
     err = one_line_error(["--answers", str(tmp_path / "broken.jsonl"), "--judge_url", "http://127.0.0.1:9/v1"], capsys, main=judge.main)
-    assert "broken.jsonl line 3 is not valid JSON" in err
+    assert "broken.jsonl line 3 is not JSON" in err
     write_jsonl(tmp_path / "answers.jsonl", [{"prompt_id": 1, "category": "math", "turns": ["What is 1+1?", "And 2+2?"]}])
     err = one_line_error(["--answers", str(tmp_path / "answers.jsonl"), "--judge_url", "http://127.0.0.1:9/v1"], capsys, main=judge.main)
     assert "row 0: no column 'answers'" in err
@@ -654,7 +659,7 @@ def test_divergence_and_relaunch_are_handled_as_in_pretraining(base_ckpt, tmp_pa
     common = ["sft", base_ckpt, "configs/sft_tiny.py", f"--out={out}", "--ckpt_interval=3", "--keep_last=0",
               "--log_interval=1", "--plot=false", "--eval_data=none", "--lr=1e-4"]
     pt.main(common + ["--max_steps=6"])
-    good = {p: open(p, "rb").read() for p in pt.checkpoint_paths(out) + [str(out / "final.pt")]}
+    good = {p: open(p, "rb").read() for p in checkpoint_paths(out) + [str(out / "final.pt")]}
     # a relaunch without --resume is refused: the folder holds a run
     err = one_line_error(common + ["--max_steps=6"], capsys)
     assert "--resume" in err and "--overwrite" in err, err
@@ -674,8 +679,8 @@ def test_divergence_and_relaunch_are_handled_as_in_pretraining(base_ckpt, tmp_pa
     monkeypatch.setattr(pt, "sft_accumulate", poisoned)
     err = one_line_error(common + ["--max_steps=12", "--overwrite"], capsys)
     assert "step 5: " in err and "not finite" in err and "last good checkpoint is" in err and "ckpt_0000003.pt" in err, err
-    assert [os.path.basename(p) for p in pt.checkpoint_paths(out)] == ["ckpt_0000003.pt"]
-    assert all(torch.isfinite(t).all() for t in load_checkpoint(pt.checkpoint_paths(out)[0])["model"].values())
+    assert [os.path.basename(p) for p in checkpoint_paths(out)] == ["ckpt_0000003.pt"]
+    assert all(torch.isfinite(t).all() for t in load_checkpoint(checkpoint_paths(out)[0])["model"].values())
     calls.clear()
     err = one_line_error(common + ["--max_steps=12", "--overwrite", "--divergence=skip", "--max_skips=2"], capsys)
     assert "after 2 skipped updates" in err, err

@@ -100,9 +100,13 @@ def test_series_runs_and_a_killed_series_resumes_exactly(tmp_path, data_dir):
     assert [(r["mode"], r["stage"], r["val_loss"]) for r in resumed["runs"]] == [(r["mode"], r["stage"], r["val_loss"]) for r in series["runs"]]
 
 
-def test_train_py_hands_a_series_config_to_series_py_and_series_py_needs_stages():
-    # the older main command, python train.py SERIES_CONFIG, runs the series: a bad mode gets series.py's one line
+def test_train_py_refuses_a_series_config_and_series_py_needs_stages():
+    # a series config is series.py's: train.py, which would ignore the series keys, refuses it in one line saying so
     out = subprocess.run([sys.executable, "train.py", "configs/series_cpu.py", "--series_mode=grow+bogus"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "series.py" in out.stderr, out.stderr
+    # series.py checks the series keys before anything runs: a bad mode is one line
+    out = subprocess.run([sys.executable, "series.py", "configs/series_cpu.py", "--series_mode=grow+bogus"], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "series_mode 'grow+bogus'" in out.stderr
     out = subprocess.run([sys.executable, "series.py", "configs/tiny_cpu.py"], cwd=ROOT, capture_output=True, text=True)
@@ -132,7 +136,7 @@ def test_a_stage_sets_its_own_activation_checkpointing(tmp_path, data_dir, monke
     for stage in plan:
         for mode in ("grow", "scratch"):
             with pytest.raises(Stop):
-                series.run_stage(cfg, [], mode, stage, 100, 1e-3)
+                series.train_member(cfg, [], mode, stage, 100, 1e-3)
     assert seen == [("cpu-1", False), ("cpu-1", False), ("cpu-2", True), ("cpu-2", True)]
     out = subprocess.run([sys.executable, "budget.py", "--memory", str(path), "--gpus", "1"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -1,5 +1,6 @@
-"""train.py: configuration errors, the LR schedule's edges, exact resume after a kill, and DDP under
-torchrun matching one process over the same global batch."""
+"""train.py: configuration errors (a series' keys refused), the LR schedule's edges, AdamW's state keyed by parameter
+name, exact resume after a kill and from an old integer-keyed checkpoint, and DDP under torchrun matching one process
+over the same global batch."""
 
 import json
 import math
@@ -8,14 +9,17 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields, replace
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import ConfigError, configure, lr_at, make_optimizer  # noqa: E402
-from train import TrainConfig  # noqa: E402
+import parallel  # noqa: E402
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+from common import ConfigError, configure, decay_groups, lr_at, make_optimizer  # noqa: E402
+from train import SERIES_KEYS, TrainConfig  # noqa: E402
 from model import Llama, ModelConfig  # noqa: E402
 
 
@@ -166,9 +170,81 @@ def test_series_that_cannot_grow_fails_before_training(tmp_path):
     cfg = tmp_path / "series.py"
     cfg.write_text(f"out_dir = {str(tmp_path / 'out')!r}\n"
                    "stages = [dict(name='a', shape='cpu-2', lr=1e-3), dict(name='b', shape='cpu-1', lr=1e-3)]\n")
-    out = subprocess.run([sys.executable, "train.py", str(cfg)], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "series.py", str(cfg)], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("error: stages: ")
     assert "smaller" in out.stderr and not (tmp_path / "out").exists()
+
+
+def test_train_py_refuses_series_keys_with_one_line_pointing_to_series_py(tmp_path):
+    # train.py parses TrainConfig alone: a series' key, in a config file or on the command line, would be ignored
+    # there, so it is refused before anything runs, with the command that runs it
+    cfg = tmp_path / "series.py"
+    cfg.write_text(f"out_dir = {str(tmp_path / 'out')!r}\nstages = [dict(name='a', shape='cpu-1', lr=1e-3)]\n")
+    for argv in (["configs/tiny_cpu.py", f"--out_dir={tmp_path / 'out'}", "--grow_noise=0.1"], [str(cfg)]):
+        out = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("error: config key "), out.stderr
+        assert "python series.py " + argv[0] in out.stderr and not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="'tokens_per_param' in --tokens_per_param is series.py's"):
+        configure(TrainConfig, ["--tokens_per_param=10"], SERIES_KEYS, "series.py")
+    # the list is series.SeriesConfig's own keys (train.py sits below series.py and cannot import it)
+    import series
+    assert set(SERIES_KEYS) == {f.name for f in fields(series.SeriesConfig)} - {f.name for f in fields(TrainConfig)}
+    imported = subprocess.run([sys.executable, "-c", "import sys, train; print('series' in sys.modules)"], cwd=ROOT,
+                              capture_output=True, text=True)
+    assert imported.stdout.strip() == "False", imported.stderr
+
+
+def test_adamw_state_is_keyed_by_name_and_loads_back(tmp_path):
+    # parallel.optimizer_state names each parameter (model.named_parameters()); load_optimizer_state puts every
+    # moment back on its parameter, converts an old integer-keyed state, and refuses one that does not fit
+    torch.manual_seed(0)
+    config = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=64)
+    model = Llama(config)
+    opt = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
+    for _ in range(2):
+        model(*torch.randint(0, 64, (2, 2, 8)))[1].backward()
+        opt.step()
+    state = parallel.optimizer_state(model, opt)
+    names = [n for n, _ in model.named_parameters()]
+    assert sorted(state["state"]) == sorted(names) and sorted(n for g in state["param_groups"] for n in g["params"]) == sorted(names)
+    old = opt.state_dict()  # torch's own, as checkpoints were written before: parameters numbered in group order
+    for loaded in (state, old):
+        fresh = Llama(config)
+        fresh_opt = make_optimizer(fresh, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
+        parallel.load_optimizer_state(fresh, fresh_opt, loaded)
+        got = parallel.optimizer_state(fresh, fresh_opt)
+        for n in names:
+            assert all(torch.equal(got["state"][n][k], state["state"][n][k]) for k in ("step", "exp_avg", "exp_avg_sq")), n
+    other = Llama(replace(config, d_model=48, n_heads=3, n_kv_heads=3))
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        parallel.load_optimizer_state(other, make_optimizer(other, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu")), state)
+    with pytest.raises(CheckpointError, match="no optimizer state"):
+        parallel.load_optimizer_state(fresh, fresh_opt, None)
+
+
+def test_a_checkpoint_with_the_old_integer_keyed_adamw_state_resumes_bit_for_bit(tmp_path, data_dir):
+    out = tmp_path / "run"
+    args = run_args(out, data_dir, max_steps=10, ckpt_interval=5, keep_last=0)
+    subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, check=True, capture_output=True)
+    expected, final = train_losses(out), load_checkpoint(out / "final.pt")
+    ckpt = load_checkpoint(out / "ckpt_0000005.pt")
+    model = model_from_checkpoint(ckpt)
+    names = [n for n, _ in model.named_parameters()]
+    assert set(ckpt["optimizer"]["state"]) == set(names)  # written by parameter name
+    # rewrite the step-5 checkpoint's AdamW state as checkpoints stored it before (numbered in decay_groups' order),
+    # drop what came after it, and resume: the same losses and weights, bit for bit
+    index = {n: i for i, n in enumerate(n for group in decay_groups(model) for n in group)}
+    ckpt["optimizer"] = {"state": {index[n]: e for n, e in ckpt["optimizer"]["state"].items()},
+                         "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in ckpt["optimizer"]["param_groups"]]}
+    save_checkpoint(ckpt, out / "ckpt_0000005.pt")
+    for name in ("ckpt_0000010.pt", "final.pt"):
+        (out / name).unlink()
+    subprocess.run([sys.executable, "train.py", *args, "--resume"], cwd=ROOT, check=True, capture_output=True)
+    assert train_losses(out) == expected
+    resumed = load_checkpoint(out / "final.pt")
+    assert resumed["step"] == 10 and all(torch.equal(resumed["model"][k], final["model"][k]) for k in final["model"])
+    assert all(torch.equal(resumed["optimizer"]["state"][n][k], final["optimizer"]["state"][n][k])
+               for n in names for k in ("step", "exp_avg", "exp_avg_sq"))
 
 
 def test_mixture_logs_validation_loss_per_source(tmp_path, data_dir):
@@ -188,7 +264,7 @@ def test_mixture_logs_validation_loss_per_source(tmp_path, data_dir):
         assert {"val_loss/en", "val_loss/ja", "val_bpb/en", "val_bpb/ja"} <= set(v)
         assert v["val_loss"] == pytest.approx((3 * v["val_loss/en"] + v["val_loss/ja"]) / 4)
     # the per-source losses are each source's own: recompute the final one from the saved model
-    from model import load_checkpoint, model_from_checkpoint
+    from checkpoint import load_checkpoint, model_from_checkpoint
     model = model_from_checkpoint(load_checkpoint(out / "final.pt")).eval()
     for name in ("en", "ja"):
         batches = data.val_batches(str(tmp_path / "cache" / f"{name}-bytes"), 4, 64, 2)
