@@ -119,6 +119,12 @@ SHAPES = {
     "cpu-3": _cpu(96, 4, 256),
     "cpu-4": _cpu(128, 4, 384),
     "tiny": dict(_cpu(128, 4, 352), n_heads=4, n_kv_heads=4),  # nanoGPT-comparable: 4 heads of 32
+    # the reproduction's series at 40 tokens per parameter (experiments/reproduce.py): 12K, 24K, 46K, 82K, small enough
+    # that the whole grown series reads the embedded corpus's pretraining split at most once (fresh data stays fresh)
+    "micro-1": _cpu(32, 1, 80),
+    "micro-2": _cpu(32, 2, 80),
+    "micro-3": _cpu(48, 2, 96),
+    "micro-4": _cpu(64, 2, 128),
 }
 
 # A training run's micro-batch per GPU, context and gradient accumulation when its config leaves them out:
@@ -218,10 +224,12 @@ def fixed_data(stages, cap=None):
 # -----------------------------------------------------------------------------
 # GPU time
 
-# bf16 dense tensor-core peaks (no sparsity), FLOP/s per GPU, from the vendors' datasheets.
+# bf16 dense tensor-core peaks (no sparsity), FLOP/s per GPU, from the vendors' datasheets. The H200 NVL (PCIe card,
+# 600 W) has its own: NVIDIA's H200 page (nvidia.com/en-us/data-center/h200) lists BF16 1,979 TFLOPS for the SXM and
+# 1,671 for the NVL, both with sparsity: 989 and 835 dense. The longest name wins, so "H200 NVL" is not the SXM's.
 PEAK_FLOPS = {
     "A100": 312e12, "H100": 989e12, "H100SXM": 989e12, "H100PCIE": 756e12, "H100NVL": 835e12,
-    "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+    "H200": 989e12, "H200NVL": 835e12, "GH200": 989e12, "B200": 2250e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
 }
 
 def peak_flops(gpu):

@@ -45,6 +45,7 @@ import hashlib
 import math
 import os
 import pickle
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 
@@ -59,6 +60,10 @@ REQUIRED_KEYS = ("model", "model_config", "tokenizer")  # the least a readable c
 # these globals rebuild such an array and nothing else (an array's items go through the same restricted
 # unpickler), so older runs still load and --resume (torch's weights_only docs allow-list them the same way).
 NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+# how a file torch.save wrote begins: a zip archive (torch >= 1.6, what save_checkpoint writes), or, in the legacy
+# format, torch.serialization.MAGIC_NUMBER pickled with protocol 2 (still loadable, but it cannot be memory-mapped)
+ZIP_MAGIC = b"PK\x03\x04"
+LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
 
 
 @dataclass
@@ -216,6 +221,13 @@ def load_checkpoint(path, map_location="cpu", tokenizer=None, mmap=False):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head.startswith((ZIP_MAGIC, LEGACY_MAGIC)):
+        what = not_a_checkpoint(head)
+        if what:
+            raise CheckpointError(f"{path} is not a checkpoint: it is {what}")
+    mmap = mmap and head.startswith(ZIP_MAGIC)  # torch maps only the zip format's tensors: a legacy file is read
     try:
         with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
             ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
@@ -244,6 +256,29 @@ def load_checkpoint(path, map_location="cpu", tokenizer=None, mmap=False):
                 raise CheckpointError(f"checkpoint {path} was made with tokenizer {have} but the data uses {want}: "
                                       "prepare the data with the checkpoint's tokenizer")
     return ckpt
+
+
+def not_a_checkpoint(head):
+    """What a file that torch.save did not write is, from its first bytes, and what to do; None when it cannot
+    tell (then torch.load's own error, corrupt or refused, is the answer)."""
+    if not head:
+        return ("empty (0 bytes): a copy, download or save that did not finish, or a disk that filled up; "
+                "use an earlier checkpoint, or copy it again")
+    text = head.lstrip()
+    if text.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the file it points to: run `git lfs pull` in its repository, or download the file itself"
+    if text[:1] == b"<" and b"html" in text.lower():
+        return ("an HTML page (a download that saved a web page: a login, an error or a file's page, not the file): "
+                "download the file itself (on the Hugging Face hub, its .../resolve/... link)")
+    try:
+        chars = text.decode("utf-8")
+    except UnicodeDecodeError as e:  # binary, unless only a character cut by the 512-byte read
+        if e.start < len(text) - 3:
+            return None
+        chars = text[:e.start].decode("utf-8")
+    if not chars or not all(c.isprintable() or c.isspace() for c in chars):
+        return None
+    return f"a text file (it begins {chars.splitlines()[0][:60]!r}), not one that torch.save wrote: pass the checkpoint's .pt file"
 
 
 # -----------------------------------------------------------------------------
@@ -371,11 +406,23 @@ def latest_checkpoint(out_dir, tokenizer, log=print, required_key=None, mmap=Fal
 # claiming an out_dir: one live run per folder, and never over another run's checkpoints
 
 
+def check_folder_path(out_dir):
+    """CheckpointError when out_dir, or a folder above it, is a file: saying which file, and what to do."""
+    path = os.path.abspath(out_dir)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        where = "out_dir " + out_dir if path == os.path.abspath(out_dir) else f"{path}, a folder above out_dir {out_dir},"
+        what = f"a file ({os.path.getsize(path)} bytes)" if os.path.isfile(path) else "not a folder (a device, a socket or a pipe)"
+        raise CheckpointError(f"{where} is {what}, not a folder: choose another out_dir, or move the file")
+
+
 class RunLock:
     """An exclusive flock on out_dir/run.lock for the life of a run: a second live run on the same folder
     is refused, while a killed run's lock goes with its process (so --resume after a kill just works)."""
 
     def __init__(self, out_dir):
+        check_folder_path(out_dir)
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, "run.lock")
         self.file = open(self.path, "a+")
@@ -419,14 +466,27 @@ def claim_grid(out_dir, resume, overwrite):
     return lock
 
 
+# The temporary files nanogrow's writers put in a run's folder, renamed into place when whole, so left behind only
+# by a kill mid-write: save_checkpoint's <name>.tmp.<pid> of ckpt_STEP.pt and final.pt, train.py's final.pt.tmp (a
+# hard link), common.start_metrics' metrics.jsonl.tmp and series.py's series.json.tmp. Nothing else is the project's:
+# a user's notes.tmp.txt or build.tmp/ stays.
+RUN_TEMPORARY = re.compile(r"(ckpt_\d+\.pt|final\.pt)\.tmp\.\d+|(final\.pt|metrics\.jsonl|series\.json)\.tmp")
+
+
+def run_temporaries(out_dir):
+    """The paths in out_dir that are the project's own temporaries (RUN_TEMPORARY): plain files, never a folder or a link."""
+    return sorted(path for path in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp*"))
+                  if RUN_TEMPORARY.fullmatch(os.path.basename(path)) and os.path.isfile(path) and not os.path.islink(path))
+
+
 def claim_out_dir(out_dir, resume, overwrite, results=("final.pt",), logs=("metrics.jsonl",)):
     """Take out_dir's RunLock and ready the folder; returns the lock, which the run releases at its end.
-    Removes temporary files a killed save left behind. A fresh run (no --resume) into a folder that holds
-    another run's checkpoints or results is refused unless overwrite, which deletes them with the old
-    logs: nothing a user has is replaced unasked."""
+    Removes the temporaries a killed run of the project left behind (run_temporaries), and no other file. A fresh
+    run (no --resume) into a folder that holds another run's checkpoints or results is refused unless overwrite,
+    which deletes them with the old logs: nothing a user has is replaced unasked."""
     lock = RunLock(out_dir)
     try:
-        for tmp in glob.glob(os.path.join(out_dir, "*.tmp*")):
+        for tmp in run_temporaries(out_dir):
             os.remove(tmp)
         if not resume:
             kept = checkpoint_paths(out_dir) + [p for p in (os.path.join(out_dir, r) for r in results) if os.path.exists(p)]

@@ -11,6 +11,7 @@ DPO); the ranks of a torchrun launch are parallel.py's.
 import ast
 import contextlib
 import datetime
+import errno
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import statistics
 import sys
 import time
 import types
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -77,10 +78,29 @@ def _parse_value(text, typ):
     return value
 
 
-def configure(config_cls, argv, other_keys=(), other_command=""):
+def config_help(config_cls, usage=""):
+    """-h/--help of a config-file command: its usage, the opening of its module's docstring (what it does, the
+    example commands), then every key of config_cls with its default and its declared rule."""
+    module = sys.modules[config_cls.__module__]
+    script = os.path.relpath(module.__file__, os.path.dirname(os.path.abspath(__file__)))  # experiments/ablate.py
+    usage = usage or f"usage: python {script} [config.py ...] [--key=value ...]"
+    lines = [usage, "", *"\n\n".join((module.__doc__ or "").strip().split("\n\n")[:2]).splitlines(), "",
+             f"keys, the fields of {config_cls.__name__} (a config file assigns them, --key=value overrides), with defaults:"]
+    for f in fields(config_cls):
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        must = f"  ({f.metadata['must']})" if "must" in f.metadata else ""
+        lines.append(f"  --{f.name}={default if isinstance(default, str) else repr(default)}  {f.type.__name__}{must}")
+    return "\n".join(lines)
+
+
+def configure(config_cls, argv, other_keys=(), other_command="", usage=""):
     """Fill `config_cls` from config files (plain Python, executed) and --key=value arguments, then check it
     (check_config). Shared by train.py, series.py and posttrain.py. Raises ConfigError naming an unknown key or
-    a wrong type; a key in other_keys (another command's: a staged series' given to train.py) names other_command."""
+    a wrong type; a key in other_keys (another command's: a staged series' given to train.py) names other_command.
+    -h or --help prints config_help (with `usage`, if given) and exits 0."""
+    if "-h" in argv or "--help" in argv:
+        print(config_help(config_cls, usage))
+        sys.exit(0)
     known = {f.name: f.type for f in fields(config_cls)}
     values = {}
 
@@ -186,15 +206,59 @@ def cli_errors(*user_errors):
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
-        print(f"error: {e.strerror or e} ({e.filename or 'a file'}): free space, or choose a writable path", file=sys.stderr)
+        print(f"error: {e.strerror or e} ({e.filename or 'a file'}): {OS_ERROR_ADVICE.get(e.errno, OS_ERROR_ADVICE[None])}",
+              file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as e:  # a collective that failed under torchrun: gloo and NCCL raise it as a RuntimeError
+        line = collective_failure(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+# what to do about a file the system refuses, by errno (None: anything else)
+OS_ERROR_ADVICE = {errno.ENOSPC: "free space on that disk", errno.EDQUOT: "free space (the disk quota is used up)",
+                   errno.EACCES: "choose a path you may write", errno.EPERM: "choose a path you may write",
+                   errno.EROFS: "choose a writable path (that filesystem is read-only)",
+                   errno.ENOTDIR: "a file stands where a folder is needed: move it, or choose another path",
+                   errno.EEXIST: "a file stands where a folder is needed: move it, or choose another path",
+                   errno.EISDIR: "a folder stands where a file is needed: move it, or choose another path",
+                   None: "free space, or choose a writable path"}
+
+
+def collective_failure(e):
+    """The one line for a collective that failed under torchrun (another rank killed, crashed, or stuck past
+    --dist_timeout), or None when `e` is not one. Names this rank, the timeout and --resume."""
+    text = str(e)
+    if not dist.is_initialized() or not (isinstance(e, dist.DistError) or any(
+            s in text for s in ("gloo", "NCCL", "Timed out", "Connection closed by peer", "Connection reset by peer"))):
+        return None
+    try:  # the timeout the process group was made with (parallel.setup_distributed's --dist_timeout)
+        device = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
+        timeout = f"--dist_timeout={dist.group.WORLD._get_backend(device).options._timeout.total_seconds():g} s"
+    except Exception:  # a private attribute: should it move, the line still names the setting
+        timeout = "--dist_timeout"
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        what = f"waited {timeout} in a collective that another rank never joined: it was killed, crashed or is stuck"
+    else:
+        what = f"lost its connection to another rank in a collective: it was killed or crashed (a stuck one is given up after {timeout})"
+    return f"rank {dist.get_rank()} {what}; see that rank's log. The job stops: relaunch it with --resume to continue from the last checkpoint"
+
+
 # -----------------------------------------------------------------------------
 # devices, precision, optimizer, schedule
+
+
+def use_tf32(device):
+    """TF32 tensor cores for float32 matmuls on CUDA (10-bit mantissa products, float32 sums; nanoGPT's setting): the
+    float32 paths, evaluation, chat and dtype=float32 runs, at several times float32's speed. bf16 autocast, the
+    training default, is unaffected, and so is the CPU. device: "auto", "cpu", "cuda[:i]" or a torch.device."""
+    if torch.cuda.is_available() and str(device).split(":")[0] in ("auto", "cuda"):
+        torch.set_float32_matmul_precision("high")
 
 
 def autocast_for(device, dtype_name):
@@ -260,21 +324,29 @@ def lr_at(step, max_steps, lr, warmup_steps, schedule="cosine", min_lr_ratio=0.1
     return at(step)
 
 
-def rng_state():
+def rng_state(gather=False):
     """Every RNG a run draws from, in plain types (numpy's key array as a list of ints), so a checkpoint
-    loads under torch.load(weights_only=True)."""
+    loads under torch.load(weights_only=True). "cuda": the CUDA generator of each rank's own GPU, in rank order:
+    with gather (a collective: every rank calls it) every rank's, otherwise this process's alone."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
+    cuda = [torch.cuda.get_rng_state()] if torch.cuda.is_available() else None
+    if cuda and gather and dist.is_initialized():
+        cuda = [None] * dist.get_world_size()
+        dist.all_gather_object(cuda, torch.cuda.get_rng_state())
     return {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached], "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": cuda}
 
 
-def set_rng_state(state):
+def set_rng_state(state, rank=0):
+    """rng_state's RNGs back; each rank its own GPU's CUDA generator (a checkpoint from before held one per GPU of rank
+    0's process, which every rank restored: indexed by rank the same way)."""
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda[rank if rank < len(cuda) else 0])
 
 
 def measure_matmul_peak(device, dtype=torch.float32, n=2048, rounds=5, seconds=0.2):
@@ -427,17 +499,31 @@ def plot_losses(metrics_path, png_path, title=""):
 
 
 
-def start_metrics(out_dir, resume_step=None):
+def start_metrics(out_dir, resume_step=None, log=print):
     """Ready out_dir/metrics.jsonl: on resume, drop what the killed run logged after its checkpoint (those
     steps run again, and a line cut short by the kill goes too); on a fresh start, begin it empty (the
-    old run's files were claimed by checkpoint.claim_out_dir). Returns its path."""
+    old run's files were claimed by checkpoint.claim_out_dir). A resume that finds no metrics.jsonl says, in one
+    line, that the rows before its step are lost (a checkpoint holds the model, not the log). Returns its path."""
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if resume_step and not os.path.exists(metrics_path):
+        log(f"warning: --resume at step {resume_step} finds no {metrics_path}: the rows of steps 0 to {resume_step} are "
+            f"lost (the checkpoint holds the model, not the log); it starts again with the rows after step {resume_step}")
     kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= resume_step] \
         if resume_step is not None and os.path.exists(metrics_path) else []
     with open(metrics_path + ".tmp", "w") as f:
         f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in kept)
     os.replace(metrics_path + ".tmp", metrics_path)
     return metrics_path
+
+
+def resume_changes(saved, config, path, keep=("resume", "overwrite")):
+    """One line saying what a --resume does with settings changed since the checkpoint at `path` (saved: the config
+    it was written with, as a dict; config: this run's): the steps from the checkpoint on use the new values, those
+    already trained keep the old. "" when nothing changed. The keys in `keep` say how to start, not how to train."""
+    now = asdict(config)
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if k in saved and k not in keep and saved[k] != v]
+    return (f"note: --resume with {', '.join(changed)} (changed since {path}): the remaining steps use the new values "
+            "(the schedule recomputed from them); the steps already trained keep the old") if changed else ""
 
 
 # -----------------------------------------------------------------------------

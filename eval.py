@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import data
 from checkpoint import load_checkpoint, model_from_checkpoint
-from common import CheckpointError, ConfigError
+from common import CheckpointError, ConfigError, require, use_tf32
 from hf import import_hf
 from report import fit_series, load_eval, load_series, markdown_table, number, plot_series, series_report
 
@@ -558,6 +558,15 @@ def write_samples(f, ckpt, samples):
     f.flush()
 
 
+def check_args(a):
+    """eval.py's numbers, before a checkpoint or task is read: one ConfigError line naming the first bad one."""
+    require(a.batch_size >= 1, "--batch_size", a.batch_size, "an integer >= 1")
+    require(a.limit is None or a.limit >= 1, "--limit", a.limit, "an integer >= 1 (leave it out for every document)")
+    require(a.stride is None or a.stride >= 1, "--stride", a.stride, "an integer >= 1, at most the model's max_seq_len")
+    require(a.pu_r >= 1, "--pu_r", a.pu_r, "an integer >= 1 (the passes PassUntil waits for)")
+    require(a.pu_cap >= a.pu_r, "--pu_cap", a.pu_cap, f"an integer >= --pu_r ({a.pu_r}): the most attempts per instance")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="evaluate nanogrow checkpoints; report or fit a series")
     p.add_argument("ckpts", nargs="*", help="checkpoint files or exported HF folders")
@@ -581,6 +590,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     samples_file = None
     try:
+        check_args(a)
+        use_tf32(a.device)  # float32 matmuls on TF32 tensor cores
         if a.fit:
             print(fit_series(a.fit))
             return

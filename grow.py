@@ -3,11 +3,8 @@ grow.py: make a trained Llama wider and deeper, the step between the stages of t
 section 2.2, eq. (1): theta_{i+1} = f(theta_i; X_{i+1}), with f = bert2BERT, which "copies the weights of linear
 layers to widen the hidden dims, and stacks trained layers upward").
 
-    python grow.py out/cpu-1.pt --to cpu-2 --width fpi --depth zero --out out/cpu-2-init.pt
-    python grow.py out/cpu-4.pt --to cpu-4,moe_experts=8,moe_top_k=2 --out out/cpu-4-8x.pt   # upcycle (U)
-    python grow.py out/cpu-1/final.pt --to cpu-2 --optimizer grown --out g.pt  # AdamW's state too (A), for
-    python train.py --init_from=g.pt --init_optimizer ...                      # a run that continues it
-    python grow_explain.py       # a worked example (width 4 -> 6, 3 -> 5 layers), printed and drawn
+grow(model, target_config, width, depth, seed, noise) returns the grown model, grow_checkpoint(ckpt, target_config,
+optimizer) a grown checkpoint (AdamW's state too) and the measured gap; the command line is grow_cli.py.
 
 Width first (every existing layer), then depth. Notation: the source has residual width d, FFN width F, H query
 heads in Hk KV groups of G = H/Hk, L layers; the target D, F', H', Hk', G', L'. head_dim stays fixed: width grows
@@ -54,30 +51,33 @@ Why fpi keeps the function. The rules are named; the lines that apply them cite 
       down_proj columns (copied neurons), o_proj columns (copied query heads), q/k/v/gate/up and untied lm_head
       columns (copied residual dims), and the zeroed o_proj/down_proj of depth "zero" layers. z_c = y_c - y_next(c),
       next going round the copies of the unit in a cycle, y ~ N(0, (noise std(source weight))^2 / 2): the sum
-      telescopes to 0. A tied embedding is also a writer: no noise there. Function preserving up to float rounding.
+      telescopes to 0. A tied embedding is also a writer: no noise there. Function preserving up to float rounding,
+      as the copies of a residual dim stay equal in float too: o_proj/down_proj rows of one dim's copies carry the
+      same noise (the first copy's; the later draws are dropped). Noisy rows that differ round differently, and the
+      next readers' noise amplifies that layer by layer (2 -> 16 layers, float32, noise 1: a gap of 0.18 against
+      1e-7). noise <= NOISE_MAX: beyond it the rounding of noisy weights to bfloat16 breaks the sum.
       The copies then drift apart under training, slowly at first with AdamW, whose first step is sign(grad) for
       every weight (equal for nearly equal gradients).
 
-Width, "aki" (bert2BERT, width-wise expansion: "advanced knowledge initialization"): as fpi, but the in-weights
-of the new units (the copies beyond the first of each FFN neuron and KV head) come from the same units of the
-layer ABOVE (layer l+1); the top layer has none above and uses its own (fpi there). A query head reads layer l+1
-exactly when its KV head does (H2 again: it attends with the keys it was trained with), so growth that adds query
-heads but no KV heads takes every query head from layer l. Out-weights are split as in fpi (H1), residual dims as
-in fpi (R1-R3). Not function preserving: the gap is reported, never claimed 0.
+Width, "aki" (bert2BERT, width-wise expansion: "advanced knowledge initialization"): as fpi, but the new units'
+in-weights come from the same units of the layer ABOVE (l+1; the top layer has none and uses its own, as fpi): the
+copies beyond the first of each FFN neuron, and each KV head none of whose query slots holds an original query head,
+with those query heads (H2: a query attends with the keys it was trained with). Every original head keeps its own
+layer's weights. Out-weights are split as in fpi (H1), residual dims as in fpi (R1-R3). Not function preserving:
+the gap is reported, never claimed 0.
 
 Depth (after width; L -> L'):
   * "zero": L'-L new layers spread evenly over the L-1 gaps between old layers: new layer i goes after old layer
     floor((2i+1)(L-1) / 2(L'-L)) (midpoints of equal stretches; 18 -> 22 inserts after 2, 6, 10, 14). Never after
-    the top layer (unless L = 1): the first and last layers, which face the embedding and lm_head, stay at the
-    ends, and trained layers stay in runs of similar length.
+    the top layer (unless L = 1): the layers facing the embedding and lm_head stay at the ends.
     Z: a new layer copies the (widened) layer below it, with o_proj and down_proj set to zero (plus the paired
     noise N, which sums to zero): each new block adds 0 to the residual stream, so the function is preserved.
-    Copying the neighbor instead of zeros everywhere gives the new block trained attention patterns and
-    activations, so o_proj/down_proj get useful gradients (as the identity blocks of LLaMA-Pro's block
-    expansion, Wu et al. 2024, ACL, which copy a block and zero its output projections).
-  * "zero_groups" (LLaMA-Pro's placement, Wu et al. 2024, section 3.1): the L layers in L'-L groups of
-    consecutive layers, a new layer (Z, as above) after each group's top layer, the top layer's included
-    (32 -> 40: after layers 3, 7, ..., 31). Function preserving.
+    The copied neighbor gives the new block trained attention patterns and activations, so o_proj/down_proj get
+    useful gradients (LLaMA-Pro's identity blocks, Wu et al. 2024, ACL, copy a block and zero those too).
+  * "zero_groups" (LLaMA-Pro, Wu et al. 2024, section 3.1, as their scripts/block_expansion.py): groups of
+    floor(L/(L'-L)) layers from the bottom, a new layer (Z) after each group's top layer (32 -> 40: after 3, 7, ..., 31;
+    18 -> 22: after 3, 7, 11, 15). The first L'-L groups where their script would add more (10 -> 14: it asserts);
+    rounds of one per layer, from the bottom, where L'-L > L. Function preserving.
   * "stack" (bert2BERT's depth-wise expansion, after StackBERT): the trained stack is stacked on itself: new
     layer L+j copies layer j mod L (L' = 2L copies the whole stack once; a remainder takes the bottom layers,
     18 -> 22 appends 0-3). "stack_top": a remainder takes the top layers, as bert2BERT's Algorithm 1 does
@@ -86,12 +86,13 @@ Depth (after width; L -> L'):
     dropped from the first and the first m from the second, concatenated: layers 0..L-m-1, m..L-1, L' = 2L - 2m
     (m from the target or --dus_overlap). Not function preserving.
 
-The optimizer (grow_checkpoint(optimizer="grown"), grow.py --optimizer grown):
+The optimizer (grow_checkpoint(optimizer="grown"), grow_cli.py --optimizer grown):
   A   AdamW's moments are grown with the weights, by parameter name through the same maps, so that the next stage
       starts from the state the grown model would have if it had followed the source's trajectory in grown form:
       a weight copied with scale c into K copies has gradient grad / (c K) there, so m' = m / (c K) and
       v' = v / (c K)^2 (the derivation at moment_scales). Each parameter keeps its step count; a new zero block
       (Z) and an upcycled router with its experts (U) have no history and start fresh (step 0), as a fresh AdamW.
+      The premise is a growth that keeps the function; elsewhere (aki, stack, dus) "grown" is refused.
 
 Precision: every tensor is filled in float32 (or float64) and rounded once into the model's dtype, so a bf16 model
 grows to the float32 growth of its weights, cast. RoPE's tables are float64, as a fresh model's.
@@ -102,38 +103,33 @@ Mixture of experts (a target with moe_experts = E > 0, model.SparseMoE's Mixtral
           sum_{e in top-k(x)} w_e(x) MLP_e(x),   w_e = p_e / sum_{e' in top-k(x)} p_e'   so  sum_e w_e = 1,
       and with MLP_e = MLP for every e that is MLP(x) * sum_e w_e = MLP(x), whatever the router picks: the
       upcycled model computes the dense function (up to the rounding of the sum of the w's). The width rules hold
-      for each expert as for the MLP (H1, R1, R3), with its own noise draws (N): where neurons or residual dims
-      are copied, the experts then differ in their weights and agree in their function. At the same width there
-      are no copies to hide noise in, and the experts start identical: routing breaks the symmetry, since each
-      expert is trained on the tokens routed to it with their weights, so the experts' gradients differ from the
-      first step (tests/test_moe.py checks). Depth zero's new layers zero every expert's down_proj (Z: a weighted
-      sum of zeros is zero). A mixture of experts grows into one with the same E and k: every expert is widened
-      with the same maps, and the router reads the stream (R3, with N). Another E or k would change which experts
-      a token reaches, so it is refused.
+      for each expert as for the MLP (H1, R1, R3), with its own noise draws (N): the experts differ in their
+      weights and agree in their function. At the same width the experts start identical: routing breaks the
+      symmetry, each expert trained on its tokens (tests/test_moe.py checks). Depth zero's new layers zero every
+      expert's down_proj (Z: a weighted sum of zeros is zero). A mixture of experts grows into one with the same E
+      and k: every expert is widened with the same maps, and the router reads the stream (R3, with N). Another E
+      or k would change which experts a token reaches, so it is refused.
 
 The file reads in that order: the depth plan, the width maps, expanding one tensor, widening a block, the grown
-model and its measured gap (the proof, checked), grow() and grow_checkpoint(), AdamW's state, the command line.
+model and its measured gap (the proof, checked), grow() and grow_checkpoint(), AdamW's state.
 """
 
-import argparse
 import copy
 import math
-import os
-import re
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from checkpoint import (CheckpointError, Lineage, checkpoint_config, find_non_finite, load_checkpoint, make_checkpoint,
-                        model_from_checkpoint, optimizer_state_by_name, save_checkpoint)
-from common import cli_errors, decay_groups
-from model import Llama, ModelConfig, config_from_shape, rope_cos_sin
+from checkpoint import Lineage, find_non_finite, make_checkpoint, model_from_checkpoint, optimizer_state_by_name
+from common import ConfigError, decay_groups
+from model import Llama, rope_cos_sin
 
 WIDTHS = ("fpi", "aki")
 OPTIMIZERS = ("fresh", "grown")  # after growth: a fresh AdamW, or the source's state grown with the weights (A)
 DEPTHS = ("zero", "zero_groups", "stack", "stack_top", "dus")
 CHUNK = 1 << 21  # elements per row chunk when filling a matrix: small temporaries (8 MB in fp32) that malloc reuses
 GAP_FLOAT64_MAX_PARAMS = 500_000_000  # grow_checkpoint measures the gap in float64 below this (both models)
+NOISE_MAX = 1.0  # N's largest noise: bf16 growths measured 1.1-1.7x their noise-0 gap at 1, 3-12x at 3 (fp32 keep 100)
 ROUTER_STD = 0.02  # an upcycled router's init: Llama._init_weights' std (transformers' initializer_range too)
 
 # -----------------------------------------------------------------------------
@@ -145,11 +141,12 @@ def depth_plan(n_old, n_new, depth, dus_overlap=None):
     n_add = n_new - n_old
     if depth in ("zero", "zero_groups"):
         after = [0] * n_old  # number of new layers inserted after each old layer
+        split = max(1, n_old // max(n_add, 1))  # zero_groups: LLaMA-Pro's group size
         for i in range(n_add):
             if depth == "zero":  # midpoints of n_add equal stretches of the L-1 gaps between old layers
                 after[(2 * i + 1) * (n_old - 1) // (2 * n_add)] += 1
-            else:  # LLaMA-Pro: n_add groups of consecutive layers, one new layer after each group's top layer
-                after[-(-(i + 1) * n_old // n_add) - 1] += 1  # ceil((i+1) L / n_add) - 1
+            else:  # LLaMA-Pro: a new layer after every split-th layer, the first n_add of them (rounds if n_add > L)
+                after[((i + 1) * split - 1) % n_old] += 1
         return [(s, z) for s in range(n_old) for z in [False] + [True] * after[s]]
     if depth in ("stack", "stack_top"):
         whole, rest = divmod(n_add, n_old)  # whole copies of the stack, then `rest` more layers
@@ -179,7 +176,7 @@ class WidthMaps:
     q_rows: torch.Tensor          # (H' head_dim,) row map of q_proj, and column map of o_proj
     q_div: torch.Tensor           # (H' head_dim,) 1/k of the query head of each q row, float64: o_proj columns (H1)
     ffn_new: torch.Tensor         # (F',) True for a copy beyond the first: AKI reads its in-weights one layer up
-    kv_new: torch.Tensor          # (Hk' head_dim,) the same for k_proj/v_proj rows
+    kv_new: torch.Tensor          # (Hk' head_dim,) the same for k/v rows: no query of that KV copy is an original
     q_new: torch.Tensor           # (H' head_dim,) AKI for q_proj rows: True exactly where the query's KV head is new
     kv_div: torch.Tensor          # (Hk' head_dim,) 1/k of the KV head of each k/v row, float64: their moments (A)
 
@@ -228,15 +225,15 @@ def width_maps(src, tgt, gen):
     def per_row(heads):  # head map -> row map over head_dim blocks (RoPE's layout lives inside a block)
         return (heads[:, None] * hd + torch.arange(hd)).flatten()
 
-    kv_new = ~first_copies(kv)
+    # AKI: a KV copy reads layer l+1 when none of its query slots holds an old query head's first copy, its queries
+    # with it (H2): every original head keeps its own layer, also when G' < G spreads a group over several KV copies
+    kv_new = ~first_copies(q).view(tgt.n_kv_heads, Gn).any(1)
     return WidthMaps(
         residual=residual, residual_scale=(1.0 / copy_counts(residual, src.d_model).double()).sqrt(),  # R1, R3
         ffn=ffn, ffn_div=1.0 / copy_counts(ffn, src.ffn_dim).double(),  # H1: 1/k
         kv_heads=kv, q_heads=q, kv_rows=per_row(kv), q_rows=per_row(q),
         q_div=(1.0 / copy_counts(q, src.n_heads).double()).repeat_interleave(hd),  # H1: 1/k
         ffn_new=~first_copies(ffn), kv_new=kv_new.repeat_interleave(hd),
-        # AKI keeps H2: a query head reads layer l+1 exactly when its KV head does, so it attends with the keys
-        # and values it was trained with (the G' query slots of KV head h are h G' .. h G' + G' - 1)
         q_new=kv_new[torch.arange(tgt.n_heads) // Gn].repeat_interleave(hd),
         kv_div=(1.0 / copy_counts(kv, src.n_kv_heads).double()).repeat_interleave(hd))
 
@@ -479,6 +476,10 @@ def grow_into(new, model, maps, plan, scales, width, noise=None, moments=False):
     for t, (s, zero_out) in enumerate(plan):
         if widened_at[s] != t:
             copy_block(new.layers[t], new.layers[widened_at[s]], model.layers[s], maps, zero_out, noise, moments)
+    for block in new.layers if noise is not None and noise.scale else []:  # N: a residual dim's copies take the same
+        for W in [block.self_attn.o_proj.weight] + [mlp.down_proj.weight for mlp in block.ffns()]:  # writer row
+            for i, j in enumerate(maps.residual.tolist()[model.config.d_model:], model.config.d_model):
+                W[i] = W[j]  # the first copy's (old dim j is new dim j), noise included
 
 
 def empty_like_config(config, dtype, device):
@@ -491,14 +492,17 @@ def empty_like_config(config, dtype, device):
     return new
 
 
-def check_growth(src, tgt, width, depth, noise, dus_overlap):
-    """Raise ValueError (one line: what, and what to do) unless src can grow into tgt."""
+def check_growth(src, tgt, width, depth, noise, dus_overlap, optimizer="fresh"):
+    """Raise ValueError (one line: what, and what to do) unless src can grow into tgt (with AdamW's state: "grown")."""
     if width not in WIDTHS or depth not in DEPTHS:
         raise ValueError(f"width must be one of {WIDTHS} and depth one of {DEPTHS}, "
                          f"got width={width!r} depth={depth!r}")
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not (math.isfinite(noise) and noise >= 0):
-        raise ValueError(f"noise must be a finite number >= 0 (a relative std, e.g. 1e-3; 0 for exact copies), "
-                         f"got {noise!r}")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise <= NOISE_MAX:
+        raise ConfigError(f"noise must be a finite number in [0, {NOISE_MAX:g}] (a relative std, e.g. 1e-3; 0 for "
+                          f"exact copies; above {NOISE_MAX:g} rounding breaks the function), got {noise!r}")
+    if optimizer == "grown" and not is_function_preserving(width, depth, src.n_layers, tgt.n_layers):  # A's premise
+        raise ConfigError(f"optimizer 'grown' (rule A) needs a growth that keeps the function, not width={width} "
+                          f"depth={depth}: use --optimizer fresh (series.py: grow_optimizer='fresh'), or fpi + zero")
     for name in ("vocab_size", "head_dim", "rope_theta", "tie_embeddings"):
         if getattr(src, name) != getattr(tgt, name):
             have, want = getattr(src, name), getattr(tgt, name)
@@ -557,15 +561,15 @@ def grow_with_maps(model, target_config, width="fpi", depth="zero", seed=0, nois
 
 
 @torch.no_grad()
+def logits_in(m, idx, dtype):
+    """m's logits on token ids idx (B, T), run in `dtype` (a model in another dtype is copied; m is not changed)."""
+    run = m if next(m.parameters()).dtype == dtype else copy.deepcopy(m).to(dtype)
+    return run(idx.to(next(m.parameters()).device))[0]
+
+
 def function_gap(model_a, model_b, idx, dtype=torch.float64):
-    """Largest |logit difference| of the two models on token ids idx (B, T), both run in `dtype`
-    (float64 by default; a model in another dtype is copied, the models themselves are not changed)."""
-    logits = []
-    for m in (model_a, model_b):
-        run = m if next(m.parameters()).dtype == dtype else copy.deepcopy(m).to(dtype)
-        logits.append(run(idx.to(next(m.parameters()).device))[0])
-        del run
-    return (logits[0] - logits[1]).abs().max().item()
+    """Largest |logit difference| of the two models on token ids idx (B, T), both run in `dtype` (float64 default)."""
+    return (logits_in(model_a, idx, dtype) - logits_in(model_b, idx, dtype)).abs().max().item()
 
 
 def is_function_preserving(width, depth, n_old, n_new):
@@ -574,8 +578,10 @@ def is_function_preserving(width, depth, n_old, n_new):
 
 
 def measured_gap(model, new, seed):
-    """(gap, dtype name): the function gap on 2 x 64 seeded random tokens (fewer if either model's max_seq_len is
-    shorter), in float64 unless the two models together pass GAP_FLOAT64_MAX_PARAMS, then in the model's dtype."""
+    """(gap, dtype name, tolerance): the function gap on 2 x 64 seeded random tokens (fewer if either model's
+    max_seq_len is shorter), in float64 unless the two models together pass GAP_FLOAT64_MAX_PARAMS, then in the
+    model's dtype; and a function-preserving growth's float tolerance, sqrt(eps of the weights) times the largest
+    |logit| (at NOISE_MAX, measured 300x below in float32, 2x in bfloat16)."""
     gen = torch.Generator().manual_seed(seed)
     # RoPE has no learned positions, so max_seq_len may change; the gap runs on a length both models take
     seq = min(64, model.config.max_seq_len, new.config.max_seq_len)
@@ -586,7 +592,9 @@ def measured_gap(model, new, seed):
     if not math.isfinite(gap):
         raise ValueError(f"the function gap of the grown model is {gap} ({str(gap_dtype).removeprefix('torch.')} "
                          "logits overflow): nothing written; check the source checkpoint's weights and the noise")
-    return gap, str(gap_dtype).removeprefix("torch.")
+    eps = torch.finfo(next(new.parameters()).dtype).eps
+    tolerance = math.sqrt(eps) * logits_in(model, idx, gap_dtype).abs().max().item()
+    return gap, str(gap_dtype).removeprefix("torch."), tolerance
 
 
 # -----------------------------------------------------------------------------
@@ -606,8 +614,8 @@ def grow_checkpoint(ckpt, target_config, optimizer="fresh", **grow_kwargs):
     over, a 'grow' record is appended to history. optimizer "fresh": no optimizer state (a fresh AdamW after
     growth); "grown": the source's AdamW state grown with the weights (rule A, keyed by parameter name), for the
     next run to start from (train.py init_optimizer, series.py grow_optimizer). The record holds the operator,
-    the configs, the gap (measured_gap; a float32 checkpoint evaluated in float64 shows the float32 rounding of
-    its scaled copies, ~1e-6, not 1e-15) and
+    the configs, the gap and its float tolerance gap_tolerance (measured_gap; a float32 checkpoint evaluated in
+    float64 shows the float32 rounding of its scaled copies, ~1e-6, not 1e-15) and
         unit_maps   {"residual", "ffn", "kv_heads", "q_heads"}: lists of ints, new index -> old index
         depth_plan  one {"from": old layer, "zero_out": bool} per new layer (zero_out: depth zero's Z)
     Raises CheckpointError for weights that do not fit their config, ValueError for a bad target or arguments,
@@ -618,8 +626,9 @@ def grow_checkpoint(ckpt, target_config, optimizer="fresh", **grow_kwargs):
         raise ValueError("the checkpoint holds no optimizer state to grow (train.py's ckpt_*.pt and final.pt do): "
                          "grow one of those, or grow with a fresh optimizer")
     model = model_from_checkpoint(ckpt)  # validated against its config; the source held once
+    width, depth, noise = (grow_kwargs.get(k, v) for k, v in (("width", "fpi"), ("depth", "zero"), ("noise", 1e-3)))
+    check_growth(model.config, target_config, width, depth, noise, grow_kwargs.get("dus_overlap"), optimizer)
     new, maps, plan = grow_with_maps(model, target_config, **grow_kwargs)
-    width, noise = grow_kwargs.get("width", "fpi"), grow_kwargs.get("noise", 1e-3)
     bad = find_non_finite(new.state_dict())
     if bad:
         raise ValueError(f"the grown weight {bad} holds NaN or inf (noise={noise:g} times the weights' std "
@@ -632,10 +641,10 @@ def grow_checkpoint(ckpt, target_config, optimizer="fresh", **grow_kwargs):
         if bad:
             raise ValueError(f"the grown optimizer state {bad} holds NaN or inf: nothing written; grow with a fresh "
                              "optimizer, or from an earlier checkpoint")
-    gap, gap_dtype = measured_gap(model, new, grow_kwargs.get("seed", 0))
-    record = dict(op="grow", width=width, depth=grow_kwargs.get("depth", "zero"), seed=grow_kwargs.get("seed", 0),
-                  noise=noise, optimizer=optimizer, dus_overlap=grow_kwargs.get("dus_overlap"),
-                  **{"from": asdict(model.config)}, to=asdict(new.config), gap=gap, gap_dtype=gap_dtype,
+    gap, gap_dtype, tolerance = measured_gap(model, new, grow_kwargs.get("seed", 0))
+    record = dict(op="grow", width=width, depth=depth, seed=grow_kwargs.get("seed", 0), noise=noise,
+                  optimizer=optimizer, dus_overlap=grow_kwargs.get("dus_overlap"), **{"from": asdict(model.config)},
+                  to=asdict(new.config), gap=gap, gap_dtype=gap_dtype, gap_tolerance=tolerance,
                   unit_maps=maps.as_lists(), depth_plan=[{"from": s, "zero_out": z} for s, z in plan])
     out = make_checkpoint(new.state_dict(), new.config, ckpt["tokenizer"], Lineage.from_weights(ckpt).then(record),
                           run_flops=0, tokens=ckpt.get("tokens", 0), **extra)
@@ -729,137 +738,3 @@ def grow_optimizer_state(model, new, state, maps, plan, width, decay_embeddings=
     # the source's settings (lr, betas, weight decay), the new model's parameters
     groups = [{**g, "params": list(names)} for g, names in zip(state["param_groups"], new_groups)]
     return {"state": grown, "param_groups": groups}
-
-
-# -----------------------------------------------------------------------------
-# command line
-
-
-def parse_value(key, text, kind):
-    """One --to value, strictly: an int is digits, a float finite, a bool true or false (any case).
-    Anything else is an error, never a silent default (int("3.0"), "ture" -> False)."""
-    if kind is bool:
-        if text.lower() in ("true", "false"):
-            return text.lower() == "true"
-        raise ValueError(f"bad --to value {key}={text}: {key} is true or false")
-    if kind is int:
-        if re.fullmatch(r"[+-]?[0-9]+", text):
-            return int(text)
-        raise ValueError(f"bad --to value {key}={text}: {key} is a whole number")
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise ValueError(f"bad --to value {key}={text}: {key} is a finite number")
-    return value
-
-
-def parse_target(spec, src):
-    """--to: a shape name (budget.SHAPES), or field=value overrides of the source config, or both
-    ('cpu-2,max_seq_len=512'). ValueError (one line) for an unknown shape or field, a value not of its
-    field's type, a field given twice, or norm_eps (it follows from the source, R2)."""
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
-    if not parts:
-        raise ValueError(f"--to {spec!r} names no shape and no field: give e.g. cpu-2 or d_model=96,n_layers=4")
-    base = asdict(src)
-    if "=" not in parts[0]:
-        base = asdict(config_from_shape(parts.pop(0)))
-    types = {f.name: f.type for f in fields(ModelConfig)}
-    seen = set()
-    for p in parts:
-        key, eq, value = (x.strip() for x in p.partition("="))
-        if not eq or key not in types or not value:
-            raise ValueError(f"bad --to item {p!r}: give a shape name first, then field=value with a field of "
-                             f"{', '.join(types)}")
-        if key == "norm_eps":
-            raise ValueError("--to norm_eps is not used: the grown model's eps is the source's times d/D (rule R2); "
-                             "leave norm_eps out of --to")
-        if key in seen:
-            raise ValueError(f"--to gives {key} twice: give each field once")
-        seen.add(key)
-        base[key] = parse_value(key, value, types[key])
-    return ModelConfig(**base)
-
-
-def param_counts(config):
-    """(non-embedding, total, active non-embedding) parameters of a config."""
-    with torch.device("meta"):
-        m = Llama(config)
-    return m.num_params(True), m.num_params(False), m.num_params(True, active=True)
-
-
-def check_out(path, overwrite):
-    """--out, before any work: a file the user has is never replaced unasked, and a path that cannot be
-    written fails now rather than after the growth."""
-    if os.path.isdir(path):
-        raise ValueError(f"--out {path} is a folder: give the path of the checkpoint file to write")
-    if os.path.lexists(path) and not overwrite:
-        raise ValueError(f"--out {path} exists: choose another path, or pass --overwrite to replace it")
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):  # save_checkpoint makes the missing folders under the nearest existing one
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise OSError(f"cannot write {path}: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK):
-        raise OSError(f"cannot write {path}: {folder} is not writable (read-only, or another user's)")
-
-
-def write_checkpoint(ckpt, path):
-    """save_checkpoint, with a failed write (a full disk, a read-only folder) as one line naming the file."""
-    try:
-        save_checkpoint(ckpt, path)
-    except OSError as e:
-        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Grow a nanogrow checkpoint (bert2BERT width, zero/stack/DUS depth). "
-                                "A worked example, printed and drawn: python grow_explain.py")
-    p.add_argument("ckpt", nargs="?", help="the checkpoint to grow")
-    p.add_argument("--to", help="a shape name (e.g. cpu-2, paper-2B) or d_model=..,n_layers=..,... or both "
-                   "(cpu-4,moe_experts=8,moe_top_k=2 upcycles into a mixture of experts); "
-                   "booleans are true/false, and norm_eps follows from the source")
-    p.add_argument("--width", default="fpi", choices=WIDTHS)
-    p.add_argument("--depth", default="zero", choices=DEPTHS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--noise", type=float, default=1e-3, help="relative std of the zero-sum symmetry-breaking noise, "
-                   "finite and >= 0 (series.py grows with 0.3, the best of docs/ablation.md)")
-    p.add_argument("--dus_overlap", type=int, default=None, help="SOLAR's m (layers dropped from each copy)")
-    p.add_argument("--optimizer", default="fresh", choices=OPTIMIZERS, help="grown: also grow the checkpoint's AdamW "
-                   "state (rule A), for train.py --init_from=OUT --init_optimizer; fresh: weights only")
-    p.add_argument("--out", help="the grown checkpoint; an existing file is kept unless --overwrite")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--explain", action="store_true", help=argparse.SUPPRESS)  # moved: say where
-    args = p.parse_args(argv)
-    if args.explain:
-        p.error("the worked example is a command of its own now: python grow_explain.py (same flags)")
-    if not (args.ckpt and args.to and args.out):
-        p.error("give a checkpoint, --to and --out (a worked example: python grow_explain.py)")
-    with cli_errors(ValueError, OSError):
-        if not os.path.isfile(args.ckpt):  # the input first; then --out, before the (long) load and growth
-            raise CheckpointError(f"no checkpoint at {args.ckpt}")
-        check_out(args.out, args.overwrite)
-        ckpt = load_checkpoint(args.ckpt)
-        old = checkpoint_config(ckpt)
-        target = parse_target(args.to, old)
-        new_ckpt, gap = grow_checkpoint(ckpt, target, width=args.width, depth=args.depth, seed=args.seed,
-                                        noise=args.noise, dus_overlap=args.dus_overlap, optimizer=args.optimizer)
-        del ckpt  # the source's tensors: only the grown model is held while writing
-        write_checkpoint(new_ckpt, args.out)
-    new = checkpoint_config(new_ckpt)
-    for label, c in (("source", old), ("grown", new)):
-        non_embedding, total, active = param_counts(c)
-        moe = f" experts={c.moe_experts} top_k={c.moe_top_k}" if c.moe_experts else ""
-        print(f"{label:<7} d_model={c.d_model} ffn_dim={c.ffn_dim} n_layers={c.n_layers} "
-              f"heads={c.n_heads}/{c.n_kv_heads}{moe}: non-embedding {non_embedding:,} (active per token {active:,}) "
-              f"total {total:,} parameters")
-    gap_dtype = new_ckpt["history"][-1]["gap_dtype"]
-    print(f"function gap: max |logit difference| = {gap:.3e} ({gap_dtype}, 2 random sequences)")
-    if not is_function_preserving(args.width, args.depth, old.n_layers, new.n_layers):
-        print(f"width={args.width} depth={args.depth} is not function preserving: a nonzero gap is expected")
-    print(f"norm_eps {old.norm_eps:.4g} -> {new.norm_eps:.4g} (scaled by d/D); wrote {args.out}")
-
-
-if __name__ == "__main__":
-    main()

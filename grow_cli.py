@@ -1,30 +1,44 @@
 """
-grow_explain.py: growth made visible on a model small enough to read every map (grow.py's rules, one worked
-example): a random float64 Llama of width 4, FFN 6, 2 heads and 3 layers grown to width 6, FFN 9, 3 heads and 5
-layers. Prints every new -> old unit map with its copy counts and scales (R1-R3, H1, H2), the depth plan (Z), the
-measured function gap, and draws the maps to a figure (docs/growth_explain.png).
+grow_cli.py: grow.py's command line. Grow a checkpoint file, or show growth on a model small enough to read every
+map (grow.py's rules, one worked example).
 
-    python grow_explain.py                                # fpi + zero: function preserving
-    python grow_explain.py --width aki --depth stack      # not function preserving, and said so
-    python grow_explain.py --noise 1e-3 --explain_png /tmp/n.png
+    python grow_cli.py out/cpu-1.pt --to cpu-2 --width fpi --depth zero --out out/cpu-2-init.pt
+    python grow_cli.py out/cpu-4.pt --to cpu-4,moe_experts=8,moe_top_k=2 --out out/cpu-4-8x.pt   # upcycle (U)
+    python grow_cli.py out/cpu-1/final.pt --to cpu-2 --optimizer grown --out g.pt  # AdamW's state too (A), for
+    python train.py --init_from=g.pt --init_optimizer ...                          # a run that continues it
+
+--explain: a random float64 Llama of width 4, FFN 6, 2 heads and 3 layers grown to width 6, FFN 9, 3 heads and 5
+layers. Prints every new -> old unit map with its copy counts and scales (R1-R3, H1, H2), the depth plan (Z), the
+measured function gap, and draws the maps to a figure (docs/growth_explain.png). Needs no checkpoint.
+
+    python grow_cli.py --explain                                # fpi + zero: function preserving
+    python grow_cli.py --explain --width aki --depth stack      # not function preserving, and said so
+    python grow_cli.py --explain --noise 1e-3 --explain_png /tmp/n.png
 """
 
 import argparse
 import math
 import os
-from dataclasses import replace
+import re
+from dataclasses import asdict, fields, replace
 
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.lines import Line2D
 
+from checkpoint import CheckpointError, checkpoint_config, load_checkpoint, save_checkpoint
 from common import cli_errors
-from grow import DEPTHS, WIDTHS, copy_counts, function_gap, grow_with_maps, is_function_preserving
-from model import Llama, ModelConfig
+from grow import (DEPTHS, OPTIMIZERS, WIDTHS, copy_counts, function_gap, grow_checkpoint, grow_with_maps,
+                  is_function_preserving)
+from model import Llama, ModelConfig, config_from_shape
 
 plt.switch_backend("Agg")  # the figure goes to a file, never to a window
 
 COLOR = {1: "0.55", 2: "tab:blue", 3: "tab:orange", 4: "tab:red"}  # a unit's copy count k in the figure
+
+
+# -----------------------------------------------------------------------------
+# --explain: a worked example small enough to read every map, printed, then drawn
 
 
 def explain_growth(width="fpi", depth="zero", seed=0, noise=0.0):
@@ -174,18 +188,148 @@ def draw_explain(src, cfg, maps, plan, title, path):
     plt.close(fig)
 
 
+# -----------------------------------------------------------------------------
+# growing a checkpoint file: the target, --out, the counts printed
+
+
+def parse_value(key, text, kind):
+    """One --to value, strictly: an int is digits, a float finite, a bool true or false (any case).
+    Anything else is an error, never a silent default (int("3.0"), "ture" -> False)."""
+    if kind is bool:
+        if text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        raise ValueError(f"bad --to value {key}={text}: {key} is true or false")
+    if kind is int:
+        if re.fullmatch(r"[+-]?[0-9]+", text):
+            return int(text)
+        raise ValueError(f"bad --to value {key}={text}: {key} is a whole number")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"bad --to value {key}={text}: {key} is a finite number")
+    return value
+
+
+def parse_target(spec, src):
+    """--to: a shape name (budget.SHAPES), or field=value overrides of the source config, or both
+    ('cpu-2,max_seq_len=512'). ValueError (one line) for an unknown shape or field, a value not of its
+    field's type, a field given twice, or norm_eps (it follows from the source, R2)."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"--to {spec!r} names no shape and no field: give e.g. cpu-2 or d_model=96,n_layers=4")
+    base = asdict(src)
+    if "=" not in parts[0]:
+        base = asdict(config_from_shape(parts.pop(0)))
+    types = {f.name: f.type for f in fields(ModelConfig)}
+    seen = set()
+    for p in parts:
+        key, eq, value = (x.strip() for x in p.partition("="))
+        if not eq or key not in types or not value:
+            raise ValueError(f"bad --to item {p!r}: give a shape name first, then field=value with a field of "
+                             f"{', '.join(types)}")
+        if key == "norm_eps":
+            raise ValueError("--to norm_eps is not used: the grown model's eps is the source's times d/D (rule R2); "
+                             "leave norm_eps out of --to")
+        if key in seen:
+            raise ValueError(f"--to gives {key} twice: give each field once")
+        seen.add(key)
+        base[key] = parse_value(key, value, types[key])
+    return ModelConfig(**base)
+
+
+def param_counts(config):
+    """(non-embedding, total, active non-embedding) parameters of a config."""
+    with torch.device("meta"):
+        m = Llama(config)
+    return m.num_params(True), m.num_params(False), m.num_params(True, active=True)
+
+
+def check_out(path, overwrite):
+    """--out, before any work: a file the user has is never replaced unasked, and a path that cannot be
+    written fails now rather than after the growth."""
+    if os.path.isdir(path):
+        raise ValueError(f"--out {path} is a folder: give the path of the checkpoint file to write")
+    if os.path.lexists(path) and not overwrite:
+        raise ValueError(f"--out {path} exists: choose another path, or pass --overwrite to replace it")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # save_checkpoint makes the missing folders under the nearest existing one
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise OSError(f"cannot write {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK):
+        raise OSError(f"cannot write {path}: {folder} is not writable (read-only, or another user's)")
+
+
+def write_checkpoint(ckpt, path):
+    """save_checkpoint, with a failed write (a full disk, a read-only folder) as one line naming the file."""
+    try:
+        save_checkpoint(ckpt, path)
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="A worked example of grow.py's growth (width 4 -> 6, 3 -> 5 layers): "
-                                "every map and scale printed, the measured gap, and a figure; needs no checkpoint.")
+    p = argparse.ArgumentParser(description="Grow a nanogrow checkpoint (bert2BERT width, zero/stack/DUS depth), "
+                                "or --explain: a worked example, printed and drawn.")
+    p.add_argument("ckpt", nargs="?", help="the checkpoint to grow (not with --explain)")
+    p.add_argument("--to", help="a shape name (e.g. cpu-2, paper-2B) or d_model=..,n_layers=..,... or both "
+                   "(cpu-4,moe_experts=8,moe_top_k=2 upcycles into a mixture of experts); "
+                   "booleans are true/false, and norm_eps follows from the source")
     p.add_argument("--width", default="fpi", choices=WIDTHS)
     p.add_argument("--depth", default="zero", choices=DEPTHS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--noise", type=float, default=0.0, help="relative std of the zero-sum symmetry-breaking noise "
-                   "(grow.py's N), finite and >= 0")
-    p.add_argument("--explain_png", default="docs/growth_explain.png", help="where the figure of the maps goes")
+    p.add_argument("--noise", type=float, default=None, help="relative std of the zero-sum symmetry-breaking noise, "
+                   "in [0, 1] (default 1e-3; 0 with --explain; series.py grows with 0.3, the best of "
+                   "docs/ablation.md)")
+    p.add_argument("--dus_overlap", type=int, default=None, help="SOLAR's m (layers dropped from each copy)")
+    p.add_argument("--optimizer", default="fresh", choices=OPTIMIZERS, help="grown: also grow the checkpoint's AdamW "
+                   "state (rule A), for train.py --init_from=OUT --init_optimizer; fresh: weights only")
+    p.add_argument("--out", help="the grown checkpoint; an existing file is kept unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--explain", action="store_true", help="print and draw a worked example (width 4 -> 6, 3 -> 5 "
+                   "layers) with --width/--depth/--seed/--noise; needs no checkpoint")
+    p.add_argument("--explain_png", default="docs/growth_explain.png", help="where --explain draws the maps")
     args = p.parse_args(argv)
+    if args.explain:
+        with cli_errors(ValueError, OSError):
+            explain(args.width, args.depth, args.seed, 0.0 if args.noise is None else args.noise, args.explain_png)
+        return
+    if not (args.ckpt and args.to and args.out):
+        p.error("give a checkpoint, --to and --out (or --explain for a worked example)")
     with cli_errors(ValueError, OSError):
-        explain(args.width, args.depth, args.seed, args.noise, args.explain_png)
+        if not os.path.isfile(args.ckpt):  # the input first; then --out, before the (long) load and growth
+            raise CheckpointError(f"no checkpoint at {args.ckpt}")
+        check_out(args.out, args.overwrite)
+        ckpt = load_checkpoint(args.ckpt)
+        old = checkpoint_config(ckpt)
+        target = parse_target(args.to, old)
+        new_ckpt, gap = grow_checkpoint(ckpt, target, width=args.width, depth=args.depth, seed=args.seed,
+                                        noise=1e-3 if args.noise is None else args.noise,
+                                        dus_overlap=args.dus_overlap, optimizer=args.optimizer)
+        del ckpt  # the source's tensors: only the grown model is held while writing
+        tolerance = new_ckpt["history"][-1]["gap_tolerance"]
+        if gap > tolerance and is_function_preserving(args.width, args.depth, old.n_layers, target.n_layers):
+            # an error (exit 2, nothing written), not a warning: the next run would start from another function than
+            # the one trained, while a warning scrolls past and a script (grow_cli.py ... && train.py --init_from=...)
+            # goes on; with noise <= grow.NOISE_MAX this is a bug or a source grow.py's measurements did not cover
+            raise ValueError(f"width={args.width} depth={args.depth} preserves the function, but the grown logits "
+                             f"differ from the source's by {gap:.3e}, above the float tolerance {tolerance:.1e}: "
+                             "nothing written; try --noise 0, and report the source's shape if the gap stays")
+        write_checkpoint(new_ckpt, args.out)
+    new = checkpoint_config(new_ckpt)
+    for label, c in (("source", old), ("grown", new)):
+        non_embedding, total, active = param_counts(c)
+        moe = f" experts={c.moe_experts} top_k={c.moe_top_k}" if c.moe_experts else ""
+        print(f"{label:<7} d_model={c.d_model} ffn_dim={c.ffn_dim} n_layers={c.n_layers} "
+              f"heads={c.n_heads}/{c.n_kv_heads}{moe}: non-embedding {non_embedding:,} (active per token {active:,}) "
+              f"total {total:,} parameters")
+    gap_dtype = new_ckpt["history"][-1]["gap_dtype"]
+    print(f"function gap: max |logit difference| = {gap:.3e} ({gap_dtype}, 2 random sequences)")
+    if not is_function_preserving(args.width, args.depth, old.n_layers, new.n_layers):
+        print(f"width={args.width} depth={args.depth} is not function preserving: a nonzero gap is expected")
+    print(f"norm_eps {old.norm_eps:.4g} -> {new.norm_eps:.4g} (scaled by d/D); wrote {args.out}")
 
 
 if __name__ == "__main__":

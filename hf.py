@@ -118,8 +118,26 @@ def hf_config(config, tok, chat=False):
 # The chat format posttrain.py trains on and `posttrain.py chat` prompts with (chat_data.render_chat), in Jinja, for
 # transformers' apply_chat_template, lm-evaluation-harness's --apply_chat_template and vLLM's chat endpoint:
 #     <|endoftext|> then, per message, <|ROLE|>CONTENT<|end|>; then <|assistant|> for the generation prompt.
-# tests/test_export.py checks that its ids are render_chat's, with and without the generation prompt.
+# An assistant's content and its <|end|> sit inside {% generation %} ... {% endgeneration %}, so transformers'
+# apply_chat_template(..., return_assistant_tokens_mask=True) gives render_chat's mask, the tokens SFT learns (TRL's
+# SFTConfig(assistant_only_loss=True) reads that mask and refuses a template without the markers).
+# tests/test_export.py checks that its ids are render_chat's, with and without the generation prompt, and its mask.
 CHAT_TEMPLATE = (
+    "{{ '<|endoftext|>' }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] or message['content'] is not string %}"
+    "{{ raise_exception('each message needs a role (system, user or assistant) and a string content') }}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>' }}{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}"
+    "{% else %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+# the template exports carried before the generation markers (the same ids): import-hf still knows them as chat models
+CHAT_TEMPLATE_UNMARKED = (
     "{{ '<|endoftext|>' }}"
     "{% for message in messages %}"
     "{% if message['role'] not in ['system', 'user', 'assistant'] or message['content'] is not string %}"
@@ -141,7 +159,7 @@ def hf_is_chat(hf_dir):
     """Whether an HF folder carries nanogrow's chat template (so import-hf, then export-hf, keeps it)."""
     try:
         with open(os.path.join(hf_dir, "tokenizer_config.json"), encoding="utf-8") as f:
-            return json.load(f).get("chat_template") == CHAT_TEMPLATE
+            return json.load(f).get("chat_template") in (CHAT_TEMPLATE, CHAT_TEMPLATE_UNMARKED)
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -290,6 +308,9 @@ def import_hf(hf_dir):
 
 def main(argv):
     usage = "usage: python hf.py export-hf CKPT DIR | import-hf DIR CKPT [--overwrite]"
+    if "-h" in argv or "--help" in argv:
+        print(f"{usage}\n\n{__doc__.strip()}")
+        sys.exit(0)
     overwrite = "--overwrite" in argv
     argv = [a for a in argv if a != "--overwrite"]
     if len(argv) != 3 or argv[0] not in ("export-hf", "import-hf"):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import budget
 from ops import apply_rope, rms_norm, silu_mul
@@ -219,24 +220,37 @@ class SparseMoE(nn.Module):
         self.routing = None  # set by every forward
 
     def forward(self, x):
-        """x: (B, T, d). Keeps self.routing = (top-k choices per expert (E,), router probabilities summed over
-        the tokens (E,)) for the load-balancing loss, which Llama.forward gathers from every layer. (An attribute,
-        not an argument to append to: FSDP's hooks copy a block's arguments, and the copy would be appended to.)"""
+        """x: (B, T, d). Keeps self.routing (dispatch's) for the load-balancing loss, which Llama.forward gathers
+        from every layer. (An attribute, not an argument to append to: FSDP's hooks copy a block's arguments, and
+        the copy would be appended to.)"""
+        y, self.routing = self.dispatch(x)
+        return y
+
+    def dispatch(self, x):
+        """(the layer's output, its routing: top-k choices per expert (E,), router probabilities summed over the
+        tokens (E,)), with no side effect: what a checkpointed block computes (Block.forward)."""
         B, T, d = x.shape
         h = x.reshape(B * T, d)
         logits = self.gate(h)
         probs = F.softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
         weights = weights / weights.sum(-1, keepdim=True)  # renormalized over the chosen experts: they sum to 1
-        # sort the (token, choice) pairs by expert; one host sync per layer for the slice sizes
+        # sort the (token, choice) pairs by expert. The counts as a sum of one-hot rows (bincount's numbers, in a
+        # shape known before it runs, which dynamo keeps in the graph); the slice sizes are read on the host: one
+        # sync per layer (and per recomputed layer under activation checkpointing), inside the one compiled graph
+        # (parallel.compile_settings captures scalar outputs). On a GPU the queue drains there and the experts'
+        # kernels start one host launch later: an estimated tens of microseconds a layer, not measured (no GPU yet).
+        # torch's grouped_mm would need none, but its CUDA support for float32 is unknown: not used.
         flat = chosen.flatten()
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=len(self.experts))
-        slices = h[order // self.top_k].split(counts.tolist())
+        counts = F.one_hot(flat, len(self.experts)).sum(0)
+        sizes = counts.tolist()
+        for size in sizes:
+            torch._check(size >= 0)  # what dynamo cannot know of a value read at run time, and split needs
+        slices = h[order // self.top_k].split(sizes)
         ys = torch.cat([expert(part) for expert, part in zip(self.experts, slices)])
         y = ys.new_empty(ys.shape).index_copy_(0, order, ys).view(B * T, self.top_k, d)
-        self.routing = (counts, probs.sum(0))
-        return (y * weights.unsqueeze(-1).to(y.dtype)).sum(1).view(B, T, d)
+        return (y * weights.unsqueeze(-1).to(y.dtype)).sum(1).view(B, T, d), (counts, probs.sum(0))
 
 
 def load_balancing_loss(routing, n_experts, n_tokens):
@@ -263,14 +277,32 @@ class Block(nn.Module):
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.moe = config.moe_experts > 0
+        self.checkpointed = False  # activation checkpointing (forward), set by parallel.checkpoint_blocks
         if self.moe:
             self.block_sparse_moe = SparseMoE(config)
         else:
             self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, kv_cache=None):
+        """With self.checkpointed (parallel.checkpoint_blocks) and gradients recorded, activation checkpointing
+        (Chen et al. 2016): the block keeps its input alone for backward and recomputes the rest there. Non-reentrant
+        torch.utils.checkpoint, called here so that torch.compile traces it as one higher-order op of the step's
+        graph; the parameter names and state dict stay as they are. A mixture of experts' routing leaves the
+        checkpointed function as a value (a side effect inside it is not traced)."""
+        if self.checkpointed and torch.is_grad_enabled():
+            x, routing = torch.utils.checkpoint.checkpoint(self.layer, x, cos, sin, kv_cache, use_reentrant=False)
+        else:
+            x, routing = self.layer(x, cos, sin, kv_cache)
+        if self.moe:
+            self.block_sparse_moe.routing = routing
+        return x
+
+    def layer(self, x, cos, sin, kv_cache=None):
+        """(the block's output, a mixture of experts' routing or None)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
-        return x + (self.block_sparse_moe if self.moe else self.mlp)(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        y, routing = self.block_sparse_moe.dispatch(h) if self.moe else (self.mlp(h), None)
+        return x + y, routing
 
     def ffns(self):
         """The block's SwiGLU MLPs: [its MLP], or its experts in order (what grow.py widens)."""

@@ -5,9 +5,12 @@ torchtitan keeps its parallelize apart from its Llama).
     parallelize(model, cfg, device, fsdp, compiled)  ->  (the module the loop calls, the module AdamW steps)
 
 DDP (every rank holds the whole model, gradients all-reduced) or FSDP2 (weights, gradients and AdamW state
-sharded over the ranks), activation checkpointing per block, torch.compile; the distributed setup; and a
-parallel model's weights and AdamW state gathered into, and loaded from, the layout one process saves
-(checkpoint.py: AdamW state keyed by parameter name), so a checkpoint reads the same whoever wrote it.
+sharded over the ranks), activation checkpointing per block, torch.compile with one graph per training step;
+the distributed and device setup (TF32, deterministic kernels); the device side of the loop (batches prefetched
+into pinned memory, an update that drops itself on a non-finite loss without waiting for the GPU, a clock of
+training time alone); and a parallel model's weights and AdamW state gathered into, and loaded from, the layout
+one process saves (checkpoint.py: AdamW state keyed by parameter name), so a checkpoint reads the same whoever
+wrote it.
 
 FSDP's modules are imported where they are used: they add about a second to the start of every process,
 which a one-process or DDP run never needs.
@@ -15,35 +18,69 @@ which a one-process or DDP run never needs.
 
 import contextlib
 import datetime
-import functools
+import math
 import os
+import sys
+import time
 
 import torch
 import torch.distributed as dist
-import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel
 
 from checkpoint import optimizer_state_by_name
-from common import CheckpointError, ConfigError, autocast_for
+from common import CheckpointError, ConfigError, autocast_for, use_tf32
 from model import Llama, rope_cos_sin
 
 # -----------------------------------------------------------------------------
 # the ranks: joining the process group, agreeing on what each reads, rank 0 acting for all
 
 
-def setup_distributed(device_pref="auto", timeout_s=1800):
+# rank 0's own work (preparing data, growing a stage, saving and verifying a checkpoint: minutes to hours at 8B)
+# is waited for in a gloo group of its own with this timeout, never in an NCCL collective, whose timeout
+# (--dist_timeout) is for a rank that is stuck. A rank 0 that dies closes its connections: the others stop at once.
+RANK0_WORK_TIMEOUT = datetime.timedelta(hours=24)
+_rank0_work_group = None  # made by setup_distributed
+
+
+def setup_distributed(device_pref="auto", timeout_s=1800, deterministic=False):
     """(rank, local_rank, world_size, device). Under torchrun (RANK set) joins the process group:
-    nccl on CUDA, gloo on CPU, with a finite timeout on every collective, so a rank that hangs or dies
-    ends the job instead of leaving the others waiting forever."""
+    nccl on CUDA (bound to this rank's GPU: device_id), gloo on CPU, with a finite timeout on every collective,
+    so a rank that hangs or dies ends the job instead of leaving the others waiting forever; and a gloo group
+    with RANK0_WORK_TIMEOUT for on_rank0_then_share. On CUDA float32 matmuls use TF32 (bf16 autocast covers the
+    rest); `deterministic`: kernels that give the same bits on every run (use_deterministic_algorithms)."""
+    global _rank0_work_group
     if device_pref == "auto":
         device_pref = "cuda" if torch.cuda.is_available() else "cpu"
     rank, local_rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(device_pref, local_rank) if device_pref == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        use_tf32(device)
+    use_deterministic_kernels(deterministic)
     if "RANK" in os.environ and not dist.is_initialized():  # a group of one too: FSDP needs one to run at all
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if cuda else None)
+        _rank0_work_group = dist.new_group(backend="gloo", timeout=RANK0_WORK_TIMEOUT)
     return rank, local_rank, world, device
+
+
+def use_deterministic_kernels(on):
+    """Kernels that give the same bits on every run, so that --resume on CUDA continues bit for bit (on the CPU it
+    does without): torch.use_deterministic_algorithms (an op without a deterministic kernel raises), the cuBLAS
+    workspace it needs (CUBLAS_WORKSPACE_CONFIG, read when cuBLAS starts: before the first matmul), the
+    flash-attention backward's deterministic mode (it follows the same switch; cuDNN's and the memory-efficient
+    attention backward have none, so SDPA is kept to flash and math), inductor without on-device autotuning
+    whose choice could differ between the killed and the resumed process. Slower: not measured (no GPU yet)."""
+    torch.use_deterministic_algorithms(on)
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        from torch._inductor import config as inductor_config  # a second to import: only for the runs that ask
+        inductor_config.deterministic = True
+    if torch.cuda.is_available():
+        torch.backends.cudnn.deterministic = on
+        torch.backends.cuda.enable_cudnn_sdp(not on)
+        torch.backends.cuda.enable_mem_efficient_sdp(not on)
 
 
 def same_on_every_rank(value, what, world):
@@ -62,8 +99,9 @@ def same_on_every_rank(value, what, world):
 
 
 def on_rank0_then_share(fn, rank, world):
-    """fn() on rank 0 while the other ranks wait (its result there, None elsewhere). An exception on rank 0
-    is raised on every rank, so the others stop too instead of waiting in the next collective until the timeout."""
+    """fn() on rank 0 while the other ranks wait (its result there, None elsewhere), in the gloo group with
+    RANK0_WORK_TIMEOUT (setup_distributed): rank 0's work may take hours, and no NCCL collective is open meanwhile.
+    An exception on rank 0 is raised on every rank, so the others stop too instead of waiting until the timeout."""
     if world == 1:
         return fn()
     result, raised = None, [None]
@@ -72,7 +110,7 @@ def on_rank0_then_share(fn, rank, world):
             result = fn()
         except Exception as e:  # handed to every rank below, then raised
             raised = [e]
-    dist.broadcast_object_list(raised, src=0)  # also a barrier: no rank goes on before rank 0 is done
+    dist.broadcast_object_list(raised, src=0, group=_rank0_work_group)  # also a barrier: no rank goes on before rank 0 is done
     if raised[0] is not None:
         raise raised[0]
     return result
@@ -86,17 +124,29 @@ def is_fsdp(model):
     return hasattr(model, "set_requires_gradient_sync")  # FSDPModule's, without importing it
 
 
-def checkpoint_blocks(model):
+def checkpoint_blocks(model, on=True):
     """Activation checkpointing per block (Chen et al. 2016, "Training Deep Nets with Sublinear Memory
     Cost"): a block keeps only its input for backward and recomputes the rest there, so a run holds every
     block's input plus one block's activations instead of all of them, for about one more forward pass of
-    compute. Non-reentrant torch.utils.checkpoint, which works under DDP, FSDP and torch.compile; the
-    block's class, parameter names and state dict stay as they are."""
+    compute. A flag each Block's forward reads (model.Block.forward: non-reentrant torch.utils.checkpoint called
+    inside it, which works under DDP, FSDP and torch.compile); the block's class, parameter names and state dict
+    stay as they are."""
     for block in model.layers:
-        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+        block.checkpointed = on
 
 
-def shard_model(model, cfg, device, compiled):
+def compile_settings(backend):
+    """Before a run compiles: dynamo's caches emptied (torch._dynamo.reset), so that each run, and each stage of a
+    series in one process, compiles afresh (the stages' graphs, and each stage's train and eval graphs, would
+    otherwise add up to dynamo's recompile limit of 8 for Llama.forward, after which it runs eagerly); scalars read
+    from tensors captured in the graph (a mixture of experts' slice sizes, model.SparseMoE.dispatch: otherwise a
+    graph break at every layer). `backend`: "inductor" (the default), or a test's counting backend."""
+    torch._dynamo.reset()
+    torch._dynamo.config.capture_scalar_outputs = True
+    return dict(backend=backend, fullgraph=True, dynamic=False)  # a graph break or a recompile past the limit raises
+
+
+def shard_model(model, cfg, device, compiled, backend="inductor"):
     """FSDP2 (torch.distributed.fsdp.fully_shard; Zhao et al. 2023, "PyTorch FSDP"): every rank holds 1/world
     of each parameter, of its gradient and of its AdamW moments, and all-gathers a block's weights just
     before the block runs. The model is built again on the meta device (no memory), each block is sharded
@@ -104,21 +154,24 @@ def shard_model(model, cfg, device, compiled):
     embedding, the final norm and the lm_head (a tied embedding stays one parameter in one group). Only
     then is it materialized, sharded, and `model`'s weights, which rank 0 alone holds, are broadcast into
     the shards. On CUDA with bf16 the weights are gathered in bf16 and gradients reduced in float32, while
-    the sharded weights AdamW steps stay float32 (the master copy)."""
+    the sharded weights AdamW steps stay float32 (the master copy). Compiled per block, as torchtitan's Llama
+    (torchtitan/models/llama3/infra/parallelize.py, apply_compile): each block's forward is one graph, which
+    every block shares, between FSDP's hooks (its all-gather and reduce-scatter), which run eagerly; the
+    embedding, the final norm, the lm_head and the loss run eagerly too."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     config = model.config
     with torch.device("meta"):
         sharded = Llama(config)
-    if cfg.activation_checkpointing:
-        checkpoint_blocks(sharded)
+    checkpoint_blocks(sharded, cfg.activation_checkpointing)
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if autocast_for(device, cfg.dtype)[1] == "bfloat16" else MixedPrecisionPolicy())
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    settings = compile_settings(backend) if compiled else None
     for block in sharded.layers:
-        if compiled:
-            block.compile()  # per block, inside FSDP's hooks (as torchtitan's Llama does)
+        if compiled:  # the forward alone, an attribute of the block: its name and state dict stay, FSDP's hooks around it
+            block.forward = torch.compile(block.forward, **settings)
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(sharded, mesh=mesh, mp_policy=mp)
     sharded.to_empty(device=device)
@@ -128,22 +181,32 @@ def shard_model(model, cfg, device, compiled):
     return sharded
 
 
-def parallelize(model, cfg, device, fsdp, compiled):
+def parallelize(model, cfg, device, fsdp, compiled, backend="inductor"):
     """(the module the loop calls, the module whose parameters AdamW steps and whose weights are saved).
-    DDP (or one process): the model on the device, checkpointed, compiled, DDP-wrapped; the raw model stays
-    what is saved (never the wrapper's state dict: nanoGPT issue 325). FSDP: shard_model's, both at once."""
+    FSDP: shard_model's, both at once. Otherwise the model on the device, checkpointed, compiled whole with
+    fullgraph=True (the forward to the loss, and its backward, one graph per training step) and under torchrun
+    DDP-wrapped; the raw model stays what is saved (never the wrapper's state dict: nanoGPT issue 325).
+    DDP wraps the compiled model: dynamo's DDP optimizer (torch._dynamo.config.optimize_ddp, on by default)
+    splits the graph compiled inside DDP's forward at DDP's gradient buckets, so each bucket's all-reduce starts
+    while the backward of the rest runs. (Compiling the wrapper instead traces DDP's own forward, the reducer's
+    bookkeeping, which dynamo cannot: two graph breaks every step, and fullgraph impossible.)"""
     if fsdp:
-        sharded = shard_model(model, cfg, device, compiled)
+        sharded = shard_model(model, cfg, device, compiled, backend)
         return sharded, sharded
     raw_model = model.to(device)
-    if cfg.activation_checkpointing:
-        checkpoint_blocks(raw_model)
-    model = torch.compile(raw_model) if compiled else raw_model
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        # gradients as views into DDP's all-reduce buckets: no second copy of them (4 bytes per parameter)
+    checkpoint_blocks(raw_model, cfg.activation_checkpointing)
+    model = torch.compile(raw_model, **compile_settings(backend)) if compiled else raw_model
+    if dist.is_initialized():
+        # gradients as views into DDP's all-reduce buckets: no second copy of them (4 bytes per parameter); no buffers
+        # synced before each forward: the model's only buffers are the RoPE tables, the same on every rank
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                        gradient_as_bucket_view=True)
+                                        gradient_as_bucket_view=True, forward_sync_buffers=False)
     return model, raw_model
+
+
+def unwrap_ddp(model):
+    """The module DDP wraps (compiled, if it was), or the model itself."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 @torch.no_grad()
@@ -154,7 +217,7 @@ def mean_loss(model, batches, ctx):
     (it all-gathers the weights): every rank runs as many, and one short of batches repeats its first and leaves
     it out of the sums."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    model = model.module if isinstance(model, DistributedDataParallel) else model  # no gradients to all-reduce
+    model = unwrap_ddp(model)  # no gradients to all-reduce
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=batches[0][0].device if batches else "cpu")
@@ -171,6 +234,14 @@ def mean_loss(model, batches, ctx):
     return (total[0] / total[1]).item()
 
 
+def clip_grad_norm(model, max_norm):
+    """Clip the gradients to max_norm (0: no clipping); their norm before clipping, a plain tensor, the same on every
+    rank. Wanted with clipping off too (divergence check, logs): an infinite max_norm scales by exactly 1. Over FSDP's
+    sharded gradients the whole model's (all-reduced): a replicated DTensor, made plain."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 def mean_over_ranks(tensor):
     """The tensor averaged over the ranks (all-reduced: the same on every rank); itself in one process."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -185,6 +256,79 @@ def no_sync_unless_last(model, last):
     (set_requires_gradient_sync) would keep an unsharded float32 gradient on every rank, 4 bytes per parameter,
     the memory FSDP is for (torchtitan accumulates so too)."""
     return model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# the device side of the loop: batches ahead of the step, an update that needs no host sync, a clock of training
+
+
+class Prefetcher:
+    """A loader's batches (get_batch(step, micro)) on the device, one batch ahead: each is read, pinned and its copy
+    queued (non_blocking=True from pinned memory on CUDA: data.BatchLoader(device=...)) when the one before is handed
+    out, so the host does that work while the GPU still runs what was queued before it, and no copy waits for the
+    GPU. Asked for another batch than the one foreseen (the first of a run), it fetches that one."""
+
+    def __init__(self, loader, grad_accum):
+        self.loader, self.grad_accum, self.ahead = loader, grad_accum, (None, None)
+
+    def get_batch(self, step, micro):
+        key, batch = self.ahead
+        batch = batch if key == (step, micro) else self.loader.get_batch(step, micro)
+        following = (step, micro + 1) if micro + 1 < self.grad_accum else (step + 1, 0)
+        self.ahead = (following, self.loader.get_batch(*following))
+        return batch
+
+
+def update(optimizer, lr, loss, grad_norm, aux):
+    """One optimizer update at learning rate lr and the step's one host sync: (the loss averaged over the ranks, the
+    gradient norm, the load-balancing loss averaged) as floats. The update leaves weights, moments and step counts as they were where the
+    loss or the norm is not finite, decided on the device: fused AdamW reads optimizer.found_inf (1.0: skip), as under
+    torch.amp.GradScaler, so nothing waits for the GPU before the update is queued (common.DivergenceGuard then
+    stops the run, or counts the skip). The sync comes after: the GPU runs the update (AdamW reads and writes 28 bytes
+    per parameter: milliseconds at 1B) while the host reads two numbers and queues the next step's first kernels,
+    so it need not idle (not measured: no GPU yet)."""
+    loss, aux = mean_over_ranks(torch.stack([loss, aux]))
+    optimizer.found_inf = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).to(torch.float32)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.stack([loss, grad_norm.to(loss.dtype), aux]).tolist()
+
+
+class TrainingClock:
+    """Seconds of training alone, for tok/s and MFU: the time from one step's host sync to the next, where neither an
+    evaluation nor a checkpoint came between (restart() after them) and the step compiled no graph (dynamo's count
+    of graphs, read on the host)."""
+
+    def __init__(self):
+        self.tokens, self.seconds, self.graphs_before = 0, 0.0, compiled_graphs()
+        self.restart()
+
+    def graphs_compiled(self):
+        """Graphs dynamo compiled since the clock was made (the run's training step and evaluation: 2 in all)."""
+        return compiled_graphs() - self.graphs_before
+
+    def restart(self):
+        self.since, self.graphs = time.perf_counter(), compiled_graphs()
+
+    def tick(self, tokens):
+        now, graphs = time.perf_counter(), compiled_graphs()
+        if graphs == self.graphs:
+            self.tokens, self.seconds = self.tokens + tokens, self.seconds + now - self.since
+        self.since, self.graphs = now, graphs
+
+    def tokens_per_second(self):
+        """Of the training time since the last call; None where all of it compiled."""
+        rate = self.tokens / self.seconds if self.seconds else None
+        self.tokens, self.seconds = 0, 0.0
+        return rate
+
+
+def compiled_graphs():
+    """Graphs dynamo has compiled in this process (0 where nothing was compiled: dynamo is not even imported)."""
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    return dynamo.counters["stats"]["unique_graphs"] if dynamo else 0
 
 
 # -----------------------------------------------------------------------------

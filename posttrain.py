@@ -7,7 +7,8 @@ lower learning rates for stronger bases.
 
     python posttrain.py sft CKPT configs/sft_paper.py --out=out/sft_1b
     python posttrain.py dpo out/sft_1b/final.pt configs/dpo_paper.py --out=out/dpo_1b
-    python posttrain.py dpo CKPT --ref REF.pt --data prefs.jsonl --loss simpo --beta 2.0 --gamma 1.0
+    python posttrain.py dpo CKPT --ref REF.pt --data prefs.jsonl --beta 0.1
+    python posttrain.py dpo CKPT --data prefs.jsonl --loss simpo --beta 2.0 --gamma 1.0   # SimPO: no reference
     python posttrain.py sft CKPT configs/sft_tiny.py --lora_rank 8 --lora_targets q,v
     python posttrain.py chat out/dpo_1b/final.pt [--prompt "Hello"] [--system "..."] [--temperature 0]
     python posttrain.py sft CKPT configs/sft_paper.py --out=out/sft_1b --resume   # after a kill: continues exactly
@@ -50,8 +51,8 @@ from chat_data import (collate, examples_digest, fit_prompt, load_examples, pref
 from checkpoint import (Lineage, checkpoint_paths, claim_out_dir, latest_checkpoint, load_checkpoint, make_checkpoint,
                         model_from_checkpoint, prune_checkpoints, save_checkpoint)
 from common import (CheckpointError, ConfigError, DivergenceGuard, above, append_jsonl, at_least, autocast_for, check_config,
-                    cli_errors, configure, fmt_time, lr_at, make_optimizer, one_of, plot_losses, require, rng_state, rule,
-                    set_rng_state, start_metrics, within)
+                    cli_errors, configure, fmt_time, lr_at, make_optimizer, one_of, plot_losses, require, resume_changes,
+                    rng_state, rule, set_rng_state, start_metrics, use_tf32, within)
 from data import get_tokenizer
 from model import IGNORE_INDEX
 
@@ -184,6 +185,9 @@ def resolve(cmd, cfg):
     cfg.split = cfg.split or split
     if cfg.eval_data == "":
         cfg.eval_data = cfg.data if cfg.data.startswith("hf:") else "none"
+    # a reference the run would not read is refused, not ignored: SimPO has none (Meng et al. 2024), SFT none either
+    require(not cfg.ref or (cmd == "dpo" and cfg.loss == "dpo"), "ref", cfg.ref,
+            "empty here: only --loss=dpo reads a reference model (SimPO and SFT have none); drop --ref")
     if cmd == "dpo":
         cfg.beta, gamma = preference_hparams(cfg.loss, cfg.beta, cfg.gamma)
         cfg.gamma = gamma if cfg.loss == "simpo" else cfg.gamma
@@ -582,6 +586,9 @@ def train(cmd, ckpt_path, cfg, log=print):
         setup = resume_setup(cmd, cfg, source, examples, evals, per_step)
         resume_path, resume = find_resume(cfg, setup, source["tokenizer"], log)
         parallel.same_on_every_rank((resume_path, resume and resume["step"]), "--resume", world)  # each rank found its own
+        note = resume and resume_changes(resume.get("posttrain_config", {}), cfg, resume_path)  # a changed --lr: said, and used
+        if note:
+            log(note)
 
         # DPO's frozen reference, before LoRA: its log-probs of every pair computed once (precompute: then the
         # model is freed; a resumed run reads the tables it saved), or a model run live every step
@@ -633,7 +640,7 @@ def train(cmd, ckpt_path, cfg, log=print):
         start_step = resumed_at or 0
         metrics_path = os.path.join(cfg.out, "metrics.jsonl")
         if master:  # resumed: the steps about to be redone go from the metrics
-            start_metrics(cfg.out, resumed_at)
+            start_metrics(cfg.out, resumed_at, log)
         model.train()  # the reference's precomputation left the model in eval mode
         warmup = round(cfg.warmup_frac * max_steps)
         t_start = t_window = time.perf_counter()
@@ -747,6 +754,7 @@ def load_chat_model(path, device="auto"):
 
 
 def chat(ckpt_path, cfg):
+    use_tf32(cfg.device)  # float32 matmuls on TF32 tensor cores
     model, tokenizer = load_chat_model(ckpt_path, cfg.device)
     system = [{"role": "system", "content": cfg.system}] if cfg.system else []
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
@@ -781,6 +789,8 @@ def parse_args(argv):
     """(command, checkpoint, PostTrainConfig) from `CMD CKPT [config.py ...] [--key=value | --key value ...]`. Every
     setting is checked here (common.configure), before a checkpoint or the data is read."""
     usage = "usage: python posttrain.py sft|dpo|chat CKPT [config.py ...] [--key=value ...]"
+    if "-h" in argv or "--help" in argv:
+        configure(PostTrainConfig, ["--help"], usage=usage)  # prints the usage and the keys, exits 0
     if not argv or argv[0] not in COMMANDS:
         raise ConfigError(usage)
     types = {f.name: f.type for f in fields(PostTrainConfig)}

@@ -72,8 +72,8 @@ def series_chains(runs):
 def method(r, chains):
     """A row's label; the grown chain's first run is trained from scratch (the paper's 1B row)."""
     if r["mode"] == "grow" and r is chains["grow"][0]:
-        return "From Scratch (grown chain's start)"
-    return METHODS[r["mode"]]
+        return "From Scratch (grown chain's start)" + ("" if r.get("finished", True) else " (mid-schedule)")
+    return METHODS[r["mode"]] + ("" if r.get("finished", True) else " (mid-schedule)")
 
 
 def human(x):
@@ -124,13 +124,23 @@ def series_report(run_dir, task_results=None):
            "Task accuracies in % (acc_norm for ARC, PIQA, OBQA, HellaSwag; acc for LAMBADA, WinoGrande).", "",
            markdown_table(header, rows), ""]
     grown, scratch = chains["grow"], chains["scratch"]
+    schedule = series.get("config", {}).get("grow_schedule")
+    if grown and schedule:  # series.py's: which schedule made the grown members, and whether each is finished
+        unfinished = [r["stage"] for r in grown if not r.get("finished", True)]
+        out.append(f"Grown members made with grow_schedule '{schedule}'" + (
+            f"; {', '.join(unfinished)} end mid-schedule (not finished models): not compared below." if unfinished else
+            ": every member finished (its schedule ends at min_lr)."))
     if len(grown) > 1 and len(scratch) == len(grown):  # every size trained alone too (not a grow-only series)
-        g, s = grown[-1]["flops"], sum(r["flops"] for r in scratch)
-        out.append(f"Series cost: grown {g:.3g} FLOPs (the largest grown model's cumulative FLOPs: the whole grown series) "
+        # series_flops: with wsd's cooldown branches, which no later member descends from
+        g, s = grown[-1].get("series_flops") or grown[-1]["flops"], sum(r["flops"] for r in scratch)
+        out.append(f"Series cost: grown {g:.3g} FLOPs (the whole grown series: the largest grown model's cumulative FLOPs"
+                   f"{', and the cooldown branches of the others' if g != grown[-1]['flops'] else ''}) "
                    f"vs {s:.3g} FLOPs for training each size from scratch ({', '.join(r['stage'] for r in scratch)}): "
                    f"{100 * (1 - g / s):.1f}% saved.")
     for r in runs:
         base = [x for x in scratch if x["index"] == r["index"] and x is not r]
+        if not r.get("finished", True):
+            continue  # a member in the middle of its schedule is not a finished model: no verdict on it
         if r["mode"] != "scratch" and base and r.get("val_loss") is not None and base[0].get("val_loss") is not None:
             ok = r["val_loss"] <= base[0]["val_loss"]
             out.append(f"- {r['stage']}: {METHODS[r['mode']]} val loss {r['val_loss']:.4f} {'<=' if ok else '>'} "

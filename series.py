@@ -3,6 +3,7 @@ series.py: the staged series of Yano et al. 2025 (section 2.2), on top of train.
 
     python series.py configs/series_cpu.py                 # the CPU demo: grown and scratch series, the report
     python series.py configs/series_cpu.py --resume        # after a kill: finished stages kept, the cut one resumed
+    python series.py configs/series_paper.py --plan        # every run's tokens, passes over the data and FLOPs; no training
     torchrun --standalone --nproc_per_node=8 series.py configs/series_paper.py
 
 The algorithm, for members X_1 < X_2 < ... < X_n (non-embedding parameters), each with the scratch
@@ -18,14 +19,23 @@ grown series with unique data capped at the largest scratch run's ("fixed_data",
 the later stages read tokens again. series.json lists every finished run; report.py turns it into the
 paper's Table 1 (report.md) and Figure 2 (series.png).
 
+The paper evaluates every member as a finished model: trained to the end of a learning-rate schedule. grow_schedule
+"restart" (a schedule per stage: a cosine) and "wsd" finish every member; "continue" (one schedule over
+the series) finishes only the last. "wsd" is MiniCPM's warmup-stable-decay (Hu et al. 2024, section 4) made a
+series: a trunk grows at each stage's stable rate and never decays, and each member is finished by a short
+cooldown branch from the trunk's state at that member, whose FLOPs the series pays on top (series_flops). The
+trunk continues from the state before the cooldown, and the scratch baselines decay over the same fraction.
+
 A stage with moe_experts > 0 is a mixture of experts (model.SparseMoE), upcycled from the stage before
 when grown (grow.py, rule U) and budgeted by its active parameters. series_mode "branch" continues one
 trained checkpoint (init_from) several ways at equal compute: every stage is grown from it into its own
 shape and trains for branch_flops (configs/series_moe_cpu.py: the demo's largest member, dense vs upcycled).
 
 The file reads in the method's order: the config, the plan (every member's shape and budget, checked before
-any training), the record (series.json), training one member, growing one member, the grown series, the
-scratch baselines, the branches, and run_series, which runs them all and writes the report.
+any training), the data plan (what every run reads against the unique tokens of its source: --plan prints it,
+and a plan that repeats the data more than max_passes times is refused), the record (series.json), training
+one member, growing one member, the grown series, the scratch baselines, the branches, and run_series, which
+runs them all and writes the report.
 """
 
 import json
@@ -42,10 +52,10 @@ import data
 import grow
 import report
 from checkpoint import Lineage, checkpoint_config, claim_out_dir, load_checkpoint, model_from_checkpoint
-from common import ConfigError, above, at_least, check_config, cli_errors, configure, one_of, require
+from common import ConfigError, above, at_least, check_config, cli_errors, configure, one_of, require, rule
 from model import Llama, ModelConfig, config_from_dict, config_from_shape
 from parallel import on_rank0_then_share, setup_distributed
-from train import TrainConfig, train
+from train import TrainConfig, data_dirs, prepare_data, train
 
 MODES = ("grow", "scratch", "fixed_data", "branch")
 STAGE_KEYS = ("name", "shape", "lr", "scratch_lr", "warmup_steps", "moe_experts", "moe_top_k", "activation_checkpointing")
@@ -62,7 +72,7 @@ class SeriesConfig(TrainConfig):
     # for that member's runs (only the largest members need it: budget.py --memory). Checked in plan_series.
     stages: list = field(default_factory=list)
     series_mode: str = "grow+scratch"  # MODES joined by "+" (check() below)
-    # scratch tokens per non-embedding parameter (2x Chinchilla, section 3.1)
+    # scratch tokens per non-embedding parameter (2x Chinchilla, section 3.3)
     tokens_per_param: float = field(default=40.0, metadata=above(0))
     # the growth operators (grow.WIDTHS, grow.DEPTHS): grow.check_growth checks them with the shapes they grow
     grow_width: str = "fpi"
@@ -71,21 +81,38 @@ class SeriesConfig(TrainConfig):
     # 0.3 times each weight's std on the copies (it keeps the function; 1e-3 left them near-identical and training
     # slow to part them) and one schedule over the whole series without re-warmup. There the largest member reaches
     # its scratch twin's final loss on 59% of the FLOPs and ends 6.8% below it, against 93% and 0.8% for the
-    # paper's recipe (noise 1e-3, fresh AdamW re-warmed up over 20 steps, a cosine per stage), which is
-    # grow_noise=1e-3, grow_schedule="restart", grow_warmup_steps=20.
+    # ablation's base (noise 1e-3, fresh AdamW re-warmed up over 20 steps, a cosine per stage: grow_noise=1e-3,
+    # grow_schedule="restart", grow_warmup_steps=20). Of that base the paper states bert2BERT's FPI width (section 2.2),
+    # and it stacks trained layers upward (grow_depth="stack_top", not "zero"); the noise, the optimizer state, a warmup
+    # after growth and a cosine per stage are nanogrow's choices (section 3.5 lists learning rates only).
     # symmetry-breaking noise, relative to each weight's std, that keeps the function (grow.py N)
     grow_noise: float = field(default=0.3, metadata=at_least(0))
-    grow_warmup_steps: int = field(default=0, metadata=at_least(0, "an integer >= 0"))  # warmup after growth (3.5)
+    grow_warmup_steps: int = field(default=0, metadata=at_least(0, "an integer >= 0"))  # warmup after growth (nanogrow's)
     # "fresh" AdamW after growth, or "grown": AdamW's moments and steps carried through growth (grow.py rule A)
     grow_optimizer: str = field(default="fresh", metadata=one_of(*grow.OPTIMIZERS))
     # "restart": every stage warms up (stage 1: warmup_steps, later ones: grow_warmup_steps) and runs its own
     # schedule to min_lr; "continue": the grown series follows one schedule over its FLOPs, each stage taking its
-    # share of the decay (as progressive training grows a model mid-run), so only the last member ends at min_lr
-    grow_schedule: str = field(default="continue", metadata=one_of("restart", "continue"))
+    # share of the decay (as progressive training grows a model mid-run), so only the last member ends at min_lr;
+    # "wsd": a trunk at each stage's stable rate (schedule "constant") on (1 - decay_frac) of the stage's tokens, and at
+    # every member a cooldown branch from the trunk's state, decaying linearly to min_lr over decay_frac of the member's
+    # scratch tokens T_i, so each finished member has spent FLOPs(X_i, T_i) as its scratch twin (a WSD run cooling down
+    # over the same fraction) has; the branches' FLOPs are the series' extra cost (series_flops)
+    grow_schedule: str = field(default="continue", metadata=one_of("restart", "continue", "wsd"))
     report: bool = True  # write report.md and series.png when the series is done
     # series_mode "branch": every stage starts from init_from's model (grown into the stage's shape) and trains
     # for this many FLOPs (6 X_active T), reading the data on from where init_from's run stopped
     branch_flops: float = field(default=0.0, metadata=at_least(0))
+    # the plan check (plan_data, before any training): the most passes an arm may make over a source's unique tokens.
+    # Muennighoff et al. 2023 ("Scaling Data-Constrained Language Models", NeurIPS): up to about 4 epochs, repeated
+    # tokens are worth almost as much as new ones; past that their worth falls fast, and a scratch twin that reads
+    # fresh data would no longer be a fair baseline
+    max_passes: float = field(default=4.0, metadata=above(0))
+    # unique tokens each source of `data` holds, one number per source (0: its prepared meta.json in data_dir, else
+    # KNOWN_SOURCE_TOKENS): what the plan divides by before the data is downloaded
+    data_unique_tokens: list = field(default_factory=list, metadata=rule(
+        lambda v: all(isinstance(n, (int, float)) and not isinstance(n, bool) and math.isfinite(n) and n >= 0 for n in v),
+        "finite numbers >= 0, one per source (0: from the prepared data or KNOWN_SOURCE_TOKENS)"))
+    plan: bool = False  # print the plan (print_plan: every stage and arm's tokens, passes and FLOPs) and exit: nothing trains
 
     def check(self):
         """The rules that tie fields together (common.check_config calls this after the field rules)."""
@@ -96,6 +123,10 @@ class SeriesConfig(TrainConfig):
         modes = self.series_mode.split("+")
         if not set(modes) <= set(MODES):
             raise ConfigError(f"series_mode {self.series_mode!r}: use {', '.join(MODES)} joined by '+'")
+        require(self.grow_schedule != "wsd" or self.decay_frac < 1, "decay_frac", self.decay_frac,
+                "< 1 under grow_schedule 'wsd' (the trunk trains the other 1 - decay_frac)")
+        require(len(self.data_unique_tokens) in (0, len(self.data)), "data_unique_tokens", self.data_unique_tokens,
+                f"one count per source of data ({len(self.data)}), or empty")
         if "branch" in modes:
             require(modes == ["branch"], "series_mode", self.series_mode, "'branch' alone: branches all start from init_from")
             require(os.path.isfile(self.init_from), "init_from", self.init_from, "an existing checkpoint, the one every "
@@ -147,7 +178,8 @@ def member_config(cfg, i, st, vocab_size):
     for key, value in moe.items():
         require(isinstance(value, int) and not isinstance(value, bool), f"stage {i + 1} {key}", value, "an integer")
     try:
-        return config_from_shape(st["shape"], vocab_size=vocab_size, max_seq_len=cfg.seq_len, **moe)
+        vocab = {"vocab_size": vocab_size} if vocab_size else {}  # none: the shape's own (print_plan without a tokenizer)
+        return config_from_shape(st["shape"], max_seq_len=cfg.seq_len, **vocab, **moe)
     except (KeyError, ValueError) as e:
         raise ConfigError(f"stage {i + 1}: shape {st['shape']!r}: {e}") from None
 
@@ -159,11 +191,12 @@ def make_stage(cfg, i, config, params, scratch_tokens, staged_tokens, repeats_in
                  scratch_tokens, staged_tokens, repeats_in_fixed_data)
 
 
-def plan_series(cfg):
+def plan_series(cfg, vocab_size=None):
     """(stages, unique-token cap of fixed_data). Raises ConfigError for a series that cannot be grown or
-    budgeted, so a mistake fails here, before hours of training."""
+    budgeted, so a mistake fails here, before hours of training. vocab_size: the tokenizer's unless given; 0 counts
+    each member with its shape's own (print_plan offline: the non-embedding counts the budget uses do not change)."""
     check_config(cfg)  # again: reproduce.py and ablate.py build their series with dataclasses.replace
-    vocab_size = data.get_tokenizer(cfg.tokenizer).vocab_size
+    vocab_size = data.get_tokenizer(cfg.tokenizer).vocab_size if vocab_size is None else vocab_size
     configs = [member_config(cfg, i, st, vocab_size) for i, st in enumerate(cfg.stages)]
     with torch.device("meta"):  # count parameters without allocating them; a mixture of experts by its active ones
         sizes = [Llama(c).num_params(non_embedding=True, active=True) for c in configs]
@@ -174,7 +207,7 @@ def plan_series(cfg):
     try:
         if {"grow", "fixed_data"} & set(modes):
             for a, b in zip(configs, configs[1:]):
-                grow.check_growth(a, b, cfg.grow_width, cfg.grow_depth, cfg.grow_noise, None)
+                grow.check_growth(a, b, cfg.grow_width, cfg.grow_depth, cfg.grow_noise, None, cfg.grow_optimizer)
         budgets = budget.staged_budget(sizes, cfg.tokens_per_param, names)
     except ValueError as e:
         raise ConfigError(f"stages: {e}") from None
@@ -192,7 +225,7 @@ def plan_branches(cfg, configs, sizes):
     start = checkpoint_config(init)
     try:
         for config in configs:
-            grow.check_growth(start, config, cfg.grow_width, cfg.grow_depth, cfg.grow_noise, None)
+            grow.check_growth(start, config, cfg.grow_width, cfg.grow_depth, cfg.grow_noise, None, cfg.grow_optimizer)
     except ValueError as e:
         raise ConfigError(f"stages: from init_from {cfg.init_from}: {e}") from None
     if cfg.grow_optimizer == "grown" and not isinstance(init.get("optimizer"), dict):
@@ -200,6 +233,174 @@ def plan_branches(cfg, configs, sizes):
                           "use a train.py checkpoint (final.pt), or grow_optimizer='fresh'")
     tokens = [round(cfg.branch_flops / budget.flops(x, 1)) for x in sizes]
     return [make_stage(cfg, i, configs[i], sizes[i], t, t, False) for i, t in enumerate(tokens)]
+
+
+# -----------------------------------------------------------------------------
+# the data plan: what every arm reads against the unique tokens its sources hold, checked before any training
+#   python series.py CONFIG --plan    # print it and exit; a run checks the same before it trains
+
+# Unique tokens of named Hugging Face sources, for a plan made before the data is downloaded (a prepared source's
+# meta.json counts exactly and wins): (the source as data gives it, without "hf:" and "@split"; tokenizer) -> tokens,
+# the whole source as its dataset card counts it in GPT-2 tokens. HuggingFaceFW/fineweb-edu's card: FineWeb-Edu holds
+# 1.3T tokens, its samples about 10B, 100B and 350B; HuggingFaceFW/fineweb's: 15T, the same samples.
+KNOWN_SOURCE_TOKENS = {
+    ("HuggingFaceFW/fineweb-edu", "gpt2"): 1.3e12,
+    ("HuggingFaceFW/fineweb-edu:sample-10BT", "gpt2"): 10e9,
+    ("HuggingFaceFW/fineweb-edu:sample-100BT", "gpt2"): 100e9,
+    ("HuggingFaceFW/fineweb-edu:sample-350BT", "gpt2"): 350e9,
+    ("HuggingFaceFW/fineweb", "gpt2"): 15e12,
+    ("HuggingFaceFW/fineweb:sample-10BT", "gpt2"): 10e9,
+    ("HuggingFaceFW/fineweb:sample-100BT", "gpt2"): 100e9,
+    ("HuggingFaceFW/fineweb:sample-350BT", "gpt2"): 350e9,
+}
+
+
+@dataclass
+class Source:
+    name: str  # as cfg.data gives it
+    share: float  # of every batch's rows (data_weights)
+    unique_tokens: int | None  # what a pass over it reads; None: unknown until it is prepared
+    counted_by: str  # where unique_tokens comes from
+
+
+def data_sources(cfg):
+    """Every source of cfg.data with its share of each batch and the unique tokens it holds: the train split of its
+    prepared meta.json in data_dir, when prepared as this config prepares it (exact), else cfg.data_unique_tokens, else
+    KNOWN_SOURCE_TOKENS (both capped at max_data_tokens, which preparation stops at), else unknown."""
+    weights = cfg.data_weights or [1.0] * len(cfg.data)
+    recorded = cfg.data_unique_tokens or [0] * len(cfg.data)
+    sources = []
+    for name, folder, weight, count in zip(cfg.data, data_dirs(cfg), weights, recorded):
+        meta_path = os.path.join(folder, "meta.json")  # written last: its presence means the token files are whole
+        meta = {}
+        if os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                meta = json.load(f)
+        known = KNOWN_SOURCE_TOKENS.get((name[len("hf:"):].partition("@")[0], cfg.tokenizer)) if name.startswith("hf:") else None
+        if meta and meta.get("args", {}).get("max_tokens") == (cfg.max_data_tokens or None):  # else train.py prepares it again
+            tokens, how = meta["splits"]["train"]["tokens"], f"prepared: {meta_path}"
+        elif count or known:
+            tokens, how = count or known, "data_unique_tokens" if count else "its dataset card (series.KNOWN_SOURCE_TOKENS)"
+            if cfg.max_data_tokens and cfg.max_data_tokens < tokens:
+                tokens, how = cfg.max_data_tokens, how + f", prepared up to max_data_tokens={cfg.max_data_tokens:.4g}"
+        else:
+            tokens, how = None, "unknown until prepared (python data.py prepare, or data_unique_tokens)"
+        sources.append(Source(name, weight / sum(weights), None if tokens is None else round(tokens), how))
+    return sources
+
+
+@dataclass
+class PlanRow:
+    arm: str  # grow, scratch, fixed_data, branch; under grow_schedule "wsd" the grown arms' "trunk" and "cooldown" runs
+    stage: str
+    params: int  # X (active, for a mixture of experts)
+    tokens: int  # what this run trains on
+    start: int  # where in its arm's data stream it starts: the tokens the runs before it read (stages read on)
+    flops: int  # 6 X tokens; 0 for a run another arm trains (shared)
+    shared: str  # the arm whose run this is ("" when this arm trains it)
+    passes: float | None  # over the unique tokens of the source it repeats most (under the fixed-data cap, the cap's)
+    unique: int | None  # those unique tokens
+    source: str  # that source
+    cap_binds: bool | None  # fixed_data: the cap is below the source's unique tokens and this run reads past it
+
+
+def plan_data(cfg, stages, cap, sources):
+    """A PlanRow for every run of every arm, in run_series' order. Each arm's runs read one data stream from its start:
+    the grown arms' stages read on where the stage before stopped, each scratch run from the start, each branch from
+    where init_from's run stopped. The passes are tokens read through the end of the run over the unique tokens
+    (data.BatchLoader's epochs); fixed_data reads at most `cap` unique tokens of each source (section 3.3)."""
+    modes = cfg.series_mode.split("+")
+    runs = []  # (arm, stage, tokens, start, shared)
+    if "branch" in modes:
+        state = load_checkpoint(cfg.init_from, mmap=True).get("data_state") or {}
+        start = state.get("step", 0) * math.prod(state.get(k, 1) for k in ("batch_size", "seq_len", "grad_accum", "world_size"))
+        runs += [("branch", s, s.staged_tokens, start, "") for s in stages]
+    for arm in ("grow", "scratch", "fixed_data"):
+        if arm not in modes:
+            continue
+        if arm == "scratch":
+            runs += [(arm, s, s.scratch_tokens, 0, "grow" if s.index == 0 and "grow" in modes else "") for s in stages]
+            continue
+        read, wsd = 0, cfg.grow_schedule == "wsd"
+        for s in stages:
+            shared = "grow" if arm == "fixed_data" and "grow" in modes and not s.repeats_in_fixed_data else ""
+            runs.append((arm + " trunk" if wsd else arm, s, trunk_tokens(cfg, s), read, shared))
+            read += trunk_tokens(cfg, s)
+            if wsd:  # the cooldown reads on from the trunk's end; the next trunk reads those tokens too
+                runs.append((arm + " cooldown", s, cooldown_tokens(cfg, s), read, shared))
+    rows = []
+    for arm, s, tokens, start, shared in runs:
+        capped = cap if arm.startswith("fixed_data") else 0
+        worst, binds = (None, None, ""), None
+        for src in sources:
+            if src.unique_tokens is None:
+                continue
+            read = src.share * (start + tokens)
+            unique = min(src.unique_tokens, capped) if capped else src.unique_tokens
+            if worst[0] is None or read / unique > worst[0]:
+                worst = (read / unique, unique, src.name)
+            if capped:
+                binds = bool(binds) or (capped < src.unique_tokens and read > capped)
+        rows.append(PlanRow(arm, s.name, s.params, tokens, start, 0 if shared else budget.flops(s.params, tokens), shared,
+                            *worst, binds))
+    return rows
+
+
+def check_passes(cfg, rows):
+    """Refuse, in one line, a plan that reads a source more than max_passes times (before any training)."""
+    over = [r for r in rows if r.passes is not None and r.passes > cfg.max_passes]
+    if over:
+        r = max(over, key=lambda r: r.passes)
+        arms = sorted({o.arm for o in over})
+        raise ConfigError(
+            f"the plan reads {r.source} {r.passes:.2f} times ({r.arm} {r.stage}: {report.human(r.start + r.tokens)} tokens "
+            f"of its {report.human(r.unique)} unique), more than max_passes={cfg.max_passes:g} (arms over it: {', '.join(arms)}): "
+            "use a source with more unique tokens (FineWeb-Edu's sample-350BT or full set), fewer tokens_per_param, or "
+            f"raise max_passes; python series.py CONFIG --plan prints the plan")
+
+
+def print_plan(cfg):
+    """--plan: the members, the sources, a row per run of every arm (tokens, where in its stream it reads, passes,
+    whether the fixed-data cap binds, FLOPs) and the FLOPs of each arm; then check_passes. Trains nothing, downloads
+    nothing: a source's unique tokens come from its prepared meta.json or a recorded count (data_sources)."""
+    try:
+        vocab_size, counted = data.get_tokenizer(cfg.tokenizer).vocab_size, ""
+    except ConfigError:  # gpt2's BPE files are not on this machine (offline): the plan needs no tokenizer
+        vocab_size, counted = 0, f" (tokenizer {cfg.tokenizer} not loaded: the members counted with their shapes' vocabularies)"
+    stages, cap = plan_series(cfg, vocab_size)
+    sources = data_sources(cfg)
+    rows = plan_data(cfg, stages, cap, sources)
+    modes = cfg.series_mode.split("+")
+    print(f"plan: {len(stages)} stages, arms {', '.join(modes)}, "
+          + (f"{cfg.branch_flops:.3g} FLOPs per branch from {cfg.init_from}" if modes == ["branch"] else
+             f"{cfg.tokens_per_param:g} tokens per parameter, grow_schedule {cfg.grow_schedule}")
+          + f"; X = non-embedding parameters{' (active)' if any(s.config.moe_experts for s in stages) else ''}, "
+          f"FLOPs = 6 X T (budget.py){counted}")
+    for src in sources:
+        print(f"data {src.name} ({cfg.tokenizer}, {src.share:.0%} of each batch): "
+              + (f"{report.human(src.unique_tokens)} unique tokens" if src.unique_tokens is not None else "unique tokens unknown")
+              + f", {src.counted_by}")
+    if "fixed_data" in modes:
+        print(f"fixed-data cap (section 3.3): {report.human(cap)} unique tokens per source, the largest member's scratch run")
+    table = [[r.arm, r.stage, report.human(r.params), report.human(r.tokens),
+              f"{report.human(r.start)} -> {report.human(r.start + r.tokens)}",
+              "?" if r.unique is None else report.human(r.unique), "?" if r.passes is None else f"{r.passes:.2f}",
+              {None: "", True: "yes", False: "no"}[r.cap_binds], f"= {r.shared}" if r.shared else f"{r.flops:.3g}"]
+             for r in rows]
+    print(report.markdown_table(["arm", "stage", "X", "tokens", "stream read", "unique", "passes", "cap binds", "FLOPs"], table))
+    arms = list(dict.fromkeys(r.arm.split()[0] for r in rows))
+    flops = {a: sum(r.flops for r in rows if r.arm.split()[0] == a) for a in arms}
+    print("FLOPs by arm: " + ", ".join(f"{a} {f:.3g}" for a, f in flops.items()) + f"; in all {sum(flops.values()):.3g} "
+          "(python budget.py CONFIG --gpus N --mfu M: GPU-hours)")
+    if "fixed_data" in modes and not any(r.cap_binds for r in rows):
+        print(f"warning: the fixed-data cap never binds (no source holds more than {report.human(cap)} unique tokens): "
+              "fixed_data's runs read what grow's read and train them again")
+    known = [r.passes for r in rows if r.passes is not None]
+    if known:
+        print(f"most passes: {max(known):.2f}, limit max_passes={cfg.max_passes:g}")
+    if any(s.unique_tokens is None for s in sources):
+        print("passes over a source of unknown size are checked when a run has prepared it, before it trains")
+    check_passes(cfg, rows)
 
 
 # -----------------------------------------------------------------------------
@@ -221,6 +422,9 @@ class SeriesRun:
     metrics: str
     lr: float
     unique_token_cap: int | None
+    finished: bool = True  # its schedule ended at min_lr (under grow_schedule "continue" only the last member's does)
+    schedule: str = ""  # the run's own: "cosine", "constant", "wsd decay_frac=0.2", with its span when not the whole
+    series_flops: int = 0  # FLOPs the series had spent when this member was done: flops plus earlier wsd cooldowns
 
 
 def write_series_json(cfg, runs):
@@ -239,32 +443,39 @@ def write_series_json(cfg, runs):
 
 
 def train_member(cfg, runs, mode, stage, tokens, lr, model=None, lineage=None, step_offset=0, unique_cap=0, warmup=None,
-                 optimizer_state=None, span=(0.0, 1.0)):
+                 optimizer_state=None, span=(0.0, 1.0), folder=None, record=True, earlier_flops=0, **run):
     """Train one member for `tokens` tokens in out_dir/MODE/NAME (train.py), record it in series.json, and
     return (its final checkpoint, the data step the next stage starts at). A finished run (final.pt) is kept
     under --resume; a run cut short resumes from its newest checkpoint. model, lineage, optimizer_state: a grown
-    member to start from (grow_member); span: the part of the schedule the run covers (common.lr_at)."""
-    out_dir = os.path.join(cfg.out_dir, mode, stage.name)
+    member to start from (grow_member); span: the part of the schedule the run covers (common.lr_at); folder:
+    out_dir/FOLDER/NAME instead (a wsd trunk's), and record=False keeps it out of series.json (not a finished
+    member); earlier_flops: FLOPs of earlier wsd cooldowns, outside this lineage (series_flops); run: other
+    TrainConfig fields (schedule, decay_frac; a cooldown branch's init_from)."""
+    out_dir = os.path.join(cfg.out_dir, folder or mode, stage.name)
     final = os.path.join(out_dir, "final.pt")
     run_cfg = replace(train_config(cfg), out_dir=out_dir, shape=stage.shape, moe_experts=stage.config.moe_experts,
                       moe_top_k=stage.config.moe_top_k, lr=lr, max_tokens=tokens, max_steps=0,
                       data_step_offset=step_offset, max_unique_tokens=unique_cap,
                       warmup_steps=cfg.warmup_steps if warmup is None else warmup,
-                      schedule_start=span[0], schedule_end=span[1], activation_checkpointing=stage.activation_checkpointing)
+                      schedule_start=span[0], schedule_end=span[1], activation_checkpointing=stage.activation_checkpointing, **run)
+    schedule = run_cfg.schedule + (f" decay_frac={run_cfg.decay_frac:g}" if run_cfg.schedule == "wsd" else "") + (
+        f" over {span[0]:.3f} -> {span[1]:.3f}" if span != (0.0, 1.0) else "") + (" from init_from" if run_cfg.init_from else "")
     if not (cfg.resume and os.path.exists(final)):
-        log(f"=== {mode} / {stage.name}: {tokens:,} tokens at lr {lr:g}"
-            + (f", schedule {span[0]:.3f} -> {span[1]:.3f}" if span != (0.0, 1.0) else "") + " ===")
+        log(f"=== {folder or mode} / {stage.name}: {tokens:,} tokens at lr {lr:g}, schedule {schedule} ===")
         lineage = lineage or Lineage()
         train(run_cfg, model=model, lineage=replace(lineage, stage={"index": stage.index, "name": stage.name, "mode": mode}),
               optimizer_state=optimizer_state)
     # memory-mapped: the ranks of one host share one copy of the file (the 8B's final.pt with its AdamW state is
     # about 100 GB), and growth reads from it
     ckpt = load_checkpoint(final, mmap=True)
-    runs.append(SeriesRun(mode, stage.name, stage.index, stage.params, ckpt["model_config"], ckpt["tokens"], ckpt["flops"],
-                          ckpt["val"]["val_loss"], ckpt["val"]["val_bpb"], os.path.relpath(final, cfg.out_dir),
-                          os.path.relpath(os.path.join(out_dir, "metrics.jsonl"), cfg.out_dir), lr, unique_cap or None))
-    if rank() == 0:
-        write_series_json(cfg, runs)
+    if record:
+        runs.append(SeriesRun(mode, stage.name, stage.index, stage.params, ckpt["model_config"], ckpt["tokens"], ckpt["flops"],
+                              ckpt["val"]["val_loss"], ckpt["val"]["val_bpb"], os.path.relpath(final, cfg.out_dir),
+                              os.path.relpath(os.path.join(out_dir, "metrics.jsonl"), cfg.out_dir), lr, unique_cap or None,
+                              finished=run_cfg.schedule != "constant" and span[1] == 1.0, schedule=schedule,
+                              series_flops=ckpt["flops"] + earlier_flops))
+        if rank() == 0:
+            write_series_json(cfg, runs)
     return ckpt, step_offset + steps_for(cfg, tokens)
 
 
@@ -309,36 +520,76 @@ def on_meta(tree):
 def train_grown_series(cfg, runs, stages, mode, unique_cap=0):
     """Stage 1 from scratch, then grow and train on what is left of each stage's budget. The stages read
     the data stream on in order: stage i+1 starts where stage i stopped. mode "fixed_data": the same under
-    a cap of unique_cap unique tokens (section 3.3)."""
-    ckpt, offset = None, 0
+    a cap of unique_cap unique tokens (section 3.3). grow_schedule "wsd": each stage is a trunk run at its stable
+    rate, then a cooldown branch from it (cooldown); the next stage grows from the trunk."""
+    ckpt, offset, cooled = None, 0, 0  # cooled: FLOPs of the wsd cooldown branches so far
     spans = schedule_spans(cfg, stages)
+    wsd = cfg.grow_schedule == "wsd"
     for stage in stages:
+        tokens = trunk_tokens(cfg, stage)
         if mode == "fixed_data" and "grow" in cfg.series_mode.split("+") and not stage.repeats_in_fixed_data:
             # identical to the grow run up to here (no token is read twice yet): share it
-            ckpt = load_checkpoint(os.path.join(cfg.out_dir, "grow", stage.name, "final.pt"), mmap=True)
-            offset += steps_for(cfg, stage.staged_tokens)
+            ckpt = load_checkpoint(os.path.join(cfg.out_dir, "grow_trunk" if wsd else "grow", stage.name, "final.pt"), mmap=True)
+            offset += steps_for(cfg, tokens)
+            if wsd:
+                branch = load_checkpoint(os.path.join(cfg.out_dir, "grow", stage.name, "final.pt"), mmap=True)
+                cooled += branch["flops"] - branch["start_flops"]
             continue
-        if ckpt is None:  # stage 1: from scratch
-            ckpt, offset = train_member(cfg, runs, mode, stage, stage.staged_tokens, stage.lr, step_offset=offset,
-                                        unique_cap=unique_cap, span=spans[stage.index])
+        model = lineage = optimizer_state = warmup = None  # stage 1: from scratch, warmup_steps of warmup
+        if ckpt is not None:
+            # grow the previous stage's final model (and its AdamW state, when grow_optimizer is "grown"):
+            # function-preserving where the operator is (grow.py)
+            old = ckpt["model_config"]
+            model, lineage, optimizer_state = grow_member(cfg, ckpt, stage, f"grew {old['d_model']}x{old['n_layers']} -> "
+                                                          f"{stage.config.d_model}x{stage.config.n_layers}")
+            # then train at the stage's own learning rate (section 3.5), after grow_warmup_steps of warmup (none in the
+            # default recipe), over the stage's span of the schedule
+            warmup = stage.warmup_after_growth
+        if not wsd:
+            ckpt, offset = train_member(cfg, runs, mode, stage, tokens, stage.lr, model=model, lineage=lineage, step_offset=offset,
+                                        unique_cap=unique_cap, warmup=warmup, optimizer_state=optimizer_state, span=spans[stage.index])
             continue
-        # grow the previous stage's final model (and its AdamW state, when grow_optimizer is "grown"):
-        # function-preserving where the operator is (grow.py)
-        old = ckpt["model_config"]
-        model, lineage, optimizer_state = grow_member(cfg, ckpt, stage, f"grew {old['d_model']}x{old['n_layers']} -> "
-                                                      f"{stage.config.d_model}x{stage.config.n_layers}")
-        # then train at the stage's own learning rate (section 3.5), after grow_warmup_steps of warmup (none in the
-        # default recipe), over the stage's span of the schedule
-        ckpt, offset = train_member(cfg, runs, mode, stage, stage.staged_tokens, stage.lr, model=model, lineage=lineage,
-                                    step_offset=offset, unique_cap=unique_cap, warmup=stage.warmup_after_growth,
-                                    optimizer_state=optimizer_state, span=spans[stage.index])
+        ckpt, offset = train_member(cfg, runs, mode, stage, tokens, stage.lr, model=model, lineage=lineage, step_offset=offset,
+                                    unique_cap=unique_cap, warmup=warmup, optimizer_state=optimizer_state, folder=mode + "_trunk",
+                                    record=False, schedule="constant")
+        cooled += cooldown(cfg, runs, mode, stage, offset, unique_cap, cooled)
+
+
+def trunk_tokens(cfg, stage):
+    """Tokens of a grown series' stage: its staged budget, or under grow_schedule "wsd" the trunk's 1 - decay_frac of
+    it (the member's cooldown branch spends the rest of its FLOPs)."""
+    if cfg.grow_schedule != "wsd":
+        return stage.staged_tokens
+    return max(1, round((1 - cfg.decay_frac) * stage.staged_tokens))
+
+
+def cooldown_tokens(cfg, stage):
+    """Tokens of a member's cooldown branch under grow_schedule "wsd": decay_frac of its scratch tokens T_i, as a WSD
+    scratch run of that size decays over its last decay_frac. The trunk reaches the member on (1 - decay_frac) of
+    FLOPs(X_i, T_i) (the staged budget up to it), the branch spends decay_frac of it: the finished member has cost
+    FLOPs(X_i, T_i), as its scratch twin."""
+    return max(1, round(cfg.decay_frac * stage.scratch_tokens))
+
+
+def cooldown(cfg, runs, mode, stage, offset, unique_cap, cooled):
+    """Finish member `stage` of a wsd trunk (MiniCPM's WSD, Hu et al. 2024, section 4): from the trunk's final state
+    (weights and AdamW, train.py's init_from and init_optimizer) decay linearly from the stage's rate to min_lr
+    (common.lr_at's "wsd" with decay_frac 1: all of the branch decays), reading the data on from where the trunk
+    stopped. The trunk goes on from the state before the cooldown; the branch is the member series.json lists.
+    Returns the branch's own FLOPs."""
+    trunk = os.path.join(cfg.out_dir, mode + "_trunk", stage.name, "final.pt")
+    branch, _ = train_member(cfg, runs, mode, stage, cooldown_tokens(cfg, stage), stage.lr, step_offset=offset,
+                             unique_cap=unique_cap, warmup=0, earlier_flops=cooled, schedule="wsd", decay_frac=1.0,
+                             init_from=trunk, init_optimizer=True)
+    return branch["flops"] - branch["start_flops"]
 
 
 def schedule_spans(cfg, stages):
     """The part of the learning-rate schedule each stage of a grown series covers: all of it for every stage
     (grow_schedule "restart"), or under "continue" its share of the series' FLOPs (6 X_i T_i of the staged budget),
-    so that the stages together run one schedule, as one run of the largest member's FLOPs would."""
-    if cfg.grow_schedule == "restart":
+    so that the stages together run one schedule, as one run of the largest member's FLOPs would. ("wsd" runs whole
+    schedules of its own: a constant trunk and the cooldowns.)"""
+    if cfg.grow_schedule in ("restart", "wsd"):
         return [(0.0, 1.0)] * len(stages)
     flops = [budget.flops(s.params, s.staged_tokens) for s in stages]
     edges = [sum(flops[:i]) / sum(flops) for i in range(len(stages) + 1)]
@@ -347,11 +598,13 @@ def schedule_spans(cfg, stages):
 
 def train_scratch_baselines(cfg, runs, stages):
     """Every member trained alone from scratch on its whole budget T_i at its scratch_lr: what the grown
-    series is measured against (Table 1)."""
+    series is measured against (Table 1). Under grow_schedule "wsd" they are WSD runs that decay over the last
+    decay_frac of their tokens, as the grown members' cooldowns do: neither side wins by its schedule."""
     for stage in stages:
         if stage.index == 0 and "grow" in cfg.series_mode.split("+"):
             continue  # the smallest member is trained from scratch in the grown series already
-        train_member(cfg, runs, "scratch", stage, stage.scratch_tokens, stage.scratch_lr)
+        train_member(cfg, runs, "scratch", stage, stage.scratch_tokens, stage.scratch_lr,
+                     **({"schedule": "wsd"} if cfg.grow_schedule == "wsd" else {}))
 
 
 def train_branches(cfg, runs, stages):
@@ -375,12 +628,19 @@ def train_branches(cfg, runs, stages):
 def run_series(cfg):
     """Run every mode of cfg.series_mode over cfg.stages, then write the report. The series holds its
     out_dir's lock throughout, and a fresh start refuses a folder that holds a series (series.json)
-    unless --overwrite; --resume keeps every finished stage and resumes the one that was cut."""
+    unless --overwrite; --resume keeps every finished stage and resumes the one that was cut. A plan that reads a
+    source more than max_passes times is refused before anything is downloaded or trained (check_passes)."""
     stages, cap = plan_series(cfg)
+    sources = data_sources(cfg)
+    check_passes(cfg, plan_data(cfg, stages, cap, sources))
     setup_distributed(cfg.device, cfg.dist_timeout)
     lock = on_rank0_then_share(lambda: claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, results=("series.json",),
                                                      logs=("report.md", "series.png")), rank(), world_size())
     try:
+        check_resume_plan(cfg)
+        if any(s.unique_tokens is None for s in sources):  # no count known before: prepared now (train.py would), checked
+            prepare_data(cfg, rank(), world_size(), "cpu")
+            check_passes(cfg, plan_data(cfg, stages, cap, data_sources(cfg)))
         log_plan(cfg, stages)
         modes, runs = cfg.series_mode.split("+"), []
         if "branch" in modes:
@@ -398,6 +658,29 @@ def run_series(cfg):
             lock.release()
 
 
+# what a --resume may change: how the runs are carried out and reported, not what they compute (and series_mode,
+# each of whose runs trains the same whichever modes run beside it)
+RESUMABLE_CHANGES = ("out_dir", "resume", "overwrite", "report", "plot", "log_interval", "eval_interval", "keep_last", "ckpt_interval",
+                     "dist_timeout", "peak_flops", "compile", "device", "data_dir", "activation_checkpointing", "series_mode",
+                     "max_passes", "data_unique_tokens", "plan")
+
+
+def check_resume_plan(cfg):
+    """--resume keeps the finished runs, so it continues the plan series.json records: a config that differs from it in
+    anything but RESUMABLE_CHANGES (more tokens per parameter, other stages, another growth recipe) is refused with
+    one line naming what differs, instead of a series.json that records a plan its runs did not follow."""
+    path = os.path.join(cfg.out_dir, "series.json")
+    if not (cfg.resume and os.path.exists(path)):
+        return
+    with open(path) as f:
+        saved = json.load(f).get("config", {})
+    now = json.loads(json.dumps(asdict(cfg)))  # as series.json holds it (tuples as lists)
+    differ = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if k in saved and k not in RESUMABLE_CHANGES and saved[k] != v]
+    if differ:
+        raise ConfigError(f"--resume: {path} records another plan ({'; '.join(differ)}), and its finished runs follow it: "
+                          "restore those settings to continue it, or choose a new out_dir (or --overwrite to start over)")
+
+
 def log_plan(cfg, stages):
     """One line: every member's size and token budgets, and what the grown series saves (budget.summarize)."""
     if cfg.series_mode == "branch":
@@ -407,7 +690,15 @@ def log_plan(cfg, stages):
     summary = budget.summarize(budget.staged_budget([s.params for s in stages], cfg.tokens_per_param, [s.name for s in stages]))
     log(f"series of {len(stages)} stages, modes {cfg.series_mode.split('+')}, {cfg.tokens_per_param:g} tokens per parameter: "
         + ", ".join(f"{s.name} X={s.params:,} scratch {s.scratch_tokens:,} / staged {s.staged_tokens:,} tokens" for s in stages)
-        + f" | staged {summary.staged_flops:.3g} FLOPs vs scratch {summary.scratch_flops:.3g} ({summary.saving:.1%} saved)")
+        + f" | staged {summary.staged_flops:.3g} FLOPs vs scratch {summary.scratch_flops:.3g} ({summary.saving:.1%} saved)"
+        + (f" | wsd: every member finished by a cooldown of {cfg.decay_frac:.0%} of its tokens, the earlier members' "
+           f"{cooldown_flops(cfg, stages[:-1]):.3g} FLOPs on top" if cfg.grow_schedule == "wsd" else ""))
+
+
+def cooldown_flops(cfg, stages):
+    """FLOPs of the wsd cooldown branches of these members (the series' cost on top of the staged budget, for all
+    members but the last, whose cooldown ends the trunk's budget)."""
+    return sum(budget.flops(s.params, cooldown_tokens(cfg, s)) for s in stages)
 
 
 def write_report(out_dir):
@@ -443,7 +734,11 @@ def log(*args):
 
 def main(argv):
     with cli_errors():
-        run_series(configure(SeriesConfig, argv))
+        cfg = configure(SeriesConfig, argv)
+        if cfg.plan:
+            print_plan(cfg)  # and exit: nothing trains
+        else:
+            run_series(cfg)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ A config file is plain Python assignments to the fields of TrainConfig; `--key=v
 value is one error line naming it; a staged series' keys, one line pointing to series.py). Top to bottom: the config,
 the data, the model a run starts from, then train(): data, model (over the ranks by parallel.py: DDP or FSDP2,
 activation checkpointing, torch.compile), AdamW, and the loop. Every batch is a pure function of (seed, step,
-micro-step, rank) (data.BatchLoader) and a checkpoint holds the model, AdamW, the step and the RNG states, so
-`--resume` continues bit for bit (tests/test_train.py kills a run and checks).
+micro-step, rank) (data.BatchLoader) and a checkpoint holds the model, AdamW, the step and every rank's RNG states, so
+`--resume` continues bit for bit: on the CPU (tests/test_train.py kills a run and checks), on CUDA with deterministic=true.
 """
 
 import contextlib
@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 import budget
 import data
@@ -31,7 +30,7 @@ from checkpoint import (CheckpointError, Lineage, checkpoint_config, checkpoint_
                         load_checkpoint, make_checkpoint, prune_checkpoints, save_checkpoint)
 from common import (ConfigError, DivergenceGuard, above, append_jsonl, at_least, autocast_for, check_config, check_device,
                     cli_errors, configure, fmt_time, lr_at, make_optimizer, one_of, peak_flops_for, plot_losses, require,
-                    rng_state, rule, set_rng_state, start_metrics, within)
+                    resume_changes, rng_state, rule, set_rng_state, start_metrics, within)
 from model import Llama, config_from_dict, config_from_shape
 
 # -----------------------------------------------------------------------------
@@ -45,9 +44,9 @@ class TrainConfig:
     # where everything goes: checkpoints, metrics.jsonl, loss.png
     out_dir: str = field(default="out/run", metadata=rule(bool, "a folder path"))
     # model: a named shape (budget.SHAPES), optionally starting from a checkpoint's weights
-    shape: str = "tiny"
+    shape: str = field(default="tiny", metadata=one_of(*budget.SHAPES))
     init_from: str = ""  # a checkpoint to start from (its weights; a fresh optimizer unless init_optimizer; step 0)
-    init_optimizer: bool = False  # with init_from: also its AdamW moments and step counts (grow.py --optimizer grown)
+    init_optimizer: bool = False  # with init_from: also its AdamW moments and step counts (grow_cli.py --optimizer grown)
     moe_experts: int = field(default=0, metadata=COUNT)  # a fresh shape as a mixture of this many experts per block (0: dense)
     moe_top_k: int = 2  # experts per token when moe_experts > 0
     # data: sources prepared into data_dir (see data.py); several sources make a mixture by token ratio
@@ -89,6 +88,7 @@ class TrainConfig:
     # sharded over the ranks, for models whose 16 bytes per parameter do not fit one GPU; budget.py --memory)
     parallel: str = field(default="ddp", metadata=one_of("ddp", "fsdp"))
     activation_checkpointing: bool = False  # keep each block's input only and recompute the rest in backward
+    deterministic: bool = False  # CUDA: deterministic kernels, so --resume continues bit for bit there too (slower)
     seed: int = field(default=1337, metadata=COUNT)
     # logging, evaluation, checkpoints
     log_interval: int = field(default=10, metadata=POSITIVE)
@@ -121,16 +121,21 @@ class TrainConfig:
 
 # a staged series' keys (series.SeriesConfig's own; tests/test_train.py keeps them in step): series.py's to run, refused here
 SERIES_KEYS = ("stages", "series_mode", "tokens_per_param", "grow_width", "grow_depth", "grow_noise", "grow_warmup_steps",
-               "grow_optimizer", "grow_schedule", "report", "branch_flops")
+               "grow_optimizer", "grow_schedule", "report", "branch_flops", "max_passes", "data_unique_tokens", "plan")
 
 # -----------------------------------------------------------------------------
 # data
 
 
+def data_dirs(cfg):
+    """The folder each source of cfg.data is prepared into: data_dir/NAME-TOKENIZER (series.py's plan reads its meta.json)."""
+    return [os.path.join(cfg.data_dir, os.path.basename(data.default_out_dir(src, cfg.tokenizer))) for src in cfg.data]
+
+
 def prepare_data(cfg, rank, world, device):
     """Prepare every source (rank 0 tokenizes, the others wait): (folders, {name: (fixed validation batches, bytes per token)})."""
     names = cfg.data_names or [f"src{i}" if len(cfg.data) > 1 else "data" for i in range(len(cfg.data))]
-    dirs = [os.path.join(cfg.data_dir, os.path.basename(data.default_out_dir(src, cfg.tokenizer))) for src in cfg.data]
+    dirs = data_dirs(cfg)
     parallel.on_rank0_then_share(lambda: [data.prepare(src, tokenizer=cfg.tokenizer, out_dir=d, max_tokens=cfg.max_data_tokens or None,
                                                        text_field=cfg.text_field) for src, d in zip(cfg.data, dirs)], rank, world)
     if world > 1:  # every rank must read the splits rank 0 prepared: compared by checksum (none where a node does not share data_dir)
@@ -215,7 +220,7 @@ def forward_backward(model, loader, step, cfg, ctx, device):
     """Forward and backward over grad_accum micro-batches, then clipping: (the mean micro-batch loss, the gradient
     norm before clipping, a mixture of experts' mean load-balancing loss or 0), device tensors: no sync here."""
     loss_sum, aux_sum = torch.zeros((), device=device), torch.zeros((), device=device)
-    unwrapped = model.module if isinstance(model, DistributedDataParallel) else model  # holds aux_loss (model.py)
+    unwrapped = parallel.unwrap_ddp(model)  # holds aux_loss (model.py)
     for micro in range(cfg.grad_accum):
         x, y = (t.to(device, non_blocking=True) for t in loader.get_batch(cfg.data_step_offset + step, micro))
         with parallel.no_sync_unless_last(model, micro == cfg.grad_accum - 1), ctx:  # DDP syncs on the last, FSDP each
@@ -224,11 +229,7 @@ def forward_backward(model, loader, step, cfg, ctx, device):
         loss_sum += loss.detach()
         if unwrapped.aux_loss is not None:  # a mixture of experts: its loss above includes moe_aux_coef * aux_loss
             aux_sum += unwrapped.aux_loss
-    # the raw model's own tensors under compile and DDP; with clipping off the norm is still wanted (divergence check,
-    # logs): an infinite max_norm scales by exactly 1. Over FSDP's sharded gradients, the whole model's (all-reduced)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-    if hasattr(grad_norm, "full_tensor"):  # a DTensor, replicated: the same on every rank, now a plain tensor
-        grad_norm = grad_norm.full_tensor()
+    grad_norm = parallel.clip_grad_norm(model, cfg.grad_clip)  # the raw model's own tensors under compile and DDP
     return loss_sum / cfg.grad_accum, grad_norm, aux_sum / cfg.grad_accum
 
 
@@ -255,7 +256,7 @@ def train(cfg, model=None, lineage=None, log=print, optimizer_state=None):
     every checkpoint. The run holds out_dir's lock (checkpoint.RunLock) from start to end: one live run per folder."""
     check_config(cfg)
     require(cfg.max_steps > 0 or cfg.max_tokens > 0, "max_steps", cfg.max_steps, "> 0, or set max_tokens: there is nothing to train")
-    rank, _, world, device = parallel.setup_distributed(cfg.device, cfg.dist_timeout)
+    rank, _, world, device = parallel.setup_distributed(cfg.device, cfg.dist_timeout, cfg.deterministic)
     master = rank == 0
     log = log if master else (lambda *a, **k: None)
     resuming = cfg.resume and bool(checkpoint_paths(cfg.out_dir))  # --resume with nothing saved yet starts fresh
@@ -270,7 +271,7 @@ def train(cfg, model=None, lineage=None, log=print, optimizer_state=None):
         dirs, val_sets = prepare_data(cfg, rank, world, device)
         loader = data.BatchLoader(dirs, weights=cfg.data_weights or None, split="train", batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                                   grad_accum=cfg.grad_accum, rank=rank, world_size=world, seed=cfg.seed,
-                                  max_tokens=cfg.max_unique_tokens or None)
+                                  max_tokens=cfg.max_unique_tokens or None, device=device)  # CUDA: pinned, copied non_blocking
 
         # the model (fresh, handed in, init_from's or resumed), spread over the ranks: DDP or FSDP (parallel.py)
         fsdp = cfg.parallel == "fsdp" and dist.is_initialized()
@@ -290,8 +291,11 @@ def train(cfg, model=None, lineage=None, log=print, optimizer_state=None):
                 raise ConfigError(f"--resume with a different data setup ({', '.join(changed)} changed since the checkpoint): "
                                   "restore those settings, or start a new out_dir")
             parallel.load_optimizer_state(raw_model, optimizer, resume_ckpt["optimizer"], cfg.decay_embeddings, resume_path)
-            set_rng_state(resume_ckpt["rng"])
+            set_rng_state(resume_ckpt["rng"], rank)
             guard.load_state_dict(resume_ckpt.get("guard", guard.state_dict()))
+            note = resume_changes(resume_ckpt.get("train_config", {}), cfg, resume_path)  # a changed --lr: said, and used
+            if note:
+                log(note)
         elif optimizer_state is not None:  # a grown stage's moments and step counts, with this run's lr, betas, weight decay
             parallel.load_optimizer_state(raw_model, optimizer, optimizer_state, cfg.decay_embeddings, "the grown stage",
                                           own_settings=True)
@@ -308,7 +312,7 @@ def train(cfg, model=None, lineage=None, log=print, optimizer_state=None):
         # on rank 0 alone, which logs it: a CPU peak measured by every rank at once would be a fraction of it
         peak, peak_how = parallel.on_rank0_then_share(lambda: peak_flops_for(cfg, device, dtype_name), rank, world) or (None, "")
         start_step, val = (resume_ckpt["step"], resume_ckpt["val"]) if resume_ckpt is not None else (0, None)
-        metrics_path = start_metrics(cfg.out_dir, start_step if resume_ckpt is not None else None) if master else None
+        metrics_path = start_metrics(cfg.out_dir, start_step if resume_ckpt is not None else None, log) if master else None
         log(f"model {cfg.shape if lineage.stage is None else lineage.stage['name']}: {n_params:,} non-embedding parameters"
             f"{' active per token' if raw_model.config.moe_experts else ''}, {raw_model.num_params(False):,} in all | "
             f"{tokens_per_step:,} tokens/step x {max_steps} steps = {tokens_per_step * max_steps:,} tokens | {device.type} "
@@ -316,73 +320,69 @@ def train(cfg, model=None, lineage=None, log=print, optimizer_state=None):
             f"{f' {cfg.parallel} x{world} ranks' if world > 1 or fsdp else ''} | MFU peak: "
             f"{f'{peak / 1e12:.2f} TFLOP/s ({peak_how})' if peak else peak_how}{f' | resumed at step {start_step}' if resume_ckpt else ''}")
 
-        # the loop: at each step the evaluation and checkpoint due there, then one optimizer update
+        # the loop: at each step the evaluation and checkpoint due there, then one optimizer update. tok/s and MFU count the
+        # training time alone, not evaluation, checkpoints, or a step that compiled (parallel.TrainingClock)
         model.train()
         last_ckpt, last_good = None, resume_path  # the last checkpoint this run wrote; the one a divergence names
-        t_start, t_window, tokens_window = time.perf_counter(), time.perf_counter(), 0
+        batches, clock, t_start = parallel.Prefetcher(loader, cfg.grad_accum), parallel.TrainingClock(), time.perf_counter()
         for step in range(start_step, max_steps + 1):
             last = step == max_steps
             # evaluate (every rank its share, rank 0 writes the row): at step 0 (a grown model's inherited loss), on the
             # interval, and at the last step whatever the interval (nanoGPT loses it); a resumed run's first step did already
             if (step > start_step or step == 0) and (step % cfg.eval_interval == 0 or last):
-                val = {"step": step, "tokens": step * tokens_per_step, "flops": flops_at(step),
-                       **evaluate(model, val_sets, cfg, ctx)}
+                val = {"step": step, "tokens": step * tokens_per_step, "flops": flops_at(step), **evaluate(model, val_sets, cfg, ctx)}
                 if master:
                     append_jsonl(metrics_path, val)
                 per_source = "".join(f" | {n} {val[f'val_loss/{n}']:.4f}" for n in val_sets) if len(val_sets) > 1 else ""
                 log(f"step {step:>6} | val loss {val['val_loss']:.4f} | val bpb {val['val_bpb']:.4f}{per_source}")
-            # save out_dir/ckpt_STEP.pt (checkpoint.py's schema, plus what --resume needs) and prune the older ones
+                clock.restart()
+            # save out_dir/ckpt_STEP.pt (checkpoint.py's schema, plus what --resume needs), prune the older ones: every rank gathers
+            # (FSDP's shards, each rank's CUDA RNG), then rank 0 writes while the others wait outside NCCL (on_rank0_then_share)
             if step > start_step and (step % cfg.ckpt_interval == 0 or last):
-                state, adamw = parallel.model_state(raw_model), parallel.optimizer_state(raw_model, optimizer)  # FSDP: all gather
-                if master:
+                state, adamw, rng = parallel.model_state(raw_model), parallel.optimizer_state(raw_model, optimizer), rng_state(gather=True)
+                def save():  # noqa: E306
                     tokens, data_step = step * tokens_per_step, cfg.data_step_offset + step
                     ckpt = make_checkpoint(state, raw_model.config, tokenizer, lineage, run_flops=budget.flops(n_params, tokens),
-                                           tokens=tokens, step=step, val=val, train_config=asdict(cfg), optimizer=adamw,
-                                           rng=rng_state(), guard=guard.state_dict(),
+                                           tokens=tokens, step=step, val=val, train_config=asdict(cfg), optimizer=adamw, rng=rng,
+                                           guard=guard.state_dict(),
                                            data_state={**loader.state_dict(), "step": data_step, "epochs": loader.epochs(data_step)})
-                    last_ckpt = last_good = os.path.join(cfg.out_dir, f"ckpt_{step:07d}.pt")
-                    save_checkpoint(ckpt, last_ckpt)
+                    path = os.path.join(cfg.out_dir, f"ckpt_{step:07d}.pt")
+                    save_checkpoint(ckpt, path)
                     prune_checkpoints(cfg.out_dir, cfg.keep_last, log)
+                    return path
+                last_ckpt = last_good = parallel.on_rank0_then_share(save, rank, world)
                 del state, adamw
-                if world > 1:
-                    dist.barrier()
+                clock.restart()
             if last:
                 break
 
             # this step's learning rate, then forward and backward over grad_accum micro-batches, and clipping
             lr = lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_frac,
                        (cfg.schedule_start, cfg.schedule_end))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, grad_norm, aux = forward_backward(model, loader, step, cfg, ctx, device)
+            loss, grad_norm, aux = forward_backward(model, batches, step, cfg, ctx, device)
             done = step + 1
-            tokens_window += tokens_per_step
 
-            # the update, never on a non-finite loss or gradient: one host sync per step buys that guarantee; the gradient
-            # norm is the same on every rank (DDP all-reduced the gradients, FSDP the norm), the loss is averaged
-            loss, aux = parallel.mean_over_ranks(torch.stack([loss, aux]))  # the load-balancing loss rides along
-            train_loss, norm = torch.stack([loss, grad_norm.to(loss.dtype)]).tolist()
+            # the update, never on a non-finite loss or gradient norm (dropped on the device, no wait before it), then the step's
+            # one host sync while the GPU runs it (parallel.update); the guard stops the run here, or counts the skip
+            train_loss, norm, aux = parallel.update(optimizer, lr, loss, grad_norm, aux)
+            clock.tick(tokens_per_step)
             verdict = guard.check(done, train_loss, norm, last_good, log)
-            if verdict != "skip":
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             if verdict != "step" and master:
                 append_jsonl(metrics_path, {"step": done, "event": verdict, "loss": train_loss, "grad_norm": norm})
 
-            # log: the loss, and the throughput and MFU since the last line
+            # log: the loss, and the throughput and MFU of the training time since the last line (none: it compiled)
             if done % cfg.log_interval == 0 or done == max_steps or done == 1:
-                now = time.perf_counter()
-                tok_s, elapsed = tokens_window / (now - t_window), now - t_start
-                mfu = flops_per_token * tok_s / (peak * world) if peak else None
+                tok_s, elapsed = clock.tokens_per_second(), time.perf_counter() - t_start
+                mfu = flops_per_token * tok_s / (peak * world) if peak and tok_s else None
                 epochs = loader.epochs(cfg.data_step_offset + done)
                 if master:
                     append_jsonl(metrics_path, {"step": done, "tokens": done * tokens_per_step, "flops": flops_at(done),
                                                 "loss": train_loss, "lr": lr, "tok_s": tok_s, "mfu": mfu, "grad_norm": norm,
-                                                "epochs": epochs, **({"aux_loss": aux.item()} if raw_model.config.moe_experts else {})})
-                log(f"step {done:>6}/{max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
+                                                "epochs": epochs, **({"aux_loss": aux} if raw_model.config.moe_experts else {}),
+                                                **({"graphs": clock.graphs_compiled()} if compiled else {})})
+                log(f"step {done:>6}/{max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | {f'{tok_s:,.0f}' if tok_s else '-'} tok/s | "
                     f"mfu {f'{100 * mfu:.1f}%' if mfu is not None else 'unknown'} | epoch {max(epochs.values()):.2f} | "
                     f"{fmt_time(elapsed)} elapsed | eta {fmt_time(elapsed / (done - start_step) * (max_steps - done))}")
-                t_window, tokens_window = time.perf_counter(), 0
 
         # the result: final.pt and the loss curve, by rank 0 while the other ranks wait (a series reads final.pt next)
         return parallel.on_rank0_then_share(lambda: publish(cfg, last_ckpt, metrics_path, log), rank, world)

@@ -16,8 +16,10 @@ sync per step. Timing starts after --warmup steps (which include torch.compile's
 - MFU: model FLOPs per token (6N plus attention, model.flops_per_token) times tokens/s, over the
   GPUs' bf16 dense datasheet peak (budget.peak_flops, looked up once from the device name); on the CPU
   over its float32 matmul peak, measured once per machine and cached (common.cpu_matmul_peak);
-- peak memory: torch.cuda.max_memory_allocated over the setting, the largest of the ranks (on the CPU,
-  the process's max resident set size so far).
+- peak memory: torch.cuda.max_memory_allocated over the setting (what tensors held), and
+  max_memory_reserved (what the caching allocator took from the GPU: tensors plus its free blocks and
+  fragmentation, what must fit), the largest of the ranks (on the CPU, the process's max resident set size so
+  far, and no reserved).
 
 On a machine without CUDA it stops with one line unless --device cpu, which runs a tiny shape so the
 script can be checked anywhere (tests/test_fsdp.py). A setting that runs out of GPU memory is a row
@@ -40,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import budget
 import train
 from common import ConfigError, autocast_for, cli_errors, cpu_matmul_peak, make_optimizer
-from parallel import on_rank0_then_share, parallelize, setup_distributed
+from parallel import on_rank0_then_share, parallelize, setup_distributed, update
 from model import Llama, config_from_shape
 
 
@@ -63,7 +65,8 @@ def synchronize(device):
 
 
 def bench(cfg, model_config, steps, warmup, rank, world, device):
-    """One setting: (tokens/s over all ranks, peak memory in bytes), or (None, None) if it ran out of memory."""
+    """One setting: (tokens/s over all ranks, peak memory allocated and reserved in bytes; reserved None on the CPU),
+    or (None, None, None) if it ran out of memory."""
     fsdp = cfg.parallel == "fsdp"
     ctx, _ = autocast_for(device, cfg.dtype)
     if device.type == "cuda":
@@ -80,14 +83,11 @@ def bench(cfg, model_config, steps, warmup, rank, world, device):
             if step == warmup:
                 synchronize(device)
                 t0 = time.perf_counter()
-            loss, grad_norm, *_ = train.forward_backward(model, loader, step, cfg, ctx, device)
-            torch.stack([loss, grad_norm.to(loss.dtype)]).tolist()  # train.py's one host sync per step
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            update(optimizer, cfg.lr, *train.forward_backward(model, loader, step, cfg, ctx, device))  # train.py's step and its sync
         synchronize(device)
         seconds = time.perf_counter() - t0
     except torch.cuda.OutOfMemoryError:
-        return None, None
+        return None, None, None
     finally:
         del model, raw, optimizer
         gc.collect()
@@ -96,12 +96,14 @@ def bench(cfg, model_config, steps, warmup, rank, world, device):
         torch._dynamo.reset()  # each setting compiles afresh
     tokens = steps * cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
     if device.type == "cuda":
-        peak = torch.tensor(float(torch.cuda.max_memory_allocated(device)), device=device)
+        peak = torch.tensor([float(torch.cuda.max_memory_allocated(device)), float(torch.cuda.max_memory_reserved(device))],
+                            device=device)
     else:
-        peak = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0)
+        peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0, -1.0])
     if world > 1:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return tokens / seconds, peak.item()
+    allocated, reserved = peak.tolist()
+    return tokens / seconds, allocated, reserved if reserved >= 0 else None
 
 
 def choices(text, allowed, flag):
@@ -161,22 +163,23 @@ def main(argv):
                   + (f"{peak / 1e12:.3g} TFLOP/s per device ({how})" if peak else f"nothing: unknown peak ({how}), pass --peak_flops")
                   + f"; {shape}: {flops_per_token / 1e9:.3g} GFLOPs per token at context {seq_len}")
             print("| shape | devices | parallel | compile | act. ckpt | tokens per step | tokens/s | tokens/s per device | MFU "
-                  f"| peak memory{' (RSS)' if device.type == 'cpu' else ''} |")
-            print("|---|---|---|---|---|---|---|---|---|---|")
+                  f"| peak memory{' (RSS)' if device.type == 'cpu' else ' allocated'} | peak reserved |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|")
         for parallel, compile_, checkpointing in settings:
             cfg = train.TrainConfig(shape=shape, batch_size=args.batch_size, seq_len=seq_len, grad_accum=args.grad_accum,
                                     device=args.device, compile=compile_, parallel=parallel,
                                     activation_checkpointing=checkpointing == "true")
-            tok_s, memory = bench(cfg, model_config, args.steps, args.warmup, rank, world, device)
+            tok_s, memory, reserved = bench(cfg, model_config, args.steps, args.warmup, rank, world, device)
             if rank != 0:
                 continue
             step_tokens = f"{world} x {args.grad_accum} x {args.batch_size} x {seq_len}"
             head = f"| {shape} | {world} | {parallel} | {'on' if compile_ == 'true' else 'off'} | {'on' if checkpointing == 'true' else 'off'} | {step_tokens} "
             if tok_s is None:
-                print(head + "| out of memory | | | |", flush=True)
+                print(head + "| out of memory | | | | |", flush=True)
                 continue
             mfu = f"{100 * flops_per_token * tok_s / (peak * world):.1f}%" if peak else "unknown"
-            print(head + f"| {tok_s:,.0f} | {tok_s / world:,.0f} | {mfu} | {memory / 2**30:.2f} GiB |", flush=True)
+            print(head + f"| {tok_s:,.0f} | {tok_s / world:,.0f} | {mfu} | {memory / 2**30:.2f} GiB | "
+                  + (f"{reserved / 2**30:.2f} GiB |" if reserved is not None else "n/a |"), flush=True)
 
 
 if __name__ == "__main__":

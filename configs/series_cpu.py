@@ -7,7 +7,8 @@
 # default recipe (docs/ablation.md): zero-sum noise 0.3 on the copies and one learning-rate schedule over the
 # series. The scratch baselines train each size alone on its full budget at the same learning rate. Learning
 # rates fall with size as in section 3.5. Then the report: out/series_cpu/report.md (Table 1) and series.png
-# (Figure 2). The paper's recipe: --grow_noise=1e-3 --grow_schedule=restart --grow_warmup_steps=20.
+# (Figure 2). The ablation's base: --grow_noise=1e-3 --grow_schedule=restart --grow_warmup_steps=20 (nanogrow's
+# choices; of the paper's recipe, bert2BERT's stacked depth is --grow_depth=stack_top, section 2.2).
 out_dir = "out/series_cpu"
 data = ["default"]
 tokenizer = "bytes"

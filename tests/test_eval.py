@@ -190,6 +190,52 @@ def test_choice_tasks_match_transformers(name, hf_reference):
         assert ours64[0]["acc_norm"]["value"] == pytest.approx(np.mean(acc_norm))
 
 
+def float64_throughout(hf):
+    """transformers' Llama computes RoPE's angles (LlamaRotaryEmbedding) and RMSNorm (LlamaRMSNorm) in float32 whatever
+    the model's dtype: both in float64 here, so the reference is float64 throughout."""
+    cfg = hf.config
+    theta = cfg.rope_parameters["rope_theta"]  # transformers 5's place for it
+    inv_freq = 1.0 / theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
+
+    def rope(x, position_ids):
+        angles = position_ids.double()[..., None] * inv_freq
+        angles = torch.cat([angles, angles], -1)
+        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    hf.model.rotary_emb.forward = rope
+    for norm in [m for m in hf.modules() if type(m).__name__ == "LlamaRMSNorm"]:
+        norm.forward = (lambda n: lambda h: n.weight * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + n.variance_epsilon))(norm)
+    return hf
+
+
+def test_per_request_agreement_with_the_harness_method(tmp_path):
+    # README, "Into transformers, lm-evaluation-harness and vLLM": the harness scores a request with transformers in
+    # the model's dtype, the continuation's log-probs summed. float32: both sides round, about 1e-6 relative; float64:
+    # transformers' float32 RoPE angles and RMSNorm keep the same gap, and with those in float64 eval.py's float64
+    # scores are exact (to 1e-12 relative)
+    transformers = pytest.importorskip("transformers")
+    model = tiny_model(seed=5, max_seq_len=96)
+    export_hf(model, tmp_path / "hf", tokenizer=TOK)
+    L = model.config.max_seq_len
+    for dtype, exact, atol, rtol in ((torch.float32, False, 1e-4, 0), (torch.float64, True, 0, 1e-12)):
+        hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=dtype).eval()
+        hf = float64_throughout(hf) if exact else hf
+        ours = tiny_model(seed=5, max_seq_len=96).to(dtype)  # a fresh copy: its RoPE tables never went through float32
+        for name in ["arc_easy", "hellaswag", "lambada"]:
+            for d, got in zip(docs(name), run(name, ours, batch_size=3)[1]):
+                if name == "lambada":
+                    context, word = d["text"].rsplit(" ", 1)
+                    requests, lls = [(context, " " + word)], [got["ll"]]
+                else:
+                    requests, lls = list(zip(*ev.TASKS[name].doc(d)[:2])), got["lls"]
+                for (context, continuation), ll in zip(requests, lls):
+                    c, x = ev.encode_pair(TOK, context, continuation)
+                    seq = torch.tensor([(c + x)[-(L + 1):]])
+                    with torch.no_grad():
+                        logp = torch.log_softmax(hf(seq[:, :-1]).logits[0], -1)
+                    theirs = logp.gather(-1, seq[0, 1:, None])[-len(x):].double().sum().item()
+                    assert ll == pytest.approx(theirs, abs=atol, rel=rtol), (dtype, name, ll, theirs)
+
+
 def test_lambada_and_wikitext_match_transformers(hf_reference):
     model, logprobs = hf_reference
     model = model.double()

@@ -24,8 +24,8 @@ import eval as ev  # noqa: E402
 import posttrain as pt  # noqa: E402
 from checkpoint import CheckpointError, Lineage, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
 from common import ConfigError  # noqa: E402
-from hf import CHAT_TEMPLATE, export_hf, import_hf  # noqa: E402
-from model import Llama, ModelConfig  # noqa: E402
+from hf import CHAT_TEMPLATE, CHAT_TEMPLATE_UNMARKED, export_hf, hf_is_chat, import_hf  # noqa: E402
+from model import IGNORE_INDEX, Llama, ModelConfig  # noqa: E402
 from test_safety import Payload  # noqa: E402  (a pickle that runs a command when loaded)
 
 transformers = pytest.importorskip("transformers")
@@ -130,6 +130,41 @@ def test_chat_template_renders_posttrains_ids(name, tmp_path, request):
             assert hf(rendered)["input_ids"] == ours  # the rendered text tokenizes alone to the same ids
     with pytest.raises(Exception, match="role"):  # posttrain refuses it and so does the template
         hf.apply_chat_template([{"role": "robot", "content": "x"}])
+
+
+def posttrain_loss_mask(tok, conv):
+    """Which ids posttrain's SFT learns (the default loss_on="assistant"): 1 where collate's target is the id."""
+    ex = chat_data.sft_example(tok, conv, max_len=10 ** 6)
+    _, y = chat_data.collate([ex], pad_id=tok.special["<|pad|>"])
+    return [0] + (y[0] != IGNORE_INDEX).int().tolist()  # y[t] is ids[t + 1]; the first id is never a target
+
+
+def test_chat_template_marks_what_sft_learns(tmp_path):
+    # {% generation %} around each answer and its <|end|>: transformers' assistant mask is posttrain's loss mask, and
+    # TRL's SFTTrainer(assistant_only_loss=True) takes the export and labels exactly those tokens
+    export_hf(tiny(d_model=16, n_layers=1, ffn_dim=32), tmp_path / "hf", BYTES, chat=True)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    convs = [CONV, CONV[1:3], CONV[1:2], [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]]
+    for conv in convs:
+        out = hf.apply_chat_template(conv, return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = chat_data.render_chat(BYTES, conv)
+        assert out["input_ids"] == ids and out["assistant_masks"] == mask == posttrain_loss_mask(BYTES, conv), conv
+    trl = pytest.importorskip("trl")  # requirements-dev.txt pins it
+    import datasets
+    args = trl.SFTConfig(output_dir=str(tmp_path / "trl"), assistant_only_loss=True, report_to=[], use_cpu=True,
+                         max_length=None)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    convs = [c for c in convs if any(m["role"] == "assistant" for m in c)]  # nothing to learn: both drop the row
+    trainer = trl.SFTTrainer(model=model, args=args, processing_class=hf,
+                             train_dataset=datasets.Dataset.from_list([{"messages": c} for c in convs]))
+    for row, conv in zip(trainer.train_dataset, convs):
+        ids, _ = chat_data.render_chat(BYTES, conv)
+        learned = [int(label != -100) for label in row["labels"]]  # TRL's ignore index is torch's, -100
+        assert row["input_ids"] == ids and learned == posttrain_loss_mask(BYTES, conv), conv
+    # an export written before the markers (the same ids) still imports as a chat model
+    tok_cfg = read_json(tmp_path / "hf", "tokenizer_config.json")
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "chat_template": CHAT_TEMPLATE_UNMARKED}))
+    assert hf_is_chat(tmp_path / "hf")
 
 
 # -----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """grow.py: function preservation measured over random shapes (non-integer ratios, GQA, tied and untied
 embeddings, noise on and off), layer order of every depth operator, symmetry breaking, errors, the grow
-record (unit maps, depth plan) against the weights, the checkpoint schema, CLI and grow_explain.py."""
+record (unit maps, depth plan) against the weights, the checkpoint schema, and grow_cli.py (the CLI and --explain)."""
 
 import errno
 import json
@@ -19,12 +19,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import grow as growmod  # noqa: E402
-import grow_explain  # noqa: E402
+import grow_cli  # noqa: E402
 from checkpoint import (CheckpointError, Lineage, load_checkpoint, make_checkpoint, model_from_checkpoint,  # noqa: E402
                         save_checkpoint)
-from grow import (Noise, depth_plan, expand_, function_gap, grow, grow_checkpoint, main, parse_target,  # noqa: E402
-                  unit_map)
-from grow_explain import explain_growth  # noqa: E402
+from common import ConfigError  # noqa: E402
+from grow import Noise, depth_plan, expand_, function_gap, grow, grow_checkpoint, unit_map  # noqa: E402
+from grow_cli import explain_growth, main, parse_target  # noqa: E402
 from model import Llama, ModelConfig, config_from_shape  # noqa: E402
 
 GAPS = {}  # largest gap seen per check, printed by test_zz_report (pytest -s)
@@ -256,7 +256,7 @@ def test_grow_checkpoint_and_cli(tmp_path, capsys):
     assert rec["op"] == "grow" and rec["from"]["d_model"] == 32 and rec["to"]["d_model"] == 48 and rec["gap"] == gap
 
     out = tmp_path / "b.pt"
-    r = subprocess.run([sys.executable, "grow.py", str(tmp_path / "a.pt"), "--to", "d_model=48,n_heads=3,n_kv_heads=3,ffn_dim=96,n_layers=3",
+    r = subprocess.run([sys.executable, "grow_cli.py", str(tmp_path / "a.pt"), "--to", "d_model=48,n_heads=3,n_kv_heads=3,ffn_dim=96,n_layers=3",
                         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("non-embedding") == 2 and "function gap" in r.stdout
@@ -271,7 +271,7 @@ def test_grow_checkpoint_and_cli(tmp_path, capsys):
         main([str(tmp_path / "a.pt"), "--to", "d_model=16", "--out", str(tmp_path / "d.pt")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
-    r = subprocess.run([sys.executable, "grow.py", str(tmp_path / "missing.pt"), "--to", "cpu-2", "--out", str(out)],
+    r = subprocess.run([sys.executable, "grow_cli.py", str(tmp_path / "missing.pt"), "--to", "cpu-2", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, env=ENV)
     assert r.returncode == 2 and r.stderr.startswith("error: no checkpoint") and "Traceback" not in r.stderr
 
@@ -338,7 +338,7 @@ def test_grown_checkpoint_follows_the_schema(tmp_path):
 
 def test_explain(tmp_path, capsys):
     png = tmp_path / "explain.png"
-    r = subprocess.run([sys.executable, "grow_explain.py", "--explain_png", str(png)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "grow_cli.py", "--explain", "--explain_png", str(png)], cwd=ROOT,
                        capture_output=True, text=True, env={**ENV, "MPLBACKEND": "Agg"})
     assert r.returncode == 0, r.stderr
     gap = float(re.search(r"max \|logit difference\| = (\S+)", r.stdout).group(1))
@@ -354,14 +354,12 @@ def test_explain(tmp_path, capsys):
     assert scales == pytest.approx(maps.residual_scale.tolist(), rel=1e-4) and min(scales) < 1  # some dims copied
     assert r.stdout.count("adds 0 to the stream") == sum(z for _, z in plan) == 2
     # another operator, in-process: not function preserving, and said so
-    grow_explain.main(["--depth", "stack", "--explain_png", str(tmp_path / "stack.png")])
+    main(["--explain", "--depth", "stack", "--explain_png", str(tmp_path / "stack.png")])
     out = capsys.readouterr().out
     assert "not function preserving" in out and float(re.search(r"difference\| = (\S+)", out).group(1)) > 1e-3
-    with pytest.raises(SystemExit):  # grow.py needs a checkpoint, --to and --out
+    with pytest.raises(SystemExit):  # growing needs a checkpoint, --to and --out, and says --explain needs none
         main(["--to", "cpu-2"])
-    with pytest.raises(SystemExit):  # grow.py --explain moved to grow_explain.py, and says so
-        main(["--explain"])
-    assert "grow_explain.py" in capsys.readouterr().err
+    assert "--explain" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------
@@ -369,7 +367,7 @@ def test_explain(tmp_path, capsys):
 
 
 def cli_fails(capsys, argv, *words, command=main):
-    """command(argv) (grow.py's main) must exit 2 with a single 'error: ...' line on stderr that contains every
+    """command(argv) (grow_cli.py's main) must exit 2 with a single 'error: ...' line on stderr that contains every
     one of words."""
     with pytest.raises(SystemExit) as e:
         command(argv)
@@ -404,14 +402,21 @@ def test_noise_must_be_finite_and_nothing_non_finite_is_written(tmp_path, capsys
     tgt = cfg(48, 3, 3, 96, 3, hd=16, vocab=320, seq=64)
     with pytest.raises(ValueError, match="noise"):
         grow_checkpoint(src, tgt, noise=math.inf)
-    # finite noise whose product with the weights' std overflows: NaN weights, never returned
-    with pytest.raises(ValueError, match="NaN or inf"):
+    # noise above NOISE_MAX: refused (test_noise_up_to_its_limit_keeps_the_function_at_any_depth)
+    with pytest.raises(ConfigError, match=r"noise must be a finite number in \[0, 1\].*got 1e\+300"):
         grow_checkpoint(src, tgt, noise=1e300)
+    # noise whose product with the weights' std overflows (weights near float32's largest): NaN weights, never returned
+    def huge(ckpt):
+        w = ckpt["model"]["lm_head.weight"]
+        w.copy_(torch.where(torch.arange(w.numel()).view(w.shape) % 2 == 0, 3e38, -3e38))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        grow_checkpoint(raw_checkpoint(tmp_path / "huge.pt", huge), tgt, noise=1.0)
     a, out = str(tmp_path / "a.pt"), str(tmp_path / "out.pt")
     cli_fails(capsys, [a, "--to", "d_model=48", "--out", out, "--noise", "inf"], "noise", "finite")
     cli_fails(capsys, [a, "--to", "d_model=48", "--out", out, "--noise", "nan"], "noise")
-    cli_fails(capsys, [a, "--to", "d_model=48", "--out", out, "--noise", "1e300"], "NaN or inf")
-    cli_fails(capsys, ["--noise", "inf", "--explain_png", str(tmp_path / "x.png")], "noise", command=grow_explain.main)
+    cli_fails(capsys, [a, "--to", "d_model=48", "--out", out, "--noise", "1e300"], "noise", "[0, 1]")
+    cli_fails(capsys, [str(tmp_path / "huge.pt"), "--to", "d_model=48", "--out", out, "--noise", "1"], "NaN or inf")
+    cli_fails(capsys, ["--explain", "--noise", "inf", "--explain_png", str(tmp_path / "x.png")], "noise")
     # a gap that is not a number (overflowing logits) is refused too
     monkeypatch.setattr(growmod, "function_gap", lambda *a, **k: math.nan)
     with pytest.raises(ValueError, match="gap"):
@@ -572,6 +577,39 @@ def test_noise_shares_pairing_and_std(monkeypatch):
     assert calls == {"pairs": 3, "std": 3 * 7 + 1}  # residual, query rows, FFN; 7 matrices a layer + lm_head
 
 
+def test_noise_up_to_its_limit_keeps_the_function_at_any_depth(tmp_path, capsys, monkeypatch):
+    # N is zero-sum over the copies of each unit, exact while the copies carry equal values. With noise drawn per row
+    # of o_proj/down_proj, the copies of a residual dim differed by rounding, the next reader's noise multiplied the
+    # difference, a zero block's noise again, layer after layer: 2 -> 16 layers at noise 1 (float32) gave a gap of 1.7
+    # times the largest logit. Every copy of a dim now carries its first copy's row: rounding only, at any depth
+    idx = torch.randint(0, 61, (2, 32), generator=torch.Generator().manual_seed(0))
+    for dtype, rel in ((torch.float32, 1e-5), (torch.float64, 1e-13)):
+        for tied, depth in ((False, "zero"), (True, "zero_groups")):
+            src = make_model(cfg(24, 4, 2 if not tied else 4, 40, 2, tied=tied), seed=1, dtype=dtype)
+            scale = growmod.logits_in(src, idx, torch.float64).abs().max().item()
+            for n_layers in (8, 16):
+                new = grow(src, cfg(40, 8, 4 if not tied else 8, 72, n_layers, tied=tied), depth=depth,
+                           noise=growmod.NOISE_MAX, seed=2)
+                gap = function_gap(src, new, idx)
+                GAPS["noise limit " + str(dtype)] = max(GAPS.get("noise limit " + str(dtype), 0), gap / scale)
+                assert gap < rel * scale, (dtype, tied, n_layers, gap, scale)
+    # and no more: one line naming the limit
+    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+        grow(src, cfg(40, 8, 8, 72, 4, tied=True), noise=1.01)
+    # the CLI flags a gap above float tolerance of an operator declared function preserving: exit 2, nothing written
+    raw_checkpoint(tmp_path / "a.pt")
+    a, out = str(tmp_path / "a.pt"), str(tmp_path / "out.pt")
+    main([a, "--to", "d_model=48", "--out", out, "--noise", "1"])
+    rec = load_checkpoint(out)["history"][-1]
+    assert rec["gap"] < 1e-2 * rec["gap_tolerance"]  # float32 rounding, far below sqrt(eps) of the logits
+    os.remove(out)
+    monkeypatch.setattr(growmod, "function_gap", lambda *a, **k: 0.25)  # a growth that is not what it claims
+    cli_fails(capsys, [a, "--to", "d_model=48", "--out", out], "preserves the function", "2.500e-01", "tolerance")
+    assert nothing_written(tmp_path)
+    main([a, "--to", "n_layers=3", "--depth", "stack", "--out", out])  # not declared preserving: reported, written
+    assert "not function preserving" in capsys.readouterr().out and os.path.exists(out)
+
+
 def test_out_is_never_replaced_unasked(tmp_path, capsys, monkeypatch):
     raw_checkpoint(tmp_path / "a.pt")
     a, out = str(tmp_path / "a.pt"), tmp_path / "out.pt"
@@ -593,7 +631,7 @@ def test_out_is_never_replaced_unasked(tmp_path, capsys, monkeypatch):
         cli_fails(capsys, [a, "--to", "d_model=48", "--out", str(new)], "cannot write", words)
         assert not list(tmp_path.glob("new.pt*"))  # no partial or temporary file left behind
     monkeypatch.undo()
-    monkeypatch.setattr(growmod.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(grow_cli.os, "access", lambda path, mode: False)
     cli_fails(capsys, [a, "--to", "d_model=48", "--out", str(new)], "not writable")
     assert not new.exists()
 

@@ -16,9 +16,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import grow  # noqa: E402
+import grow_cli  # noqa: E402
 import series  # noqa: E402
 from checkpoint import Lineage, load_checkpoint, make_checkpoint, save_checkpoint  # noqa: E402
-from common import configure, decay_groups, lr_at, make_optimizer  # noqa: E402
+from common import ConfigError, configure, decay_groups, lr_at, make_optimizer  # noqa: E402
 from model import Llama, ModelConfig, rope_cos_sin  # noqa: E402
 from parallel import load_optimizer_state  # noqa: E402
 
@@ -130,8 +131,8 @@ def test_grown_optimizer_through_checkpoint_cli_and_train(tmp_path, capsys):
     save_checkpoint(make_checkpoint(model.state_dict(), config, {"name": "bytes", "vocab_size": 320}, Lineage(),
                                     run_flops=1e9, tokens=100, optimizer=opt.state_dict(),
                                     train_config={"decay_embeddings": False}), tmp_path / "a.pt")
-    grow.main([str(tmp_path / "a.pt"), "--to", "d_model=48,n_heads=3,n_kv_heads=3,ffn_dim=64,n_layers=3",
-               "--optimizer", "grown", "--out", str(tmp_path / "b.pt")])
+    grow_cli.main([str(tmp_path / "a.pt"), "--to", "d_model=48,n_heads=3,n_kv_heads=3,ffn_dim=64,n_layers=3",
+                   "--optimizer", "grown", "--out", str(tmp_path / "b.pt")])
     b = load_checkpoint(tmp_path / "b.pt")
     assert b["history"][-1]["optimizer"] == "grown" and len(b["optimizer"]["state"]) == 3 * 9 + 3
     # train.py starts from it: the run's AdamW holds the grown moments (the step counts go on from 1)
@@ -145,12 +146,44 @@ def test_grown_optimizer_through_checkpoint_cli_and_train(tmp_path, capsys):
     save_checkpoint(make_checkpoint(model.state_dict(), config, {"name": "bytes", "vocab_size": 320}, Lineage()),
                     tmp_path / "bare.pt")
     with pytest.raises(SystemExit) as e:
-        grow.main([str(tmp_path / "bare.pt"), "--to", "d_model=48,n_heads=3,n_kv_heads=3", "--optimizer", "grown",
-                   "--out", str(tmp_path / "c.pt")])
+        grow_cli.main([str(tmp_path / "bare.pt"), "--to", "d_model=48,n_heads=3,n_kv_heads=3", "--optimizer", "grown",
+                       "--out", str(tmp_path / "c.pt")])
     assert e.value.code == 2 and "no optimizer state" in capsys.readouterr().err and not (tmp_path / "c.pt").exists()
     out = subprocess.run(run[:2] + [f"--init_from={tmp_path / 'bare.pt'}"] + run[3:] + [f"--out_dir={tmp_path / 'r2'}"],
                          cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert out.returncode == 2 and "no optimizer state" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_grown_optimizer_needs_a_function_preserving_growth(tmp_path, capsys):
+    # rule A's premise is the grown point computing the source's function: elsewhere the grown model's own gradients
+    # are not the mapped ones (measured, noise 0, 16/4/4 -> 24/6/6, 2 -> 4 layers: the relative error of the
+    # predicted gradient is ~1e-15 for fpi + zero or zero_groups, a median of 1.1 (up to 14) for stack, stack_top
+    # and dus, 0.97 (up to 1.8) for aki), so a grown AdamW state there would be 8-50x off: refused, in one line
+    src_cfg, tgt_cfg = cfg(16, 4, 4, 24, 2), cfg(24, 6, 6, 40, 4)
+    model = make_model(src_cfg, dtype=torch.float32)
+    opt = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
+    model(*batch(src_cfg, 0))[1].backward()
+    opt.step()
+    ckpt = make_checkpoint(model.state_dict(), src_cfg, {"name": "bytes", "vocab_size": 37}, Lineage(), run_flops=1e9,
+                           tokens=100, optimizer=opt.state_dict(), train_config={"decay_embeddings": False})
+    for width, depth in (("fpi", "stack"), ("fpi", "stack_top"), ("fpi", "dus"), ("aki", "zero")):
+        with pytest.raises(ConfigError, match=f"width={width} depth={depth}.*--optimizer fresh"):
+            grow.grow_checkpoint(ckpt, tgt_cfg, optimizer="grown", width=width, depth=depth)
+        grow.grow_checkpoint(ckpt, tgt_cfg, optimizer="fresh", width=width, depth=depth)  # weights alone: fine
+    for depth in ("zero", "zero_groups"):
+        grown, _ = grow.grow_checkpoint(ckpt, tgt_cfg, optimizer="grown", depth=depth)
+        assert len(grown["optimizer"]["state"]) == 4 * 9 + 3
+    # stack at the same depth adds no layer and keeps the function: rule A holds
+    grow.grow_checkpoint(ckpt, replace(tgt_cfg, n_layers=2), optimizer="grown", depth="stack")
+    save_checkpoint(ckpt, tmp_path / "a.pt")
+    with pytest.raises(SystemExit) as e:
+        grow_cli.main([str(tmp_path / "a.pt"), "--to", "n_layers=4", "--depth", "stack", "--optimizer", "grown",
+                       "--out", str(tmp_path / "b.pt")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "rule A" in err, err
+    assert not (tmp_path / "b.pt").exists()
+    with pytest.raises(ConfigError, match="depth=stack"):  # series.py checks its plan with the same rule, up front
+        grow.check_growth(src_cfg, tgt_cfg, "fpi", "stack", 1e-3, None, "grown")
 
 
 def test_schedule_span_is_a_part_of_one_schedule():
@@ -227,6 +260,42 @@ def test_aki_query_heads_follow_their_kv_head():
     assert maps.q_new.any() and not maps.q_new.all()
 
 
+@pytest.mark.parametrize("heads", [(8, 2, 12, 6), (4, 1, 4, 2), (6, 2, 8, 4), (4, 2, 8, 4), (4, 2, 8, 2)])
+def test_aki_keeps_every_original_head_in_its_own_layer(heads):
+    # bert2BERT's AKI takes only the NEW units from the layer above. When the group shrinks (8/2 -> 12/6: G 4 -> 2),
+    # the original query heads of an old KV group fill the slots of more than one of its KV copies; each of them,
+    # and the KV copy it reads (H2), keeps its own layer's q/k/v rows, as its o_proj columns do
+    H, Hk, Hn, Hkn = heads
+    hd, src_cfg = 4, cfg(16, H, Hk, 24, 3)
+    tgt_cfg = cfg(24, Hn, Hkn, 40, 3)
+    model = make_model(src_cfg, seed=1)
+    new, maps, _ = grow.grow_with_maps(model, tgt_cfg, width="aki", seed=0, noise=0.0)
+    fpi = grow.grow(model, tgt_cfg, width="fpi", seed=0, noise=0.0)  # the same maps: every unit from its own layer
+    q_heads, kv_heads, Gn = maps.q_heads.tolist(), maps.kv_heads.tolist(), Hn // Hkn
+
+    def rows(w, h):
+        return w[h * hd:(h + 1) * hd]
+
+    for l in range(2):  # the top layer has no layer above
+        a, f, above = new.layers[l].self_attn, fpi.layers[l].self_attn, fpi.layers[l + 1].self_attn
+        assert torch.equal(a.o_proj.weight, f.o_proj.weight)  # out-weights: always the layer's own (H1)
+        for j in range(H):  # every original query head: its first copy
+            s = q_heads.index(j)
+            assert torch.equal(rows(a.q_proj.weight, s), rows(f.q_proj.weight, s)), (l, j, s)
+            for name in ("k_proj", "v_proj"):  # and the KV head it reads
+                w, ref = getattr(a, name).weight, getattr(f, name).weight
+                assert torch.equal(rows(w, s // Gn), rows(ref, s // Gn)), (l, j, name)
+        for m in range(Hk):  # every original KV head's first copy
+            assert torch.equal(rows(a.k_proj.weight, kv_heads.index(m)), rows(f.k_proj.weight, kv_heads.index(m)))
+        # the new units: a query slot reads the layer above exactly when its KV head does (H2)
+        for s in range(Hn):
+            mine = torch.equal(rows(a.q_proj.weight, s), rows(f.q_proj.weight, s))
+            assert mine != torch.equal(rows(a.q_proj.weight, s), rows(above.q_proj.weight, s)), (l, s)
+            assert mine == torch.equal(rows(a.k_proj.weight, s // Gn), rows(f.k_proj.weight, s // Gn)), (l, s)
+    if (H, Hk, Hn, Hkn) == (8, 2, 12, 6):  # the issue's case: one KV copy of each old head is new, 4 query slots
+        assert int(maps.kv_new.view(Hkn, hd)[:, 0].sum()) == 2 and int(maps.q_new.view(Hn, hd)[:, 0].sum()) == 4
+
+
 def test_depth_orders_of_bert2bert_and_llama_pro():
     # bert2BERT Algorithm 1 stacks the top layers for a remainder; "stack" keeps the bottom ones
     assert [s for s, _ in grow.depth_plan(18, 22, "stack_top")] == list(range(18)) + [14, 15, 16, 17]
@@ -240,6 +309,40 @@ def test_depth_orders_of_bert2bert_and_llama_pro():
     new = grow.grow(model, cfg(20, 5, 5, 36, 5), depth="zero_groups", noise=1e-3)
     assert grow.function_gap(model, new, torch.randint(0, 37, (2, 12))) < 1e-10  # Z keeps the function
     assert grow.is_function_preserving("fpi", "zero_groups", 3, 5)
+
+
+def llama_pro_expansion(n_old, n_new):
+    """The old layers after which LLaMA-Pro's scripts/block_expansion.py (TencentARC/LLaMA-Pro) inserts a copy with
+    zeroed o_proj/down_proj: split = int(L / (L' - L)), one after every layer i with (i + 1) % split == 0; None where
+    its `assert layer_cnt == args.layers` fails (more than L' - L such layers, e.g. 10 -> 14) or split is 0."""
+    split = int(n_old / (n_new - n_old))
+    if split == 0:
+        return None
+    after = [i for i in range(n_old) if (i + 1) % split == 0]
+    return after if n_old + len(after) == n_new else None
+
+
+def test_zero_groups_follows_llama_pro_at_every_size():
+    # the issue's case: 18 -> 22 inserts after 3, 7, 11, 15 (as LLaMA-Pro's script), not 4, 8, 13, 17
+    plan = grow.depth_plan(18, 22, "zero_groups")
+    assert [s for s, z in plan if z] == [3, 7, 11, 15] and len(plan) == 22
+    checked = 0
+    for n_old in range(1, 41):
+        for n_new in range(n_old + 1, 2 * n_old + 9):
+            plan = grow.depth_plan(n_old, n_new, "zero_groups")
+            after = [s for s, z in plan if z]
+            assert len(plan) == n_new and [s for s, z in plan if not z] == list(range(n_old))
+            assert all(s == plan[t - 1][0] for t, (s, z) in enumerate(plan) if z)  # a new block copies the one below
+            expected = llama_pro_expansion(n_old, n_new)
+            if expected is not None:  # the sizes LLaMA-Pro's script runs at: the same layers
+                assert after == expected, (n_old, n_new)
+                checked += 1
+            elif n_new - n_old <= n_old:  # where it stops: its first L' - L groups, split = L // (L' - L) layers each
+                split = n_old // (n_new - n_old)
+                assert after == [(i + 1) * split - 1 for i in range(n_new - n_old)], (n_old, n_new)
+            else:  # more new layers than old ones: rounds of one new layer after every old one, bottom first
+                assert all(abs(after.count(a) - after.count(b)) <= 1 for a in range(n_old) for b in range(n_old))
+    assert checked > 250  # of the 1,140 sizes
 
 
 @pytest.mark.parametrize("width", ["fpi", "aki"])

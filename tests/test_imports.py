@@ -20,13 +20,13 @@ LAYERS = [
     "model",                              # the Llama
     "checkpoint",                         # the checkpoint file, and a model built from one
     "hf",                                 # transformers import and export
-    "grow", "grow_explain",               # the expansion operators
+    "grow", "grow_cli",                   # the expansion operators; their command line
     "parallel",                           # DDP, FSDP2, activation checkpointing, torch.compile
     "train",                              # one pretraining run
     "series",                             # the staged series
     "eval", "chat_data", "posttrain", "judge",
     "reproduce", "ablate",                # experiments/
-    "bench_checkpoint", "bench_eval", "bench_gpu", "bench_grow", "bench_moe", "bench_train",  # bench/
+    "bench_checkpoint", "bench_eval", "bench_gpu", "bench_grow", "bench_moe", "bench_train", "gpu_check",  # bench/
 ]
 
 

@@ -255,7 +255,7 @@ def test_growth_of_a_mixture_keeps_its_experts():
 def test_cli_upcycles_and_prints_the_counts(tmp_path):
     tiny_checkpoint(tmp_path / "a.pt")  # d_model 32, 2 heads of 16, FFN 64, 2 layers
     spec = "d_model=48,n_heads=3,n_kv_heads=3,ffn_dim=96,n_layers=3,moe_experts=4,moe_top_k=2"
-    r = run("grow.py", str(tmp_path / "a.pt"), "--to", spec, "--out", str(tmp_path / "b.pt"))
+    r = run("grow_cli.py", str(tmp_path / "a.pt"), "--to", spec, "--out", str(tmp_path / "b.pt"))
     assert r.returncode == 0, r.stderr
     grown = model_from_checkpoint(load_checkpoint(tmp_path / "b.pt"))
     assert (grown.config.moe_experts, grown.config.moe_top_k) == (4, 2)
@@ -265,7 +265,7 @@ def test_cli_upcycles_and_prints_the_counts(tmp_path):
     assert float(re.search(r"max \|logit difference\| = (\S+)", r.stdout)[1]) < 1e-4  # float32 weights
     for args, words in ((["--to", "moe_experts=4,moe_top_k=5"], "moe_top_k=5"), (["--to", "moe_experts=2"], "a mixture")):
         path = tmp_path / ("b.pt" if words == "a mixture" else "a.pt")
-        r = run("grow.py", str(path), *args, "--out", str(tmp_path / "c.pt"))
+        r = run("grow_cli.py", str(path), *args, "--out", str(tmp_path / "c.pt"))
         err = r.stderr.strip()
         assert r.returncode == 2 and err.startswith("error: ") and "\n" not in err and words in err, r.stderr
 
@@ -275,6 +275,7 @@ def test_cli_upcycles_and_prints_the_counts(tmp_path):
 
 
 def test_moe_run_logs_aux_loss_and_resumes_bit_for_bit(tmp_path, data_dir):
+    # bit for bit on the CPU, as here; on CUDA only with deterministic=true (README), unchecked without a GPU
     args = lambda out: run_args(out, data_dir, moe_experts=4, moe_top_k=2, max_steps=12, ckpt_interval=4,  # noqa: E731
                                 eval_interval=6)
     full, killed = tmp_path / "full", tmp_path / "killed"

@@ -445,6 +445,10 @@ def test_ref_is_checked_when_loaded(base_ckpt, tmp_path, capsys):
     assert "vocab_size 384" in err and "320" in err
     err = one_line_error(args(save_tiny(tmp_path / "gpt2.pt", tokenizer={"name": "gpt2", "vocab_size": 50304})), capsys)
     assert "tokenizer" in err and "gpt2" in err
+    # a --ref the run would not read is refused, not ignored: SimPO has no reference, nor has SFT
+    for argv in (args(short) + ["--loss=simpo"], ["sft", base_ckpt, f"--ref={short}", f"--out={tmp_path / 'o'}"]):
+        err = one_line_error(argv, capsys)
+        assert err.startswith(f"error: ref={short!r}: must be empty here") and "--loss=dpo" in err, err
     assert not (tmp_path / "o" / "final.pt").exists()
 
 

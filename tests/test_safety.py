@@ -15,8 +15,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train  # noqa: E402
-from checkpoint import (CheckpointError, RunLock, checkpoint_paths, claim_grid, latest_checkpoint, load_checkpoint,  # noqa: E402
-                        make_checkpoint, payload_digest, prune_checkpoints, save_checkpoint, Lineage)
+from checkpoint import (CheckpointError, RunLock, checkpoint_paths, claim_grid, claim_out_dir, latest_checkpoint,  # noqa: E402
+                        load_checkpoint, make_checkpoint, payload_digest, prune_checkpoints, save_checkpoint, Lineage)
 from common import DivergenceError, DivergenceGuard, read_jsonl  # noqa: E402
 from model import Llama, ModelConfig  # noqa: E402
 
@@ -165,6 +165,31 @@ def test_digest_covers_every_value():
     assert len(digests) == 4 and payload_digest(a) == payload_digest(dict(a))
 
 
+def test_a_file_that_is_not_a_checkpoint_says_what_it_is(tmp_path):
+    # an empty file, a saved web page, a Git LFS pointer, other text: each named, with what to do (not torch's words
+    # about mmap or weights_only); a checkpoint in torch's legacy (pre-zip) format loads, memory-mapped or not
+    cases = {"empty.pt": (b"", "is empty (0 bytes)"),
+             "page.pt": (b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head>", "an HTML page"),
+             "lfs.pt": (b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 1048576\n", "git lfs pull"),
+             "notes.pt": ("a text file, not a model – été\n".encode(), "a text file (it begins 'a text file, not a model")}
+    for name, (raw, says) in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        for mmap in (False, True):
+            with pytest.raises(CheckpointError) as e:
+                load_checkpoint(tmp_path / name, mmap=mmap)
+            assert f"{tmp_path / name} is not a checkpoint: it is " in str(e.value) and says in str(e.value), str(e.value)
+            assert "mmap" not in str(e.value) and "tampered" not in str(e.value)
+    model = Llama(ModelConfig(d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=32, vocab_size=64, max_seq_len=16))
+    ckpt = make_checkpoint(model.state_dict(), model.config, {"name": "bytes", "vocab_size": 64}, Lineage(), step=3)
+    torch.save(ckpt, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for mmap in (False, True):
+        assert load_checkpoint(tmp_path / "legacy.pt", mmap=mmap)["step"] == 3
+    # through a command: one line, exit 2
+    p = subprocess.run([sys.executable, "eval.py", str(tmp_path / "page.pt"), "--tasks", "valid"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and one_error_line(p.stderr) and "an HTML page" in p.stderr, p.stderr
+
+
 # -----------------------------------------------------------------------------
 # 3. loading never runs code from the file
 
@@ -183,7 +208,7 @@ def test_a_crafted_pickle_is_refused_without_running(tmp_path):
     torch.save({"model": Payload(marker), "model_config": {}, "tokenizer": {"name": "bytes", "vocab_size": 320}}, evil)
     with pytest.raises(CheckpointError, match="refusing to load"):
         load_checkpoint(evil)
-    for cli in (["grow.py", str(evil), "--to", "cpu-2", "--out", str(tmp_path / "g.pt")], ["eval.py", str(evil), "--tasks", "valid"],
+    for cli in (["grow_cli.py", str(evil), "--to", "cpu-2", "--out", str(tmp_path / "g.pt")], ["eval.py", str(evil), "--tasks", "valid"],
                 ["posttrain.py", "chat", str(evil)]):
         p = subprocess.run([sys.executable, *cli], cwd=ROOT, capture_output=True, text=True, input="", timeout=300)
         assert p.returncode == 2 and "Traceback" not in p.stderr, (cli, p.stderr)
@@ -204,12 +229,53 @@ def test_relaunch_without_resume_is_refused_and_overwrite_is_explicit(tmp_path, 
     # a changed shape (or another run's file) is never adopted by --resume
     code, err = run_main(args(out, data_dir, max_steps=10, shape="cpu-2", resume=True), capsys)
     assert code == 2 and one_error_line(err) and "another model" in err, err
-    # a kill mid-save leaves a temporary file: the next run of the folder removes it
+    # a kill mid-save leaves a temporary file: the next run of the folder removes it, and nothing of the user's
     stale = os.path.join(out, "ckpt_0000010.pt.tmp.99999")
     open(stale, "wb").write(b"partial")
+    (out / "notes.tmp.txt").write_text("keep")
+    (out / "build.tmp").mkdir()  # a folder named like a temporary: no run refuses the out_dir for it
     assert run_main(args(out, data_dir, max_steps=5, overwrite=True, seed=7), capsys)[0] == 0
     assert not os.path.exists(stale)
+    assert (out / "notes.tmp.txt").read_text() == "keep" and (out / "build.tmp").is_dir()
     assert load_checkpoint(os.path.join(out, "final.pt"))["train_config"]["seed"] == 7
+
+
+def test_only_the_projects_own_temporaries_are_swept(tmp_path):
+    ours = ["ckpt_0000010.pt.tmp.4242", "final.pt.tmp.17", "final.pt.tmp", "metrics.jsonl.tmp", "series.json.tmp"]
+    users = ["notes.tmp.txt", "a.tmp", "ckpt_0000010.pt.tmp.backup", "data.tmp.1", "metrics.jsonl.tmp.old", "tmp"]
+    for name in ours + users:
+        (tmp_path / name).write_text("x")
+    (tmp_path / "build.tmp").mkdir()
+    (tmp_path / "final.pt.tmp.99").mkdir()  # a folder is never a writer's temporary
+    os.symlink(tmp_path / "notes.tmp.txt", tmp_path / "final.pt.tmp.55")  # nor a link (it may point anywhere)
+    claim_out_dir(str(tmp_path), resume=True, overwrite=False).release()
+    left = set(os.listdir(tmp_path))
+    assert not left & set(ours), left & set(ours)
+    assert set(users) | {"build.tmp", "final.pt.tmp.99", "final.pt.tmp.55", "run.lock"} == left
+
+
+def test_an_out_dir_that_is_a_file_says_so(tmp_path, data_dir, capsys):
+    blocker = tmp_path / "results"
+    blocker.write_text("a file of the user's")
+    for out_dir, says in ((blocker, f"out_dir {blocker} is a file"), (blocker / "run", f"{blocker}, a folder above out_dir")):
+        code, err = run_main(args(out_dir, data_dir, max_steps=5), capsys)
+        assert code == 2 and one_error_line(err) and says in err and "move the file" in err and "free space" not in err, err
+    assert blocker.read_text() == "a file of the user's"
+
+
+def test_resume_says_what_it_does_with_a_lost_log_and_a_changed_lr(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    assert run_main(args(out, data_dir, max_steps=5), capsys)[0] == 0
+    os.remove(out / "metrics.jsonl")
+    capsys.readouterr()
+    train.main(args(out, data_dir, max_steps=10, lr=6e-3, resume=True))
+    said = capsys.readouterr().out.splitlines()
+    lost = [line for line in said if "metrics.jsonl" in line and line.startswith("warning:")]
+    assert len(lost) == 1 and "rows of steps 0 to 5 are lost" in lost[0], said
+    changed = [line for line in said if line.startswith("note: --resume with")]
+    assert len(changed) == 1 and "lr 0.003 -> 0.006" in changed[0] and "max_steps 5 -> 10" in changed[0], said
+    assert "the remaining steps use the new values" in changed[0]
+    assert min(r["step"] for r in strict_json_lines(out / "metrics.jsonl")) > 5  # the rows after the checkpoint
 
 
 def test_resume_with_nothing_saved_yet_starts_fresh(tmp_path, data_dir, capsys):

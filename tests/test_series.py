@@ -146,3 +146,28 @@ def test_a_stage_sets_its_own_activation_checkpointing(tmp_path, data_dir, monke
     path.write_text(path.read_text() + "stages = [dict(name='a', shape='cpu-1', lr=3e-3, activation_checkpointing='yes')]\n")
     out = subprocess.run([sys.executable, "series.py", str(path)], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "stage 1 activation_checkpointing" in out.stderr, out.stderr
+
+
+def test_the_gpu_check_runs_every_part_on_the_cpu(tmp_path, data_dir, capsys):
+    # bench/gpu_check.py, the first command on a GPU, at toy sizes here so that it cannot rot: every part passes, and
+    # it writes one JSON and one markdown table; without CUDA and without --device cpu it is one error line
+    import gpu_check
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main([])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: no CUDA device") and err.count("\n") == 1
+    out = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--out_dir", str(tmp_path), "--data_dir", data_dir],
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    record = json.load(open(tmp_path / "gpu_check.json"))
+    parts = {p["part"]: p for p in record["parts"]}
+    assert [(p["part"], p["status"]) for p in record["parts"]] == [(name, "pass") for name, _, _ in gpu_check.PARTS], out.stdout
+    assert parts["compile"]["detail"]["graph_breaks"] == 0 and parts["compile"]["detail"]["graphs_after_first_step"] == 0
+    assert parts["resume"]["detail"]["max_abs_loss_diff"] == 0 and parts["resume"]["detail"]["resumed_steps"] == 30
+    assert parts["fsdp"]["detail"]["graphs"] > 0 and parts["series"]["detail"]["stages_finished"] == 3
+    assert parts["series"]["detail"]["recompile_limit_hits"] == 0
+    for name in ("ddp_1b", "fsdp_1b"):
+        detail = parts[name]["detail"]
+        assert detail["tokens_per_s"] > 0 and detail["mfu"] > 0 and detail["estimate_gib"] > 0
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| part | status | seconds | result |" in table and "| setting | tokens/s | MFU | peak allocated | peak reserved |" in table

@@ -114,6 +114,8 @@ def test_adamw_is_fused_on_the_cpu_and_equals_a_float64_recomputation():
 
 
 def test_killed_run_resumes_bit_for_bit(tmp_path, data_dir):
+    # bit for bit on the CPU, which this checks; on CUDA only with deterministic=true (README), which needs a GPU to check
+    # (bench/gpu_check.py's resume part)
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run([sys.executable, "train.py", *run_args(full, data_dir)], cwd=ROOT, check=True, capture_output=True)
     # the same run, killed (SIGKILL: no cleanup) once it has logged step 12, i.e. after the step-10 checkpoint
