@@ -23,6 +23,7 @@ LAYERS = [
     "grow", "grow_cli",                   # the expansion operators; their command line
     "parallel",                           # DDP, FSDP2, activation checkpointing, torch.compile
     "train",                              # one pretraining run
+    "series_plan",                        # the series' plan check, record and logs
     "series",                             # the staged series
     "eval", "chat_data", "posttrain", "judge",
     "reproduce", "ablate",                # experiments/

@@ -13,9 +13,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import budget  # noqa: E402
-import series  # noqa: E402
+import series_plan  # noqa: E402
 from common import ConfigError, configure  # noqa: E402
-from series import SeriesConfig, data_sources, plan_data, plan_series  # noqa: E402
+from series import SeriesConfig, plan_series  # noqa: E402
+from series_plan import data_sources, plan_data  # noqa: E402
 
 DEMO = os.path.join(ROOT, "configs", "series_cpu.py")
 PAPER = os.path.join(ROOT, "configs", "series_paper.py")
@@ -87,10 +88,10 @@ def test_a_plan_that_repeats_its_data_too_often_is_refused_in_one_line(tmp_path)
         assert not (tmp_path / "out").exists() and not (tmp_path / "none").exists()
     assert "| grow | 0.9M |" in run(DEMO, "--plan", *few).stdout  # --plan prints the plan it refuses
     cfg = configure(SeriesConfig, [DEMO, *few, "--max_passes=6.2"])  # the limit is the config's
-    series.check_passes(cfg, plan_data(cfg, *plan_series(cfg), data_sources(cfg)))
+    series_plan.check_passes(cfg, plan_data(cfg, *plan_series(cfg), data_sources(cfg)))
     with pytest.raises(ConfigError, match="max_passes=6.1"):
         cfg = configure(SeriesConfig, [DEMO, *few, "--max_passes=6.1"])
-        series.check_passes(cfg, plan_data(cfg, *plan_series(cfg), data_sources(cfg)))
+        series_plan.check_passes(cfg, plan_data(cfg, *plan_series(cfg), data_sources(cfg)))
     with pytest.raises(ConfigError, match="data_unique_tokens=.*one count per source"):
         configure(SeriesConfig, [DEMO, "--data_unique_tokens=[1, 2]"])
     # a source of unknown size and no count: the plan says so, and a run prepares it first and checks then
@@ -127,7 +128,8 @@ def test_a_wsd_series_plans_its_trunks_and_cooldowns(tmp_path):
     read = 0
     for s in stages:  # each cooldown reads on from its trunk's end, where the next trunk starts too
         trunk, cool = rows["grow trunk", s.name], rows["grow cooldown", s.name]
-        assert (trunk.start, trunk.tokens, cool.tokens) == (read, series.trunk_tokens(cfg, s), series.cooldown_tokens(cfg, s))
+        assert (trunk.start, trunk.tokens, cool.tokens) == (read, series_plan.trunk_tokens(cfg, s),
+                                                            series_plan.cooldown_tokens(cfg, s))
         read += trunk.tokens
         assert cool.start == read and cool.flops == budget.flops(s.params, cool.tokens)
         assert cool.passes == pytest.approx((read + cool.tokens) / CORPUS)
@@ -143,7 +145,7 @@ def test_the_paper_config_is_the_papers_recipe_and_passes_its_plan(tmp_path):
     assert [s.params for s in stages] == [b.params for b in expected]
     source, = data_sources(cfg)
     assert source.name == "hf:HuggingFaceFW/fineweb-edu" and source.unique_tokens == cfg.max_data_tokens == 480e9
-    assert series.KNOWN_SOURCE_TOKENS["HuggingFaceFW/fineweb-edu", "gpt2"] > source.unique_tokens
+    assert series_plan.KNOWN_SOURCE_TOKENS["HuggingFaceFW/fineweb-edu", "gpt2"] > source.unique_tokens
     staged = budget.summarize(expected).staged_tokens  # 462.3B
     assert cap == expected[-1].scratch_tokens and 321e9 < cap < 322e9 and 462e9 < staged < 463e9
     # the grown and scratch arms read fresh data; the fixed-data cap binds at the 8B stage alone (section 3.3)
