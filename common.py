@@ -205,6 +205,9 @@ def cli_errors(*user_errors):
     except (ConfigError, DivergenceError, CheckpointError, *user_errors) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # the reader of stdout went away (`--help | head`): nobody left to tell; Python's own advice
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the flush at exit would fail again)
+        sys.exit(1)
     except OSError as e:
         print(f"error: {e.strerror or e} ({e.filename or 'a file'}): {OS_ERROR_ADVICE.get(e.errno, OS_ERROR_ADVICE[None])}",
               file=sys.stderr)

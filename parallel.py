@@ -386,6 +386,13 @@ def load_optimizer_state(model, optimizer, state, decay_embeddings=False, where=
     params = dict(model.named_parameters())
     entries = state.get("state", {})
     fits = [sorted(g.get("params", [])) for g in state.get("param_groups", [])] == [sorted(names) for names in live]
+    if fits and not entries:
+        # no update taken yet (every step so far skipped as non-finite, parallel.update): AdamW holds no moments, as a
+        # fresh one does; only the groups' settings carry over
+        if not own_settings:
+            for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+                group.update({k: v for k, v in saved.items() if k != "params"})
+        return
     fits = fits and all(isinstance(entries.get(n), dict) and all(isinstance(entries[n].get(k), torch.Tensor)
                                                                   and entries[n][k].shape == params[n].shape
                                                                   for k in ("exp_avg", "exp_avg_sq"))

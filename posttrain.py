@@ -705,16 +705,14 @@ def train(cmd, ckpt_path, cfg, log=print):
                 last_good = save(os.path.join(cfg.out, f"ckpt_{done:07d}.pt"), raw_model, source, cfg, record, last_metrics, resume_state)
                 prune_checkpoints(cfg.out, cfg.keep_last, log)
         # the result: final.pt (a plain Llama, LoRA merged) and the loss plot
-        final = None
-        if master:
+        def finish():  # rank 0 writes while the others wait in the gloo group (no NCCL collective open over a long save)
             record = history_record(cmd, cfg, ckpt_path, max_steps, per_step, tokens, flops)
-            final = save(os.path.join(cfg.out, "final.pt"), raw_model, source, cfg, record, last_metrics)
+            path = save(os.path.join(cfg.out, "final.pt"), raw_model, source, cfg, record, last_metrics)
             if cfg.plot:
                 plot_losses(metrics_path, os.path.join(cfg.out, "loss.png"), title=f"{cmd}: {cfg.out}")
-            log(f"done: {final} ({fmt_time(time.perf_counter() - t_start)}, {tokens:,} tokens, {flops:.3g} FLOPs)")
-        if world > 1:
-            dist.barrier()
-        return final
+            log(f"done: {path} ({fmt_time(time.perf_counter() - t_start)}, {tokens:,} tokens, {flops:.3g} FLOPs)")
+            return path
+        return parallel.on_rank0_then_share(finish, rank, world)
     finally:
         if lock is not None:
             lock.release()

@@ -150,9 +150,7 @@ def part_compile(args):
     ctx, _ = autocast_for(device, cfg.dtype)
     with DynamoWatch() as watch:
         for step in range(8):
-            train.forward_backward(model, loader, step, cfg, ctx, device)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            parallel.update(optimizer, cfg.lr, *train.forward_backward(model, loader, step, cfg, ctx, device))  # train.py's step
             if step == 0:
                 first = watch.counts()["graphs"]
         steady = watch.counts()["graphs"] - first

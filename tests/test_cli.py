@@ -78,6 +78,16 @@ def test_every_cli_answers_help(script, help_answers):
             assert "  --out" in stdout and "  --resume=False  bool" in stdout, stdout  # its keys, with defaults
 
 
+def test_help_into_a_closed_pipe_is_quiet():
+    # `python train.py --help | head -1`: the reader is gone before the help is written; the command ends without a
+    # traceback or an error line (exit 1, as Python advises for a broken pipe)
+    for script in ("train.py", "series.py"):
+        p = subprocess.Popen([sys.executable, script, "--help"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        p.stdout.close()  # before the child has imported torch, let alone written
+        err = p.stderr.read().decode()
+        assert p.wait() == 1 and err == "", err
+
+
 # -----------------------------------------------------------------------------
 # bad values: one line, exit 2, before anything is prepared or loaded
 
@@ -120,6 +130,8 @@ def test_eval_numbers_are_checked_up_front(arg, says, ckpt_and_data):
 
 
 SERIES = """
+# written for grow_schedule "continue" (one schedule over the series; series.py's default is "wsd")
+grow_schedule = "continue"
 stages = [dict(name="a", shape="cpu-1", lr=3e-3), dict(name="b", shape="cpu-2", lr=2e-3)]
 tokens_per_param = 0.05
 series_mode = "grow"

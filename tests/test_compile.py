@@ -188,7 +188,7 @@ def test_a_series_in_one_process_compiles_each_stage_afresh(tmp_path, monkeypatc
     cfg = configure(series.SeriesConfig, [
         f"--out_dir={tmp_path / 'series'}", f"--data_dir={tmp_path / 'data'}", "--max_data_tokens=200000", "--compile=true",
         "--stages=" + str([{"name": n, "shape": f"cpu-{i}", "lr": 3e-3} for i, n in ((1, "a"), (2, "b"), (3, "c"))]),
-        "--series_mode=grow", "--tokens_per_param=0.03", "--batch_size=4", "--seq_len=64", "--warmup_steps=2", "--eval_batches=2",
+        "--series_mode=grow", "--grow_schedule=continue", "--tokens_per_param=0.03", "--batch_size=4", "--seq_len=64", "--warmup_steps=2", "--eval_batches=2",
         "--eval_interval=1000", "--log_interval=1", "--ckpt_interval=1000", "--plot=false", "--report=false"])
     series.run_series(cfg)
     rows = lambda name: [r for r in read_jsonl(tmp_path / "series" / "grow" / name / "metrics.jsonl") if "loss" in r]

@@ -198,7 +198,7 @@ def test_series_under_fsdp_grows_between_sharded_stages(tmp_path, data_dir):
     config.write_text("stages = [dict(name='a', shape='cpu-1', lr=3e-3), dict(name='b', shape='cpu-2', lr=2e-3)]\n"
                       "tokens_per_param = 0.1\nseries_mode = 'grow'\nbatch_size = 4\nseq_len = 64\nmax_data_tokens = 300_000\n"
                       "warmup_steps = 2\ngrow_warmup_steps = 2\neval_interval = 100\neval_batches = 3\nplot = False\n"
-                      "report = False\nparallel = 'fsdp'\ngrow_optimizer = 'grown'\n"
+                      "report = False\nparallel = 'fsdp'\ngrow_schedule = 'continue'\ngrow_optimizer = 'grown'\n"
                       f"out_dir = {str(out)!r}\ndata_dir = {data_dir!r}\n")
     res = subprocess.run(torchrun_cmd("series.py", str(config)), cwd=ROOT, capture_output=True, text=True, env=ENV)
     assert res.returncode == 0, res.stderr[-3000:]

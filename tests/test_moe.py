@@ -353,6 +353,8 @@ def test_moe_ddp_and_fsdp_with_idle_experts_match_one_process(tmp_path, data_dir
 
 
 SERIES = """
+# written for grow_schedule "continue" (one schedule over the series; series.py's default is "wsd")
+grow_schedule = "continue"
 tokenizer = "bytes"
 batch_size = 4
 seq_len = 64

@@ -34,7 +34,8 @@ def prepared(data_dir, tokens, name="default-bytes", max_tokens=None):
 
 
 def plan(argv, vocab_size=None):
-    cfg = configure(SeriesConfig, argv)
+    # the rows below are written for grow_schedule "continue" (a run per stage); a test that plans "wsd" says so
+    cfg = configure(SeriesConfig, [argv[0], "--grow_schedule=continue", *argv[1:]])
     stages, cap = plan_series(cfg, vocab_size)
     return cfg, stages, cap, {(r.arm, r.stage): r for r in plan_data(cfg, stages, cap, data_sources(cfg))}
 
@@ -46,8 +47,9 @@ def closed_form(config_path, tokens_per_param=None):
     return budget.staged_budget(sizes, tokens_per_param or cfg["tokens_per_param"], [st["name"] for st in cfg["stages"]])
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "series.py", *args], cwd=ROOT, capture_output=True, text=True)
+def run(config, *args):
+    return subprocess.run([sys.executable, "series.py", config, "--grow_schedule=continue", *args], cwd=ROOT, capture_output=True,
+                          text=True)
 
 
 def test_the_demo_plan_reads_its_corpus_about_once(tmp_path):

@@ -222,6 +222,16 @@ def test_adamw_state_is_keyed_by_name_and_loads_back(tmp_path):
         parallel.load_optimizer_state(other, make_optimizer(other, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu")), state)
     with pytest.raises(CheckpointError, match="no optimizer state"):
         parallel.load_optimizer_state(fresh, fresh_opt, None)
+    # a state with no moments yet (a checkpoint after steps whose updates were all skipped as non-finite) loads as a fresh
+    # AdamW with the saved settings, and training goes on from it as from a fresh one
+    empty = {"state": {}, "param_groups": [{**g, "lr": 5e-4} for g in state["param_groups"]]}
+    fresh = Llama(config)
+    fresh_opt = make_optimizer(fresh, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
+    parallel.load_optimizer_state(fresh, fresh_opt, empty)
+    assert not fresh_opt.state and [g["lr"] for g in fresh_opt.param_groups] == [5e-4] * len(fresh_opt.param_groups)
+    assert [g["weight_decay"] for g in fresh_opt.param_groups] == [g["weight_decay"] for g in state["param_groups"]]
+    parallel.load_optimizer_state(fresh, fresh_opt, {**empty, "param_groups": state["param_groups"]}, own_settings=True)
+    assert [g["lr"] for g in fresh_opt.param_groups] == [5e-4] * len(fresh_opt.param_groups)  # the live settings stay
 
 
 def test_a_checkpoint_with_the_old_integer_keyed_adamw_state_resumes_bit_for_bit(tmp_path, data_dir):
