@@ -96,7 +96,7 @@ class SeriesConfig(TrainConfig):
     # every member a cooldown branch from the trunk's state, decaying linearly to min_lr over decay_frac of the member's
     # scratch tokens T_i, so each finished member has spent FLOPs(X_i, T_i) as its scratch twin (a WSD run cooling down
     # over the same fraction) has; the branches' FLOPs are the series' extra cost (series_flops)
-    grow_schedule: str = field(default="wsd", metadata=one_of("restart", "continue", "wsd"))
+    grow_schedule: str = field(default="continue", metadata=one_of("restart", "continue", "wsd"))
     report: bool = True  # write report.md and series.png when the series is done
     # series_mode "branch": every stage starts from init_from's model (grown into the stage's shape) and trains
     # for this many FLOPs (6 X_active T), reading the data on from where init_from's run stopped

@@ -4,13 +4,11 @@
 # 0.44M, 0.85M), byte tokenizer, the embedded corpus (Python's own documentation). Stage 1 trains from
 # scratch; each later stage is grown from the one before with bert2BERT FPI (width) and zero-initialized
 # new layers (depth), then trained on what is left of its scratch budget (section 2.2), with series.py's
-# default recipe: zero-sum noise 0.3 on the copies, no re-warmup, and every member finished by a WSD cooldown
-# branch over 20% of its scratch tokens (grow_schedule "wsd"; the branches of the three smaller members are the
-# series' extra FLOPs). The scratch baselines train each size alone on its full budget at the same learning rate,
-# as WSD runs cooling down over the same 20%. Learning rates fall with size as in section 3.5. Then the report:
-# out/series_cpu/report.md (Table 1) and series.png (Figure 2). Other schedules: --grow_schedule=restart (a
-# cosine per stage) or continue (one schedule over the series: only the last member finished); the paper's
-# stacked depth is --grow_depth=stack_top (section 2.2).
+# default recipe (docs/ablation.md): zero-sum noise 0.3 on the copies and one learning-rate schedule over the
+# series. The scratch baselines train each size alone on its full budget at the same learning rate. Learning
+# rates fall with size as in section 3.5. Then the report: out/series_cpu/report.md (Table 1) and series.png
+# (Figure 2). The ablation's base: --grow_noise=1e-3 --grow_schedule=restart --grow_warmup_steps=20 (nanogrow's
+# choices; of the paper's recipe, bert2BERT's stacked depth is --grow_depth=stack_top, section 2.2).
 out_dir = "out/series_cpu"
 data = ["default"]
 tokenizer = "bytes"

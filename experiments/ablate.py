@@ -473,10 +473,15 @@ def write_report(cfg, results, out_dir):
              "| variant | changes | " + " | ".join(s["stage"] for s in scratch) + " | reach | "
              + (f"finished at {cfg.budget_check:.0%} | " if cfg.budget_check else "") + "series FLOPs |",
              "|---|---|" + "---|" * len(scratch) + "---|" + ("---|" if cfg.budget_check else "") + "---|"]
-    for v in vs:
+    losses = lambda v: [[m["val_loss"] for m in r["members"]] for _, r in sorted(v["per_seed"].items())]
+    for k, v in enumerate(vs):
+        # two settings that grow these shapes alike (e.g. stack and stack_top where one layer becomes two) train the same runs
+        same = [u["name"] for u in vs[:k] if losses(u) == losses(v)]
+        if same:
+            v = {**v, "overrides": v["overrides"], "note": f" (the same runs as {same[0]}: at these shapes the two grow alike)"}
         cells = ["(stage 1)" if i == 0 and v["kind"] == "base" else rel_cell(m["diff"], m["scale"]) for i, m in enumerate(v["members"])]
         check = [f"{rel_cell(v['budget']['diff'], v['budget']['scale'])}: **{v['budget']['verdict']}**"] if cfg.budget_check else []
-        lines.append(f"| {v['name']} | {changes(v)} | " + " | ".join(cells + [reach_cell(v)] + check)
+        lines.append(f"| {v['name']} | {changes(v)}{v.get('note', '')} | " + " | ".join(cells + [reach_cell(v)] + check)
                      + f" | {v['flops_fraction']:.2f} |")
     lines += ["", "Scratch twins (mean ± sd over the seeds): " + ", ".join(
         f"{s['stage']} {s['val_loss'][0]:.4f} ± {s['val_loss'][1]:.4f}" for s in scratch) + ".", ""]

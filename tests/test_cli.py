@@ -130,7 +130,7 @@ def test_eval_numbers_are_checked_up_front(arg, says, ckpt_and_data):
 
 
 SERIES = """
-# written for grow_schedule "continue" (one schedule over the series; series.py's default is "wsd")
+# written for grow_schedule "continue" (one schedule over the series), whatever series.py's default
 grow_schedule = "continue"
 stages = [dict(name="a", shape="cpu-1", lr=3e-3), dict(name="b", shape="cpu-2", lr=2e-3)]
 tokens_per_param = 0.05

@@ -353,7 +353,7 @@ def test_moe_ddp_and_fsdp_with_idle_experts_match_one_process(tmp_path, data_dir
 
 
 SERIES = """
-# written for grow_schedule "continue" (one schedule over the series; series.py's default is "wsd")
+# written for grow_schedule "continue" (one schedule over the series), whatever series.py's default
 grow_schedule = "continue"
 tokenizer = "bytes"
 batch_size = 4

@@ -19,7 +19,7 @@ from common import configure  # noqa: E402
 from series import SeriesConfig, plan_series  # noqa: E402
 
 SERIES = """
-# written for grow_schedule "continue" (one schedule over the series; series.py's default is "wsd")
+# written for grow_schedule "continue" (one schedule over the series), whatever series.py's default
 grow_schedule = "continue"
 stages = [dict(name="a", shape="cpu-1", lr=3e-3), dict(name="b", shape="cpu-2", lr=2e-3)]
 tokens_per_param = 0.5  # small: every stage still crosses its checkpoints and the fixed-data cap
