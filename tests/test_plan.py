@@ -33,9 +33,10 @@ def prepared(data_dir, tokens, name="default-bytes", max_tokens=None):
     return str(data_dir)
 
 
-def plan(argv, vocab_size=None):
-    # the rows below are written for grow_schedule "continue" (a run per stage); a test that plans "wsd" says so
-    cfg = configure(SeriesConfig, [argv[0], "--grow_schedule=continue", *argv[1:]])
+def plan(argv, vocab_size=None, pin=True):
+    # the rows below are written for grow_schedule "continue" (a run per stage); a test that plans "wsd" says so, and
+    # pin=False keeps the config's own schedule
+    cfg = configure(SeriesConfig, [argv[0], *(["--grow_schedule=continue"] if pin else []), *argv[1:]])
     stages, cap = plan_series(cfg, vocab_size)
     return cfg, stages, cap, {(r.arm, r.stage): r for r in plan_data(cfg, stages, cap, data_sources(cfg))}
 
@@ -140,7 +141,7 @@ def test_a_wsd_series_plans_its_trunks_and_cooldowns(tmp_path):
 def test_the_paper_config_is_the_papers_recipe_and_passes_its_plan(tmp_path):
     # offline and unprepared: the plan counts FineWeb-Edu by its dataset card and needs no GPT-2 tokenizer
     argv = [PAPER, f"--data_dir={tmp_path}"]
-    cfg, stages, cap, rows = plan(argv, vocab_size=0)
+    cfg, stages, cap, rows = plan(argv, vocab_size=0, pin=False)
     assert (cfg.grow_width, cfg.grow_depth, cfg.grow_schedule, cfg.grow_noise) == ("fpi", "stack_top", "restart", 1e-3)
     assert cfg.series_mode == "grow+scratch+fixed_data" and cfg.tokens_per_param == 40
     expected = closed_form(PAPER)
